@@ -1,0 +1,123 @@
+"""The `protege` command line: a thin shell over the Python API.
+
+    protege train config.yaml --train.max_steps 20 --loss.name jsd --loss.beta 0.5
+    protege demo                       # the embedded SmolLM2 distillation, with a report
+    protege prune --model M --keep 24 --out student/
+    protege serve-teacher --model M --port 8000
+    protege config                     # every config field with its default
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+EPILOG_TRAIN = """examples:
+  protege train run.yaml
+  protege train run.yaml --train.max_steps 100 --loss.name jsd --loss.beta 0.5
+  protege train --student.path HuggingFaceTB/SmolLM2-135M-Instruct --teacher.path Qwen/Qwen3-4B \\
+                --data.path prompts.jsonl --mix.lmbda 1.0 --loss.support student --loss.top_k 16
+  protege train run.yaml --resume true        # continue from the newest checkpoint in output.dir
+
+Overrides are --section.key VALUE or section.key=VALUE (values parsed as YAML).
+Run `protege config` for every field, its default and its meaning."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="protege", description="On-policy distillation of language models.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="distil a student from a teacher (YAML config + overrides)",
+                       description="Distil a student from a teacher on its own samples.", epilog=EPILOG_TRAIN,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", nargs="?", help="YAML config file (optional if every required field is overridden)")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("config", help="list every config field with its default",
+                       description="Every config field with its default and meaning.")
+    p.set_defaults(func=_config)
+
+    p = sub.add_parser("prune", help="make a smaller student by dropping decoder layers",
+                       description="Make a student from a llama/qwen-style model by dropping decoder layers.",
+                       epilog="example:\n  protege prune --model teacher/ --keep 24 --strategy similarity --out student/",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="HF hub id, HF folder or .gguf file")
+    p.add_argument("--keep", type=int, required=True, help="number of decoder layers to keep")
+    p.add_argument("--strategy", choices=["even", "similarity"], default="even",
+                   help="evenly spaced layers, or the layers that change their input most on sample prompts")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--out", required=True, help="folder for the pruned HF checkpoint")
+    p.set_defaults(func=_prune)
+
+    try:
+        from protege.server import cli as server_cli
+    except ImportError:  # pragma: no cover - the server is part of the package; keep the CLI usable regardless
+        server_cli = None
+    if server_cli is not None:
+        p = sub.add_parser("serve-teacher", help="serve a teacher's logprobs over HTTP (batched, binary top-k)",
+                           description="Serve teacher logprobs over HTTP with request batching.")
+        server_cli.add_arguments(p)
+        p.set_defaults(func=lambda a, rest: server_cli.run(a))
+
+    try:
+        from protege import demo
+    except ImportError:  # pragma: no cover
+        demo = None
+    if demo is not None:
+        demo.add_parsers(sub)
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest: list[str] = []
+    if argv and argv[0] in ("train", "demo"):  # config overrides are not argparse options: split them off
+        head = [a for a in argv[1:2] if not a.startswith("-")]
+        tail = argv[1 + len(head):]
+        flags = [a for a in tail if a in ("-h", "--help")]
+        rest = [a for a in tail if a not in ("-h", "--help")]
+        argv = [argv[0], *head, *flags]
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        return args.func(args, rest) or 0
+    except (ValueError, FileNotFoundError) as e:  # errors for people: no traceback
+        print(f"protege {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _train(args, rest) -> int:
+    from protege.config import load_config
+    from protege.trainer import train
+
+    cfg = load_config(args.config, rest)
+    t0 = time.time()
+    history = train(cfg)
+    evals = [h for h in history if "eval/rkl" in h]
+    if len(evals) >= 2:
+        print(f"held-out reverse KL: {evals[0]['eval/rkl']:.4f} -> {evals[-1]['eval/rkl']:.4f}")
+    print(f"done in {time.time() - t0:.0f} s; student saved to {cfg.output.dir}/student")
+    return 0
+
+
+def _config(args, rest) -> int:
+    from protege.config import describe_config
+
+    print("protege config fields (YAML sections; override with --section.key VALUE):\n")
+    print(describe_config())
+    return 0
+
+
+def _prune(args, rest) -> int:
+    from protege.prune import prune_checkpoint
+
+    summary = prune_checkpoint(args.model, args.out, args.keep, strategy=args.strategy, dtype=args.dtype)
+    print(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

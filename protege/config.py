@@ -1,0 +1,264 @@
+"""The one typed config of a distillation run: YAML file + `--section.key value` overrides.
+
+Every default is defined here once; the CLI only builds this object. Unknown keys, wrong types and
+impossible combinations are refused with the field's dotted name and the fix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraConfig(_Section):
+    enabled: bool = Field(False, description="Train LoRA adapters instead of all student weights (peft).")
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: list[str] | str = Field("all-linear", description="Modules to adapt (peft syntax).")
+
+
+class StudentConfig(_Section):
+    path: str = Field(..., description="Student model: HF hub id, local HF dir, or a .gguf file.")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Weights dtype of the trained student.")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+
+class TeacherConfig(_Section):
+    path: str | None = Field(None, description="In-process teacher: HF hub id, local HF dir, or a .gguf file.")
+    urls: list[str] = Field(default_factory=list, description="Remote teacher server URL(s) (protege serve-teacher "
+                            "or an OpenAI-compatible vLLM server). Several URLs are load-balanced.")
+    api_key: str | None = Field(None, description="Bearer token for the teacher server (or env PROTEGE_API_KEY).")
+    protocol: Literal["protege", "openai"] = Field("protege", description="Wire protocol of the teacher server.")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="In-process teacher dtype.")
+    batch_tokens: int = Field(16384, ge=64, description="Token budget of one teacher forward batch.")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.path is None) == (not self.urls):
+            raise ValueError("set exactly one of teacher.path (in-process) or teacher.urls (server)")
+        return self
+
+
+class DataConfig(_Section):
+    path: str = Field("builtin:everyday", description="Training prompts: local .jsonl/.json/.parquet/.csv, a hub "
+                      "dataset id, or builtin:everyday (the embedded prompt set).")
+    split: str = Field("train", description="Split to read from a hub dataset or a multi-split file.")
+    prompt_column: str = Field("prompt", description="Column with a string or chat-message prompt.")
+    messages_column: str = Field("messages", description="Chat column; a final assistant turn is the reference.")
+    completion_column: str = Field("completion", description="Optional reference completion column.")
+    eval_path: str | None = Field(None, description="Held-out prompts (same formats); None: builtin held-out set "
+                                  "when path is builtin, else eval_fraction of path.")
+    eval_fraction: float = Field(0.0, ge=0, lt=1, description="Share of the training rows held out for eval.")
+    eval_prompts: int = Field(16, ge=0, description="How many held-out prompts each evaluation uses.")
+    max_prompt_tokens: int = Field(512, ge=8, description="Longer prompts are truncated from the left (counted).")
+    system_prompt: str | None = Field(None, description="Optional system message prepended to chat prompts.")
+
+
+class MixConfig(_Section):
+    lmbda: float = Field(1.0, ge=0, le=1, description="GKD lambda: probability that a prompt's rows are student "
+                         "rollouts (on-policy). Otherwise off-policy rows are used (see seq_kd).")
+    seq_kd: bool = Field(False, description="Off-policy rows are teacher generations (sequence-level KD) instead "
+                         "of the dataset's reference completions.")
+
+
+class LossConfig(_Section):
+    name: Literal["reverse_kl", "forward_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl", "sampled_pg",
+                  "sft"] = Field(
+        "reverse_kl", description="Divergence per position, 'sampled_pg' (OPD as RL, sampled-token reverse KL "
+        "with importance ratio) or 'sft' (cross-entropy on the rows' tokens, e.g. teacher samples).")
+    beta: float = Field(0.5, ge=0, le=1, description="JSD mixture weight (GKD); 0 = forward KL, 1 = reverse KL.")
+    alpha: float = Field(0.1, ge=0, lt=1, description="Skew KL mixing weight (DistiLLM).")
+    temperature: float = Field(1.0, gt=0, description="Temperature of both distributions in the loss.")
+    scale_temperature_squared: bool = Field(False, description="Multiply by temperature^2 (Hinton).")
+    support: Literal["full", "teacher", "student", "union", "sampled"] = Field(
+        "full", description="Categories the divergence runs over: the full vocabulary (in-process teacher), the "
+        "teacher's top-k, the student's top-k, their union, or the sampled token (+tail).")
+    top_k: int = Field(16, ge=1, description="k of top-k supports.")
+    tail: Literal["bucket", "renormalize"] = Field("bucket", description="Top-k: add one 'everything else' category "
+                                                   "per model, or renormalise over the support.")
+    reward_scale: float = Field(1.0, gt=0, description="sampled_pg: scale of the advantage (>1 extrapolates, ExOPD).")
+    ratio_clip: float | None = Field(None, gt=0, description="sampled_pg: truncate the importance ratio at this value.")
+    discount: float | None = Field(None, ge=0, le=1, description="sampled_pg: reward-to-go discount (MiniLLM); "
+                                   "None = per-token advantage.")
+    chunk_size: int = Field(1024, ge=16, description="Positions per chunk of the vocabulary projection.")
+
+
+class RolloutConfig(_Section):
+    engine: Literal["hf"] = Field("hf", description="Rollout engine (vllm: see the vLLM issue).")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature (0 = greedy).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
+    top_k: int = Field(0, ge=0, description="Top-k sampling (0 = off).")
+    max_new_tokens: int = Field(128, ge=1, description="Completion length cap; hitting it counts as truncation.")
+    num_generations: int = Field(1, ge=1, description="Rollouts per prompt.")
+    batch_tokens: int = Field(16384, ge=64, description="Token budget (rows x (prompt+new tokens)) of one "
+                              "generate call; the whole buffer is generated in as few calls as fit.")
+
+
+class OptimConfig(_Section):
+    lr: float = Field(5e-5, gt=0, description="Peak learning rate (AdamW).")
+    schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="LR schedule after warmup.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping (None = off).")
+
+
+class TrainConfig(_Section):
+    max_steps: int = Field(50, ge=1, description="Optimizer steps.")
+    prompts_per_step: int = Field(8, ge=1, description="Prompts in one optimizer step (the generation buffer), "
+                                  "over all processes.")
+    micro_batch_size: int = Field(4, ge=1, description="Rows per forward/backward.")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 = autocast on the student forward "
+                                               "(fast on CPUs with AMX).")
+    seed: int = Field(0, description="Seed of data order, sampling and mixing.")
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads (None = torch default).")
+
+
+class OutputConfig(_Section):
+    dir: str = Field("outputs/run", description="Where checkpoints, metrics.jsonl and the report go.")
+    log_every: int = Field(1, ge=1, description="Console/metrics logging interval (steps).")
+    eval_every: int = Field(0, ge=0, description="Held-out evaluation interval (0 = only at start and end).")
+    save_every: int = Field(0, ge=0, description="Checkpoint interval (0 = only at the end).")
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept.")
+    report_to: Literal["none", "tensorboard", "wandb"] = Field("none", description="Tracker through accelerate.")
+    progress: bool = Field(True, description="Show a progress bar with ETA.")
+
+
+class Config(_Section):
+    student: StudentConfig
+    teacher: TeacherConfig
+    data: DataConfig = Field(default_factory=DataConfig)
+    mix: MixConfig = Field(default_factory=MixConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    resume: bool = Field(False, description="Continue from the newest checkpoint in output.dir.")
+
+    @model_validator(mode="after")
+    def _combinations(self):
+        loss = self.loss
+        if loss.support == "full" and self.teacher.urls and loss.name not in ("sampled_pg", "sft"):
+            raise ValueError("loss.support=full needs an in-process teacher (teacher.path); with teacher.urls use "
+                             "loss.support=teacher|student|union|sampled")
+        if loss.name == "sampled_pg" and self.mix.lmbda < 1:
+            raise ValueError("loss.name=sampled_pg needs student rollouts (importance ratio to the sampling policy):"
+                             " set mix.lmbda=1")
+        if self.train.micro_batch_size > self.train.prompts_per_step * self.rollout.num_generations:
+            raise ValueError("train.micro_batch_size is larger than the buffer (train.prompts_per_step x "
+                             "rollout.num_generations)")
+        if self.teacher.protocol == "openai" and loss.support in ("student", "union"):
+            raise ValueError("teacher.protocol=openai cannot return logprobs at the student's ids: use "
+                             "loss.support=teacher|sampled, or protege serve-teacher")
+        return self
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict[str, Any] | None = None) -> Config:
+    """Config from an optional YAML file, then `section.key=value` / `--section.key value` overrides."""
+    data: dict[str, Any] = dict(base or {})
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file {p} does not exist")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+        _merge(data, loaded)
+    for key, value in parse_overrides(overrides or []):
+        _set(data, key, value)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_explain(e)) from None
+
+
+class ConfigError(ValueError):
+    """A config problem, with the field's dotted name and what to do."""
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
+    """['--a.b', '1', 'c.d=x', '--e.f=2'] -> [('a.b', 1), ('c.d', 'x'), ('e.f', 2)] (values parsed as YAML)."""
+    out, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        key = arg[2:] if arg.startswith("--") else arg
+        if "=" in key:
+            key, raw = key.split("=", 1)
+        elif arg.startswith("--") and i + 1 < len(args):
+            i += 1
+            raw = args[i]
+        else:
+            raise ConfigError(f"override {arg!r} has no value: write --section.key VALUE or section.key=VALUE")
+        out.append((key.replace("-", "_"), yaml.safe_load(raw) if raw != "" else ""))
+        i += 1
+    return out
+
+
+def _merge(dst: dict, src: dict) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _merge(dst[k], v)
+        else:
+            dst[k] = v
+
+
+def _set(data: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def _explain(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(x) for x in e["loc"]) or "config"
+        if e["type"] == "extra_forbidden":
+            section = _section_of(e["loc"][:-1])
+            known = ", ".join(section.model_fields) if section else ""
+            lines.append(f"{field}: unknown key (known keys here: {known})")
+        elif e["type"] == "missing":
+            lines.append(f"{field}: required, not set")
+        else:
+            lines.append(f"{field}: {e['msg']} (got {e.get('input')!r})")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _section_of(loc) -> type[BaseModel] | None:
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return None
+        model = field.annotation
+    return model
+
+
+def describe_config() -> str:
+    """Every field with its default and description (for `protege config --help`)."""
+    lines = []
+
+    def walk(model: type[BaseModel], prefix: str):
+        for name, f in model.model_fields.items():
+            ann = f.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{prefix}{name}.")
+                continue
+            default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))
+            lines.append(f"  {prefix}{name} = {default}\n      {f.description or ''}")
+
+    walk(Config, "")
+    return "\n".join(lines)

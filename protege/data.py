@@ -1,0 +1,186 @@
+"""Prompt datasets: load rows, turn them into tokenized chat prompts (+ optional reference answers).
+
+Accepted rows (TRL's conventions):
+  {"prompt": "text"}                                   plain user question
+  {"prompt": [{"role": "user", "content": ...}, ...]}  chat prompt
+  {"messages": [..., {"role": "assistant", ...}]}      chat; a final assistant turn is the reference
+  {"prompt": ..., "completion": "text"}                explicit reference completion
+Empty or malformed rows are skipped and counted (with a warning); a missing column is an error
+listing the columns found. Prompts longer than max_prompt_tokens keep their last tokens (counted).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("protege")
+
+
+@dataclass
+class Example:
+    messages: list[dict]  # chat prompt (no final assistant turn)
+    reference: str | None = None  # reference completion text, if the row has one
+
+
+@dataclass
+class PromptSet:
+    examples: list[Example]
+    skipped: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+
+def load_rows(path: str, split: str = "train") -> list[dict]:
+    """Rows of a builtin set, a local file (.jsonl/.json/.parquet/.csv) or a hub dataset."""
+    if path.startswith("builtin:"):
+        from protege.prompts import load_builtin_prompts
+
+        name = path.split(":", 1)[1]
+        if name != "everyday":
+            raise ValueError(f"data.path={path!r}: the only builtin set is builtin:everyday")
+        return [{"prompt": p} for p in load_builtin_prompts("heldout" if split in ("heldout", "test") else "train")]
+    import datasets
+
+    p = Path(path)
+    kinds = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+    if p.suffix in kinds:
+        if not p.exists():
+            raise FileNotFoundError(f"data file {p} does not exist")
+        ds = datasets.load_dataset(kinds[p.suffix], data_files=str(p), split="train")
+    elif p.exists():
+        raise ValueError(f"data path {p}: unsupported file type {p.suffix!r}; use .jsonl, .json, .parquet or .csv")
+    else:
+        try:
+            ds = datasets.load_dataset(path, split=split)
+        except Exception as e:  # offline, unknown id, bad split: say which
+            raise ValueError(f"could not load dataset {path!r} split {split!r}: {e}") from e
+    return list(ds)
+
+
+def to_examples(rows: list[dict], *, prompt_column: str = "prompt", messages_column: str = "messages",
+                completion_column: str = "completion", system_prompt: str | None = None) -> PromptSet:
+    """Normalise rows into chat Examples; malformed rows are skipped and counted by reason."""
+    if rows and prompt_column not in rows[0] and messages_column not in rows[0]:
+        raise ValueError(f"dataset has neither a {prompt_column!r} nor a {messages_column!r} column; columns found: "
+                         f"{sorted(rows[0])}. Set data.prompt_column or data.messages_column.")
+    out = PromptSet(examples=[])
+    for row in rows:
+        try:
+            ex = _row_to_example(row, prompt_column, messages_column, completion_column)
+        except _BadRow as e:
+            out.skipped += 1
+            out.reasons[str(e)] = out.reasons.get(str(e), 0) + 1
+            continue
+        if system_prompt and ex.messages[0].get("role") != "system":
+            ex.messages.insert(0, {"role": "system", "content": system_prompt})
+        out.examples.append(ex)
+    if out.skipped:
+        log.warning("skipped %d malformed row(s): %s", out.skipped, out.reasons)
+    return out
+
+
+class _BadRow(Exception):
+    pass
+
+
+def _row_to_example(row: dict, pcol: str, mcol: str, ccol: str) -> Example:
+    prompt = row.get(pcol)
+    if prompt is None and row.get(mcol) is not None:
+        msgs = _check_messages(row[mcol])
+        if msgs[-1]["role"] == "assistant":
+            if len(msgs) < 2:
+                raise _BadRow("messages hold only an assistant turn")
+            return Example(messages=msgs[:-1], reference=msgs[-1]["content"])
+        return Example(messages=msgs)
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise _BadRow("empty prompt")
+        messages = [{"role": "user", "content": prompt}]
+    elif isinstance(prompt, list):
+        messages = _check_messages(prompt)
+    else:
+        raise _BadRow(f"prompt is {type(prompt).__name__}, expected str or list of messages")
+    ref = row.get(ccol)
+    if isinstance(ref, list):  # conversational completion
+        ref = "".join(m.get("content", "") for m in ref if isinstance(m, dict))
+    if ref is not None and not isinstance(ref, str):
+        raise _BadRow(f"completion is {type(ref).__name__}, expected str")
+    return Example(messages=messages, reference=ref or None)
+
+
+def _check_messages(msgs) -> list[dict]:
+    if not isinstance(msgs, list) or not msgs:
+        raise _BadRow("messages is not a non-empty list")
+    for m in msgs:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise _BadRow("a message lacks a string role or content")
+    if not any(m["content"].strip() for m in msgs):
+        raise _BadRow("all messages are empty")
+    return [dict(role=m["role"], content=m["content"]) for m in msgs]
+
+
+class PromptTokenizer:
+    """Chat-templates prompts and tokenizes references; truncates long prompts from the left."""
+
+    def __init__(self, tokenizer, max_prompt_tokens: int):
+        self.tok = tokenizer
+        self.max_prompt_tokens = max_prompt_tokens
+        self.truncated = 0
+
+    def prompt_ids(self, ex: Example) -> torch.Tensor:
+        if getattr(self.tok, "chat_template", None):
+            ids = self.tok.apply_chat_template(ex.messages, add_generation_prompt=True, tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+        else:  # plain LM: join the turns
+            ids = self.tok("\n".join(m["content"] for m in ex.messages) + "\n", add_special_tokens=True)["input_ids"]
+        if len(ids) > self.max_prompt_tokens:
+            self.truncated += 1
+            ids = ids[-self.max_prompt_tokens:]
+        return torch.tensor(ids, dtype=torch.long)
+
+    def reference_ids(self, ex: Example, max_tokens: int) -> torch.Tensor:
+        ids = self.tok(ex.reference, add_special_tokens=False)["input_ids"][: max_tokens - 1]
+        return torch.tensor(ids + [self.tok.eos_token_id], dtype=torch.long)
+
+
+class PromptStream:
+    """Endless shuffled stream of examples with a resumable position (epoch, index)."""
+
+    def __init__(self, n: int, seed: int):
+        if n == 0:
+            raise ValueError("the training dataset has no usable rows")
+        self.n, self.seed = n, seed
+        self.epoch, self.index = 0, 0
+        self._order = self._permutation()
+
+    def _permutation(self) -> list[int]:
+        order = list(range(self.n))
+        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        return order
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if self.index == self.n:
+                self.epoch, self.index = self.epoch + 1, 0
+                self._order = self._permutation()
+            out.append(self._order[self.index])
+            self.index += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "n": self.n, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["n"] != self.n:
+            raise ValueError(f"resume: the dataset now has {self.n} usable rows, the checkpoint saw {state['n']}")
+        self.epoch, self.index = state["epoch"], state["index"]
+        self._order = self._permutation()

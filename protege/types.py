@@ -1,0 +1,98 @@
+"""The two records that flow through the loop: what was generated, and what the teacher said.
+
+Everything is aligned on *completion positions*: index t of a row is the t-th generated (or
+reference) token of that sequence, and `completion_mask[i, t]` says whether it exists.
+Rows are padded on the right to the longest completion in the buffer (not to max_new_tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Rollouts:
+    """A buffer of sequences: prompt tokens plus completion tokens, one row per sequence.
+
+    prompt_ids:        list of 1-D LongTensors, each the (left-truncated) prompt of one row.
+    completion_ids:    (N, T) int64, right-padded with 0; T = longest completion in the buffer.
+    completion_mask:   (N, T) bool, True where a completion token exists (EOS included).
+    sampling_logprobs: (N, T) float32 logprob of each completion token under the policy that
+                       sampled it (the student at rollout time), or None for off-policy rows.
+    student_topk_ids:  (N, T, k) int64 top-k ids of the sampling policy at each position, or None.
+    finish_reasons:    "stop" (EOS emitted) or "length" (hit max_new_tokens), or "reference".
+    sources:           where each row came from: "student", "dataset" or "teacher".
+    prompt_index:      index of the prompt (within the step) that produced each row.
+    """
+
+    prompt_ids: list[torch.Tensor]
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    sampling_logprobs: torch.Tensor | None = None
+    student_topk_ids: torch.Tensor | None = None
+    finish_reasons: list[str] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    prompt_index: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.completion_mask.sum())
+
+    def select(self, rows: list[int]) -> "Rollouts":
+        """Rows `rows` as a new Rollouts, re-padded to their own longest completion."""
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        mask = self.completion_mask[idx]
+        t = int(mask.sum(1).max()) if len(rows) and mask.numel() else 0
+        cut = lambda x: None if x is None else x[idx][:, :t]  # noqa: E731
+        return Rollouts(
+            prompt_ids=[self.prompt_ids[i] for i in rows],
+            completion_ids=cut(self.completion_ids),
+            completion_mask=mask[:, :t],
+            sampling_logprobs=cut(self.sampling_logprobs),
+            student_topk_ids=cut(self.student_topk_ids),
+            finish_reasons=[self.finish_reasons[i] for i in rows] if self.finish_reasons else [],
+            sources=[self.sources[i] for i in rows] if self.sources else [],
+            prompt_index=[self.prompt_index[i] for i in rows] if self.prompt_index else [],
+        )
+
+
+@dataclass
+class TeacherSignal:
+    """What the teacher says about a Rollouts buffer, aligned on completion positions.
+
+    token_logprobs: (N, T) float32 teacher logprob of each completion token (always present).
+    topk_ids:       (N, T, K) int64 the teacher's own top-K ids, or None.
+    topk_logprobs:  (N, T, K) float32 teacher logprobs at topk_ids, or None.
+    query_logprobs: (N, T, M) float32 teacher logprobs at ids the caller asked for
+                    (e.g. the student's top-k), or None.
+    hidden_states:  (N, T, H) final hidden states of an in-process teacher (the position that
+                    predicts each completion token), or None. With `lm_head` (V, H) they give
+                    exact full-vocabulary teacher logits chunk by chunk, without storing (N, T, V).
+    temperature:    the temperature the logprobs were computed at.
+    """
+
+    token_logprobs: torch.Tensor
+    topk_ids: torch.Tensor | None = None
+    topk_logprobs: torch.Tensor | None = None
+    query_logprobs: torch.Tensor | None = None
+    hidden_states: torch.Tensor | None = None
+    lm_head: torch.Tensor | None = None
+    temperature: float = 1.0
+
+    def select(self, rows: list[int], t: int) -> "TeacherSignal":
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        cut = lambda x: None if x is None else x[idx][:, :t]  # noqa: E731
+        return TeacherSignal(
+            token_logprobs=cut(self.token_logprobs),
+            topk_ids=cut(self.topk_ids),
+            topk_logprobs=cut(self.topk_logprobs),
+            query_logprobs=cut(self.query_logprobs),
+            hidden_states=cut(self.hidden_states),
+            lm_head=self.lm_head,
+            temperature=self.temperature,
+        )
