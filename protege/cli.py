@@ -71,13 +71,16 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     rest: list[str] = []
-    if argv and argv[0] in ("train", "demo"):  # config overrides are not argparse options: split them off
-        head = [a for a in argv[1:2] if not a.startswith("-")]
+    if argv and argv[0] == "train":  # config overrides are not argparse options: split them off
+        head = [a for a in argv[1:2] if not a.startswith("-") and "=" not in a]
         tail = argv[1 + len(head):]
         flags = [a for a in tail if a in ("-h", "--help")]
         rest = [a for a in tail if a not in ("-h", "--help")]
         argv = [argv[0], *head, *flags]
-    args = parser.parse_args(argv)
+    if argv and argv[0] == "demo":  # demo has its own flags; the rest are recipe overrides
+        args, rest = parser.parse_known_args(argv)
+    else:
+        args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
@@ -90,16 +93,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args, rest) -> int:
-    from protege.config import load_config
-    from protege.trainer import train
+    from protege.recipe import load_recipe, run_recipe
 
-    cfg = load_config(args.config, rest)
+    stages = load_recipe(args.config, rest)
     t0 = time.time()
-    history = train(cfg)
-    evals = [h for h in history if "eval/rkl" in h]
-    if len(evals) >= 2:
-        print(f"held-out reverse KL: {evals[0]['eval/rkl']:.4f} -> {evals[-1]['eval/rkl']:.4f}")
-    print(f"done in {time.time() - t0:.0f} s; student saved to {cfg.output.dir}/student")
+    histories = run_recipe(stages)
+    for name, history in histories.items():
+        evals = [h for h in history if "eval/rkl" in h]
+        if len(evals) >= 2:
+            print(f"{name}: held-out reverse KL {evals[0]['eval/rkl']:.4f} -> {evals[-1]['eval/rkl']:.4f}")
+    print(f"done in {time.time() - t0:.0f} s; student saved to {stages[-1][1].output.dir}/student")
     return 0
 
 

@@ -231,7 +231,8 @@ def _explain(err: ValidationError) -> str:
             known = ", ".join(section.model_fields) if section else ""
             lines.append(f"{field}: unknown key (known keys here: {known})")
         elif e["type"] == "missing":
-            lines.append(f"{field}: required, not set")
+            hint = {"teacher": " (set teacher.path or teacher.urls)", "student": " (set student.path)"}.get(field, "")
+            lines.append(f"{field}: required, not set{hint}")
         else:
             lines.append(f"{field}: {e['msg']} (got {e.get('input')!r})")
     return "invalid config:\n  " + "\n  ".join(lines)

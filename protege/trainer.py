@@ -289,6 +289,8 @@ class Distiller:
         return self.state.history
 
     def _log_eval(self, result: dict, path: Path) -> None:
+        if not result:
+            return
         result = {"step": self.state.step, **{f"eval/{k}": v for k, v in result.items()}}
         self.state.history.append(result)
         if self.acc.is_main_process:

@@ -34,30 +34,90 @@ from ._checks import (
 NEG_INF = float("-inf")
 
 
-def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
-    """KL(a||b) = sum_c a_c (log a_c - log b_c) over the last dim, with 0 * log(0 / x) = 0.
-
-    Inputs are sanitised *before* the product so that the branch torch.where discards is
-    finite: otherwise its NaN would reach the gradient (0 * nan = nan in the backward pass).
-    """
-    a = log_a.exp()  # (..., C)
-    has_mass = a > 0  # exp underflow (log a < ~-745 in fp64) counts as zero mass
-    log_a = torch.where(has_mass, log_a, 0.0)
-    log_b = torch.where(has_mass, log_b, 0.0)
-    return torch.where(has_mass, a * (log_a - log_b), 0.0).sum(-1)  # (...)
+def _plogratio(a: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor, plus: float = 0.0) -> torch.Tensor:
+    """a * (log a - log b + plus) elementwise, exactly 0 where a == 0 (0 * log 0 = 0, no NaN)."""
+    out = log_a - log_b  # (..., C); nan where both are -inf, masked below
+    if plus:
+        out.add_(plus)
+    return out.mul_(a).masked_fill_(a == 0, 0.0)
 
 
 def _log_mix(w: float, log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
-    """log(w * a + (1 - w) * b) elementwise, exact at w in {0, 1} and NaN-free where a = b = 0."""
-    if w == 0.0:
-        return log_b
-    if w == 1.0:
-        return log_a
-    both_zero = (log_a == NEG_INF) & (log_b == NEG_INF)  # logaddexp(-inf, -inf) has a NaN gradient
-    log_a = torch.where(both_zero, 0.0, log_a)
-    log_b = torch.where(both_zero, 0.0, log_b)
-    mixed = torch.logaddexp(log_a + math.log(w), log_b + math.log1p(-w))
-    return torch.where(both_zero, NEG_INF, mixed)
+    """log(w * a + (1 - w) * b) for 0 < w < 1; -inf where a = b = 0."""
+    return torch.logaddexp(log_a + math.log(w), log_b + math.log1p(-w))
+
+
+class _Divergence(torch.autograd.Function):
+    """Per-position divergence with closed-form gradients w.r.t. both log-probability inputs.
+
+    Autograd through the plain formulas would need NaN guards (torch.where on both sides of
+    every product) and keep ~10 (..., C) intermediates; here the forward keeps only the two
+    inputs (the same tensors log_softmax already saved) and the backward recomputes
+    p = exp(lp), q = exp(lq), log M. With l* the log-probs treated as free coordinates:
+
+        forward_kl  d/dlq = -p                          d/dlp = p (lp - lq + 1)
+        reverse_kl  d/dlq = q (lq - lp + 1)             d/dlp = -q
+        jsd         d/dlq = (1-beta) q (lq - lm)        d/dlp = beta p (lp - lm)    m = beta p + (1-beta) q
+        tvd         d/dlq = -sign(p - q) q / 2          d/dlp = sign(p - q) p / 2
+        skew_fkl    d/dlq = -(1-a) p q / m              d/dlp = p (lp - lm + 1 - a p / m)   m = a p + (1-a) q
+        skew_rkl    d/dlq = q (lq - lm + 1 - a q / m)   d/dlp = -(1-a) q p / m              m = a q + (1-a) p
+
+    Every term carries a factor of the probability it is weighted by and is set to exactly 0
+    where that probability is 0. Callers map jsd at beta 0/1 and skew at alpha 0 to the KLs.
+    """
+
+    @staticmethod
+    def forward(ctx, log_q: torch.Tensor, log_p: torch.Tensor, name: str, beta: float, alpha: float) -> torch.Tensor:
+        ctx.save_for_backward(log_q, log_p)
+        ctx.name, ctx.beta, ctx.alpha = name, beta, alpha
+        q, p = log_q.exp(), log_p.exp()  # (..., C)
+        if name == "forward_kl":
+            return _plogratio(p, log_p, log_q).sum(-1)
+        if name == "reverse_kl":
+            return _plogratio(q, log_q, log_p).sum(-1)
+        if name == "tvd":
+            return (p - q).abs_().sum(-1).mul_(0.5)
+        if name == "jsd":
+            log_m = _log_mix(beta, log_p, log_q)  # (..., C)
+            return beta * _plogratio(p, log_p, log_m).sum(-1) + (1 - beta) * _plogratio(q, log_q, log_m).sum(-1)
+        if name == "skew_forward_kl":
+            return _plogratio(p, log_p, _log_mix(alpha, log_p, log_q)).sum(-1)
+        return _plogratio(q, log_q, _log_mix(alpha, log_q, log_p)).sum(-1)  # skew_reverse_kl
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        log_q, log_p = ctx.saved_tensors
+        name, beta, a = ctx.name, ctx.beta, ctx.alpha
+        q, p = log_q.exp(), log_p.exp()  # (..., C)
+        if name == "forward_kl":
+            d_q, d_p = -p, _plogratio(p, log_p, log_q, plus=1.0)
+        elif name == "reverse_kl":
+            d_q, d_p = _plogratio(q, log_q, log_p, plus=1.0), -q
+        elif name == "tvd":
+            sign = torch.sign(p - q).mul_(0.5)
+            d_q, d_p = -sign * q, sign * p
+        elif name == "jsd":
+            log_m = _log_mix(beta, log_p, log_q)
+            d_q, d_p = _plogratio(q, log_q, log_m).mul_(1 - beta), _plogratio(p, log_p, log_m).mul_(beta)
+        elif name == "skew_forward_kl":
+            log_m = _log_mix(a, log_p, log_q)
+            p_over_m = torch.exp(log_p - log_m).masked_fill_(p == 0, 0.0)  # m >= a p > 0 where p > 0
+            d_q = (p_over_m * q).mul_(a - 1)
+            d_p = _plogratio(p, log_p, log_m, plus=1.0).sub_(p_over_m.mul_(p).mul_(a))
+        else:  # skew_reverse_kl
+            log_m = _log_mix(a, log_q, log_p)
+            q_over_m = torch.exp(log_q - log_m).masked_fill_(q == 0, 0.0)
+            d_p = (q_over_m * p).mul_(a - 1)
+            d_q = _plogratio(q, log_q, log_m, plus=1.0).sub_(q_over_m.mul_(q).mul_(a))
+        g = grad.unsqueeze(-1)  # (..., 1)
+        return (
+            d_q.mul_(g) if ctx.needs_input_grad[0] else None,
+            d_p.mul_(g) if ctx.needs_input_grad[1] else None,
+            None,
+            None,
+            None,
+        )
 
 
 def _soften(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -97,19 +157,11 @@ def divergence(
         log_q = torch.where(category_mask, log_q, NEG_INF)
         log_p = torch.where(category_mask, log_p, NEG_INF)
 
-    if name == "forward_kl" or (name == "jsd" and beta == 0):
-        return _kl(log_p, log_q)
-    if name == "reverse_kl" or (name == "jsd" and beta == 1):
-        return _kl(log_q, log_p)
-    if name == "jsd":
-        log_m = _log_mix(float(beta), log_p, log_q)  # M = beta*p + (1-beta)*q
-        return beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)
-    if name == "tvd":
-        return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
-    if name == "skew_forward_kl":
-        return _kl(log_p, _log_mix(float(alpha), log_p, log_q))  # KL(p || a*p + (1-a)*q)
-    assert name == "skew_reverse_kl", name
-    return _kl(log_q, _log_mix(float(alpha), log_q, log_p))  # KL(q || a*q + (1-a)*p)
+    if name == "jsd" and beta in (0, 1):  # TRL's endpoints, see above
+        name = "forward_kl" if beta == 0 else "reverse_kl"
+    if name in ("skew_forward_kl", "skew_reverse_kl") and alpha == 0:  # mixture is the other model
+        name = name.replace("skew_", "")
+    return _Divergence.apply(log_q, log_p, name, float(beta), float(alpha))  # (...)
 
 
 def dense_divergence(

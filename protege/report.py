@@ -1,0 +1,91 @@
+"""Writes <out>/report.md with PNG plots: losses, held-out KL and health signals against steps,
+before/after metrics and side-by-side showcase answers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+METRIC_NAMES = {
+    "rkl": "reverse KL on student samples (per token)",
+    "fkl": "forward KL on teacher samples (per token)",
+    "greedy_teacher_nll": "teacher NLL of the student's greedy answers",
+    "greedy_distinct_2": "distinct-2 of greedy answers",
+    "greedy_length": "greedy answer length (tokens)",
+    "greedy_eos_rate": "greedy answers that end with EOS",
+    "teacher_greedy_distinct_2": "teacher's distinct-2 (reference)",
+    "teacher_greedy_length": "teacher's greedy length (reference)",
+}
+
+
+def write_report(out_dir: Path, summary: dict, histories: dict[str, list[dict]]) -> Path:
+    out_dir = Path(out_dir)
+    plots = _plots(out_dir, histories)
+    before, after = summary["before"], summary["after"]
+    lines = ["# protege distillation report", "",
+             f"Student: SmolLM2-135M-Instruct keeping layers {summary['kept_layers']}; "
+             f"teacher: SmolLM2-135M-Instruct (30 layers). Total time {summary['seconds']:.0f} s.", "",
+             "## Held-out metrics", "", "| metric | before | after |", "|---|---|---|"]
+    for key, label in METRIC_NAMES.items():
+        if key in before:
+            lines.append(f"| {label} | {before[key]:.4g} | {after[key]:.4g} |")
+    drop = 1 - after["rkl"] / before["rkl"] if before["rkl"] else 0.0
+    lines += ["", f"Reverse KL fell by {100 * drop:.0f}%. Greedy distinct-2 of the student is "
+              f"{after['greedy_distinct_2']:.2f} against the teacher's {after['teacher_greedy_distinct_2']:.2f}.", ""]
+    warnings = [w for h in histories.values() for m in h for w in m.get("warnings", [])]
+    lines += ["## Health warnings", ""] + ([f"- {w}" for w in warnings] or ["none"]) + [""]
+    lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
+    lines += ["## Showcase answers (greedy)", ""]
+    for row in summary["showcase"]:
+        lines += [f"### {row['prompt']}", ""]
+        for who in ("teacher", "before", "after"):
+            label = {"teacher": "Teacher", "before": "Student before", "after": "Student after"}[who]
+            text = row[who].replace("\n", "\n> ")
+            lines += [f"**{label}:**", "", f"> {text}", ""]
+    lines += ["## Stages", ""]
+    for name, cfg in summary["stages"].items():
+        lines.append(f"- {name}: loss {cfg['loss']['name']} ({cfg['loss']['support']}), lmbda {cfg['mix']['lmbda']}, "
+                     f"seq_kd {cfg['mix']['seq_kd']}, {cfg['train']['max_steps']} steps x "
+                     f"{cfg['train']['prompts_per_step']} prompts, lr {cfg['optim']['lr']}, {cfg['train']['precision']}")
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _plots(out_dir: Path, histories: dict[str, list[dict]]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, offset = [], 0  # one step axis across stages
+    for name, hist in histories.items():
+        steps = [m for m in hist if "loss" in m]
+        for m in hist:
+            rows.append({**m, "stage": name, "global_step": m["step"] + offset})
+        offset += max([m["step"] for m in steps] + [0])
+    panels = [("loss", "training loss"), ("sampled_rkl", "sampled reverse KL (student rows)"),
+              ("teacher_nll", "teacher NLL of rows"), ("completion_len_mean", "completion length"),
+              ("overlap_ratio", "top-k overlap ratio"), ("entropy_gap", "entropy gap H(q) - H(p)"),
+              ("repetition_rate", "repetition rate"), ("eval/rkl", "held-out reverse KL")]
+    panels = [(k, t) for k, t in panels if any(k in r for r in rows)]
+    if not panels:
+        return []
+    cols = 2
+    fig, axes = plt.subplots((len(panels) + 1) // cols, cols, figsize=(11, 3 * ((len(panels) + 1) // cols)),
+                             squeeze=False)
+    for ax, (key, title) in zip(axes.flat, panels):
+        for stage in histories:
+            pts = [(r["global_step"], r[key]) for r in rows if r["stage"] == stage and r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o" if key.startswith("eval/") else None, ms=4, label=stage)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    path = out_dir / "training.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return [path]

@@ -1,0 +1,6 @@
+"""The teacher server: an ASGI app over a micro-batched scoring engine (see app.py)."""
+
+from protege.server.app import ServerSettings, create_app
+from protege.server.backends import Batch, HFBackend
+
+__all__ = ["Batch", "HFBackend", "ServerSettings", "create_app"]

@@ -1,0 +1,305 @@
+"""Request parsing and validation for the teacher server: bodies in, `Batch` out, or a 4xx naming the field.
+
+Every check here runs before anything reaches the engine, so a hostile or broken request costs a
+4xx and nothing else: body size (413), content type (415), JSON shape and types (400), token ids
+inside the vocabulary, 1 <= prompt length < sequence length, k and query width within `--max-k`
+and `--max-query-ids`, finite temperature > 0, sequences/tokens within the request limits (413).
+Token ids are checked vectorised (numpy min/max per row), never id by id in Python.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import orjson
+
+from protege.server.backends import Batch
+from protege.wire import WireError, from_json_dict, unpack
+
+
+class RequestError(Exception):
+    """A request the server refuses: HTTP `status` and a message for people (names field and fix)."""
+
+    def __init__(self, status: int, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+@dataclass
+class Limits:
+    """What one request may ask for (built from ServerSettings, where the defaults live)."""
+
+    max_body_bytes: int
+    max_k: int
+    max_query_ids: int
+    max_request_seqs: int
+    max_request_tokens: int
+    max_seq_tokens: int  # one sequence must fit one engine call
+
+
+def bad(message: str) -> RequestError:
+    return RequestError(400, message)
+
+
+def media_type(content_type: str | None) -> str:
+    return (content_type or "").split(";")[0].strip().lower()
+
+
+def require_json(content_type: str | None) -> None:
+    mt = media_type(content_type)
+    if mt != "application/json" and not mt.endswith("+json"):
+        raise RequestError(415, f"Content-Type must be application/json, got {content_type!r}")
+
+
+def load_json(body: bytes) -> dict:
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise bad(f"body is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise bad(f"body must be a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def check_keys(obj: dict, known: set[str], where: str) -> None:
+    unknown = sorted(set(obj) - known)
+    if unknown:
+        raise bad(f"unknown field {unknown[0]!r} in {where}; known fields: {', '.join(sorted(known))}")
+
+
+def get_int(obj: dict, key: str, default: int | None, lo: int, hi: int, hint: str = "") -> int:
+    value = obj.get(key, default)
+    if value is None and default is None:
+        raise bad(f"missing field {key!r}")
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise bad(f"{key} must be an integer, got {type(value).__name__} {str(value)[:40]}")
+    if not lo <= value <= hi:
+        raise bad(f"{key}={value} is out of range [{lo}, {hi}]{hint}")
+    return value
+
+
+def get_temperature(obj: dict, key: str = "temperature", *, allow_zero: bool = False) -> float:
+    value = obj.get(key, 1.0)
+    if value is None:
+        value = 1.0
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise bad(f"{key} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise bad(f"{key} must be a finite number > 0, got {value}")
+    return value
+
+
+def _id_row(row, field: str, vocab: int, ndim: int = 1) -> np.ndarray:
+    if not isinstance(row, list):
+        raise bad(f"{field} must be a list of token ids, got {type(row).__name__}")
+    if not row:
+        raise bad(f"{field} is empty")
+    try:
+        arr = np.array(row)
+    except (ValueError, OverflowError, TypeError):
+        raise bad(f"{field} must be a {'rectangular ' if ndim > 1 else ''}list of integer token ids") from None
+    if arr.ndim != ndim or arr.dtype.kind not in "iu":
+        raise bad(f"{field} must be a {ndim}-level list of integer token ids (got {arr.dtype} with {arr.ndim} levels)")
+    check_ids(arr, field, vocab)
+    return arr.astype(np.int32)
+
+
+def check_ids(arr: np.ndarray, field: str, vocab: int) -> None:
+    if arr.size and (arr.min() < 0 or arr.max() >= vocab):
+        flat = arr.reshape(-1)
+        i = int(np.flatnonzero((flat < 0) | (flat >= vocab))[0])
+        raise bad(f"{field}: token id {int(flat[i])} (flat index {i}) is outside the vocabulary [0, {vocab})")
+
+
+def check_rows(sequences: list[np.ndarray], prompt_lengths: list[int], limits: Limits, *,
+               allow_empty_completion: bool = False) -> None:
+    """Counts, lengths and prompt lengths of already-typed rows."""
+    n = len(sequences)
+    if n == 0:
+        raise bad("sequences is empty: send at least one sequence")
+    if n > limits.max_request_seqs:
+        raise RequestError(413, f"{n} sequences exceed the per-request limit of {limits.max_request_seqs} "
+                                "(--max-request-seqs); split the request")
+    if len(prompt_lengths) != n:
+        raise bad(f"prompt_lengths has {len(prompt_lengths)} entries for {n} sequences")
+    total = 0
+    for i, (seq, p) in enumerate(zip(sequences, prompt_lengths)):
+        length = len(seq)
+        if length > limits.max_seq_tokens:
+            raise RequestError(413, f"sequences[{i}] has {length} tokens, more than the server's "
+                                    f"{limits.max_seq_tokens} per sequence (--max-batch-tokens / model length)")
+        top = length if allow_empty_completion else length - 1
+        if not 1 <= p <= top:
+            raise bad(f"prompt_lengths[{i}]={p} must be in [1, {top}] for a sequence of {length} tokens "
+                      f"(at least one prompt token{'' if allow_empty_completion else ' and one completion token'})")
+        total += length
+    if total > limits.max_request_tokens:
+        raise RequestError(413, f"{total} tokens exceed the per-request limit of {limits.max_request_tokens} "
+                                "(--max-request-tokens); split the request")
+
+
+def _prompt_lengths(value) -> list[int]:
+    if not isinstance(value, list):
+        raise bad(f"prompt_lengths must be a list of integers, got {type(value).__name__}")
+    for i, p in enumerate(value):
+        if not isinstance(p, int) or isinstance(p, bool):
+            raise bad(f"prompt_lengths[{i}] must be an integer, got {type(p).__name__}")
+    return value
+
+
+def _sequences(value, vocab: int, limits: Limits) -> list[np.ndarray]:
+    if not isinstance(value, list):
+        raise bad(f"sequences must be a list of token-id lists, got {type(value).__name__}")
+    if len(value) > limits.max_request_seqs:
+        raise RequestError(413, f"{len(value)} sequences exceed the per-request limit of {limits.max_request_seqs}")
+    return [_id_row(row, f"sequences[{i}]", vocab) for i, row in enumerate(value)]
+
+
+SCORE_FIELDS = {"sequences", "prompt_lengths", "topk", "query_ids", "temperature"}
+
+
+def score_batch_from_json(obj: dict, vocab: int, limits: Limits) -> Batch:
+    """/v1/score JSON body: {sequences, prompt_lengths, topk?, query_ids?, temperature?}, or the
+    base64 wire form (an object with "protege_wire")."""
+    if "protege_wire" in obj:
+        try:
+            meta, arrays = from_json_dict(obj)
+        except WireError as exc:
+            raise bad(str(exc)) from None
+        return score_batch_from_wire(meta, arrays, vocab, limits)
+    check_keys(obj, SCORE_FIELDS, "the score request")
+    for key in ("sequences", "prompt_lengths"):
+        if key not in obj:
+            raise bad(f"missing field {key!r}")
+    sequences = _sequences(obj["sequences"], vocab, limits)
+    prompt_lengths = _prompt_lengths(obj["prompt_lengths"])
+    check_rows(sequences, prompt_lengths, limits)
+    topk = get_int(obj, "topk", 0, 0, min(limits.max_k, vocab), " (--max-k)")
+    temperature = get_temperature(obj)
+    query = None
+    if obj.get("query_ids") is not None:
+        rows = obj["query_ids"]
+        if not isinstance(rows, list) or len(rows) != len(sequences):
+            raise bad(f"query_ids must be a list with one entry per sequence ({len(sequences)})")
+        query = [_id_row(r, f"query_ids[{i}]", vocab, ndim=2) for i, r in enumerate(rows)]
+        _check_query_shapes(query, sequences, prompt_lengths, limits)
+    return Batch(sequences=sequences, prompt_lengths=prompt_lengths, topk=topk, query_ids=query,
+                 temperature=temperature)
+
+
+def _check_query_shapes(query: list[np.ndarray], sequences, prompt_lengths, limits: Limits) -> None:
+    m = query[0].shape[1]
+    if not 1 <= m <= limits.max_query_ids:
+        raise bad(f"query_ids width {m} is out of range [1, {limits.max_query_ids}] (--max-query-ids)")
+    for i, (q, s, p) in enumerate(zip(query, sequences, prompt_lengths)):
+        if q.shape != (len(s) - p, m):
+            raise bad(f"query_ids[{i}] has shape {list(q.shape)}; expected [{len(s) - p}, {m}] "
+                      "(one list of M ids per completion position, the same M for every row)")
+
+
+def score_batch_from_binary(body: bytes, vocab: int, limits: Limits) -> Batch:
+    try:
+        meta, arrays = unpack(body)
+    except WireError as exc:
+        raise bad(str(exc)) from None
+    return score_batch_from_wire(meta, arrays, vocab, limits)
+
+
+def score_batch_from_wire(meta: dict, arrays: dict[str, np.ndarray], vocab: int, limits: Limits) -> Batch:
+    """Arrays tokens (S,), sequence_lengths (N,), prompt_lengths (N,), query_ids (C, M)?; meta topk, temperature."""
+    check_keys(meta, {"topk", "temperature"}, "the request meta")
+    check_keys(arrays, {"tokens", "sequence_lengths", "prompt_lengths", "query_ids"}, "the request arrays")
+    for key in ("tokens", "sequence_lengths", "prompt_lengths"):
+        if key not in arrays:
+            raise bad(f"missing array {key!r}")
+        if arrays[key].dtype.kind != "i" or arrays[key].ndim != 1:
+            raise bad(f"array {key} must be 1-D int32, got {arrays[key].dtype} with shape {list(arrays[key].shape)}")
+    tokens, lengths, plens = arrays["tokens"], arrays["sequence_lengths"], arrays["prompt_lengths"]
+    if len(lengths) > limits.max_request_seqs:
+        raise RequestError(413, f"{len(lengths)} sequences exceed the per-request limit of {limits.max_request_seqs}")
+    if len(lengths) and lengths.min() < 1:
+        raise bad("sequence_lengths must all be >= 1")
+    if int(lengths.sum(dtype=np.int64)) != len(tokens):
+        raise bad(f"sequence_lengths sum to {int(lengths.sum(dtype=np.int64))} but tokens holds {len(tokens)}")
+    check_ids(tokens, "tokens", vocab)
+    sequences = np.split(tokens, np.cumsum(lengths)[:-1]) if len(lengths) else []
+    prompt_lengths = plens.tolist()
+    check_rows(sequences, prompt_lengths, limits)
+    topk = get_int(meta, "topk", 0, 0, min(limits.max_k, vocab), " (--max-k)")
+    temperature = get_temperature(meta)
+    query = None
+    if "query_ids" in arrays:
+        q = arrays["query_ids"]
+        completion = int((lengths - plens).sum(dtype=np.int64))
+        if q.dtype.kind != "i" or q.ndim != 2 or q.shape[0] != completion:
+            raise bad(f"array query_ids must be int32 of shape [{completion}, M] (one row per completion "
+                      f"position), got {q.dtype} {list(q.shape)}")
+        if not 1 <= q.shape[1] <= limits.max_query_ids:
+            raise bad(f"query_ids width {q.shape[1]} is out of range [1, {limits.max_query_ids}] (--max-query-ids)")
+        check_ids(q, "query_ids", vocab)
+        query = np.split(q, np.cumsum(lengths - plens)[:-1])
+    return Batch(sequences=sequences, prompt_lengths=prompt_lengths, topk=topk, query_ids=query,
+                 temperature=temperature)
+
+
+TRL_FIELDS = {"sequences", "prompt_lengths", "top_logprobs", "temperature", "response_format"}
+
+
+def trl_batch_from_json(obj: dict, vocab: int, limits: Limits) -> tuple[Batch, str]:
+    """TRL 1.3-1.8 /get_sequence_logprobs/: {sequences, prompt_lengths, top_logprobs=100,
+    temperature=1.0, response_format="json"|"binary"}. A prompt may take the whole sequence there."""
+    check_keys(obj, TRL_FIELDS, "the get_sequence_logprobs request")
+    for key in ("sequences", "prompt_lengths"):
+        if key not in obj:
+            raise bad(f"missing field {key!r}")
+    sequences = _sequences(obj["sequences"], vocab, limits)
+    prompt_lengths = _prompt_lengths(obj["prompt_lengths"])
+    check_rows(sequences, prompt_lengths, limits, allow_empty_completion=True)
+    topk = get_int(obj, "top_logprobs", 100, 0, min(limits.max_k, vocab), " (--max-k)")
+    fmt = obj.get("response_format", "json")
+    if fmt not in ("json", "binary"):
+        raise bad(f"response_format must be 'json' or 'binary', got {str(fmt)[:40]!r}")
+    return Batch(sequences=sequences, prompt_lengths=prompt_lengths, topk=topk,
+                 temperature=get_temperature(obj)), fmt
+
+
+def openai_batch_from_json(obj: dict, vocab: int, limits: Limits, model_name: str) -> tuple[Batch, int | None]:
+    """vLLM's POST /v1/completions, the scoring subset TRL 1.16 uses: token-id prompts, max_tokens <= 1,
+    prompt_logprobs k. Every position after the first is scored (prompt length 1), plus one extra
+    position after the end that gives the (greedy) generated token. Returns (batch, k or None)."""
+    model = obj.get("model")
+    if model is not None and model != model_name:
+        raise RequestError(404, f"model {str(model)[:80]!r} is not served here; this server serves {model_name!r}")
+    for key, ok, why in (("n", lambda v: v in (None, 1), "only n=1 is served"),
+                         ("stream", lambda v: not v, "streaming is not served"),
+                         ("logprobs", lambda v: v in (None, 0), "use prompt_logprobs; generated-token "
+                                                                "logprobs are not served")):
+        if not ok(obj.get(key)):
+            raise bad(f"{key}={str(obj.get(key))[:40]}: {why}")
+    max_tokens = obj.get("max_tokens", 1)
+    if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)
+                                   or not 0 <= max_tokens <= 1):
+        raise bad(f"max_tokens={str(max_tokens)[:40]}: this server scores sequences and generates at most "
+                  "1 token; send max_tokens=1")
+    prompt = obj.get("prompt")
+    if prompt is None:
+        raise bad("missing field 'prompt' (a list of token-id lists)")
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], str)):
+        raise bad("prompt must be token ids (a list of token-id lists); text prompts are not served")
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+        prompt = [prompt]
+    rows = _sequences(prompt, vocab, limits)
+    k = obj.get("prompt_logprobs")
+    if k is not None:
+        k = get_int(obj, "prompt_logprobs", None, 0, min(limits.max_k, vocab),
+                    " (--max-k; -1, the full vocabulary, is not served)")
+    temperature = get_temperature(obj, allow_zero=True) or 1.0  # 0 = greedy: logprobs at temperature 1
+    sequences = [np.append(r, np.int32(0)) for r in rows]  # one dummy position: the next-token distribution
+    check_rows(sequences, [1] * len(sequences), limits)
+    return Batch(sequences=sequences, prompt_lengths=[1] * len(sequences), topk=max(k or 0, 1),
+                 temperature=temperature), k

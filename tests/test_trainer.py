@@ -1,0 +1,186 @@
+"""The training loop on tiny models: it learns, mixes data sources, resumes exactly, runs on 2 ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from protege.config import load_config
+from protege.trainer import Distiller, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cfg(paths, out, *extra):
+    return load_config(None, [f"student.path={paths['student']}", f"teacher.path={paths['teacher']}",
+                              f"data.path={paths['data']}", "rollout.max_new_tokens=8", "train.prompts_per_step=4",
+                              "train.micro_batch_size=2", "optim.lr=3e-3", f"output.dir={out}",
+                              "output.progress=false", "train.num_threads=1", "data.eval_prompts=0", *extra])
+
+
+def _metrics(out) -> list[dict]:
+    return [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines() if x]
+
+
+def test_heldout_kl_falls(tiny_paths, tmp_path):
+    cfg = _cfg(tiny_paths, tmp_path, "train.max_steps=16", "data.eval_fraction=0.2", "data.eval_prompts=8")
+    history = train(cfg)
+    evals = [h["eval/rkl"] for h in history if "eval/rkl" in h]
+    assert len(evals) == 2
+    assert evals[-1] < 0.6 * evals[0], evals
+    steps = [h for h in history if "loss" in h]
+    assert len(steps) == 16 and all(torch.isfinite(torch.tensor(h["loss"])) for h in steps)
+    for key in ("time_generate", "time_teacher", "time_train", "tokens_per_s", "truncation_rate", "sampled_rkl"):
+        assert key in steps[0]
+    assert (tmp_path / "student" / "config.json").exists()
+    assert (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("mix, source", [(["mix.lmbda=1"], "student"), (["mix.lmbda=0"], "dataset"),
+                                         (["mix.lmbda=0", "mix.seq_kd=true"], "teacher")])
+def test_lmbda_and_seq_kd_choose_the_rows(tiny_paths, tmp_path, mix, source):
+    d = Distiller(_cfg(tiny_paths, tmp_path, "train.max_steps=1", *mix))
+    buffer = d.make_buffer(0)
+    assert set(buffer.sources) == {source}
+    if source == "dataset":  # the reference answer plus EOS
+        text = d.tok.decode(buffer.completion_ids[0][buffer.completion_mask[0]])
+        assert text.endswith("<eos>") and text[:-5].isdigit()
+        assert buffer.sampling_logprobs is None
+    m = d.train_step()
+    assert m["loss"] > 0 and m["tokens"] == buffer.num_tokens
+
+
+def test_mixed_buffer_half_on_policy(tiny_paths, tmp_path):
+    d = Distiller(_cfg(tiny_paths, tmp_path, "train.max_steps=1", "mix.lmbda=0.5", "train.prompts_per_step=16"))
+    sources = d.make_buffer(0).sources
+    assert {"student", "dataset"} == set(sources)
+    d.train_step()
+
+
+@pytest.mark.parametrize("loss", [["loss.name=forward_kl"], ["loss.name=jsd", "loss.beta=0.5"], ["loss.name=tvd"],
+                                  ["loss.support=student", "loss.top_k=4"], ["loss.support=union", "loss.top_k=4"],
+                                  ["loss.support=teacher", "loss.tail=renormalize"], ["loss.support=sampled"],
+                                  ["loss.name=sampled_pg"], ["loss.name=sft", "mix.lmbda=0", "mix.seq_kd=true"],
+                                  ["student.lora.enabled=true", "student.lora.r=4"], ["train.precision=bf16"]])
+def test_every_objective_trains(tiny_paths, tmp_path, loss):
+    history = train(_cfg(tiny_paths, tmp_path, "train.max_steps=2", *loss))
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history if "loss" in h)
+
+
+def test_sigkill_then_resume_continues_exactly(tiny_paths, tmp_path):
+    common = ["optim.schedule=constant", "output.save_every=2", "output.keep_last=10"]
+    reference = train(_cfg(tiny_paths, tmp_path / "ref", "train.max_steps=8", *common))
+    ref_loss = {h["step"]: h["loss"] for h in reference if "loss" in h}
+
+    out = tmp_path / "killed"
+    args = [f"student.path={tiny_paths['student']}", f"teacher.path={tiny_paths['teacher']}",
+            f"data.path={tiny_paths['data']}", "rollout.max_new_tokens=8", "train.prompts_per_step=4",
+            "train.micro_batch_size=2", "optim.lr=3e-3", f"output.dir={out}", "output.progress=false",
+            "train.num_threads=1", "data.eval_prompts=0", "train.max_steps=1000", *common]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}
+    proc = subprocess.Popen([sys.executable, "-m", "protege.cli", "train", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    try:
+        while not (out / "checkpoints" / "step-0000002").exists():
+            assert proc.poll() is None, "training process died"
+            assert time.time() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    done = sorted(p.name for p in (out / "checkpoints").iterdir() if not p.name.endswith(".tmp"))
+    last = int(done[-1].split("-")[1])
+    assert last < 7, "the run went too far before the kill"
+    for name in done:  # every non-temporary checkpoint is complete
+        assert (out / "checkpoints" / name / "trainer_state.pt").exists()
+    resumed = train(load_config(None, [*args[:-4], "train.max_steps=8", *common, "resume=true"]))
+    got = {h["step"]: h["loss"] for h in resumed if "loss" in h}
+    assert sorted(got) == list(range(last + 1, 9))
+    for step, loss in got.items():
+        assert loss == pytest.approx(ref_loss[step], rel=1e-6, abs=1e-7), step
+    logged = [m["step"] for m in _metrics(out) if "loss" in m]
+    assert logged == list(range(1, 9)), "metrics.jsonl has lost or repeated a step"
+
+
+DIST_SCRIPT = """
+import sys, json, torch
+from protege.config import load_config
+from protege.trainer import Distiller
+d = Distiller(load_config(None, sys.argv[1:]))
+losses = [d.train_step()["loss"] for _ in range(2)]
+if d.acc.is_main_process:
+    params = torch.cat([p.detach().flatten() for p in d.student.parameters()])
+    torch.save({"losses": losses, "params": params}, d.out / "result.pt")
+"""
+
+
+def test_two_processes_match_one(tiny_paths, tmp_path):
+    script = tmp_path / "dist.py"
+    script.write_text(DIST_SCRIPT)
+    results = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"n{nproc}"
+        out.mkdir()
+        args = [f"student.path={tiny_paths['student']}", f"teacher.path={tiny_paths['teacher']}",
+                f"data.path={tiny_paths['data']}", "mix.lmbda=0", "train.prompts_per_step=8",
+                "train.micro_batch_size=2", "optim.lr=3e-3", f"output.dir={out}", "output.progress=false",
+                "train.num_threads=1", "data.eval_prompts=0"]
+        cmd = [sys.executable, str(script), *args] if nproc == 1 else \
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+             str(script), *args]
+        subprocess.run(cmd, check=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                       capture_output=True)
+        results[nproc] = torch.load(out / "result.pt")
+    assert results[1]["losses"] == pytest.approx(results[2]["losses"], rel=1e-5)
+    assert torch.allclose(results[1]["params"], results[2]["params"], atol=1e-6)
+
+
+def test_clear_errors(tiny_paths, tmp_path):
+    with pytest.raises(ValueError, match="loss.nme: unknown key"):
+        _cfg(tiny_paths, tmp_path, "loss.nme=x")
+    with pytest.raises(ValueError, match="loss.beta"):
+        _cfg(tiny_paths, tmp_path, "loss.beta=2")
+    with pytest.raises(ValueError, match="teacher: required, not set \\(set teacher.path or teacher.urls"):
+        load_config(None, ["student.path=x"])
+    with pytest.raises(ValueError, match="exactly one of teacher.path"):
+        load_config(None, ["student.path=x", "teacher.path=y", "teacher.urls=[http://127.0.0.1:1]"])
+    with pytest.raises(ValueError, match="sampled_pg needs student rollouts"):
+        _cfg(tiny_paths, tmp_path, "loss.name=sampled_pg", "mix.lmbda=0.5")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "hi"}) + "\n")
+    with pytest.raises(ValueError, match="columns found: \\['question'\\]"):
+        Distiller(_cfg(tiny_paths, tmp_path, f"data.path={bad}"))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"prompt": ""}) + "\n" + json.dumps({"prompt": 3}) + "\n")
+    with pytest.raises(ValueError, match="no usable rows"):
+        Distiller(_cfg(tiny_paths, tmp_path, f"data.path={empty}"))
+    noref = tmp_path / "noref.jsonl"
+    noref.write_text(json.dumps({"prompt": "hi"}) + "\n")
+    with pytest.raises(ValueError, match="reference completions"):
+        Distiller(_cfg(tiny_paths, tmp_path, f"data.path={noref}", "mix.lmbda=0"))
+
+
+def test_vocab_mismatch_is_refused(tiny_paths, tmp_path):
+    from tiny import make_model
+
+    with pytest.raises(ValueError, match="vocabulary"):
+        Distiller(_cfg(tiny_paths, tmp_path), teacher_model=make_model(2, 0, vocab=256))
+
+
+def test_cli_help_and_bad_override(capsys):
+    from protege.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "--section.key VALUE" in capsys.readouterr().out
+    assert main(["train", "--loss.name", "nope", "--student.path", "x", "--teacher.path", "y"]) == 2
+    assert "loss.name" in capsys.readouterr().err
