@@ -130,7 +130,8 @@ def main() -> None:
         "",
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
         f"- machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
-        f"os.cpu_count()={os.cpu_count()}, torch threads={args.threads}",
+        f"os.cpu_count()={os.cpu_count()}, torch threads={args.threads}, "
+        f"load average at the end {os.getloadavg()[0]:.1f} (the machine is shared: times are noisy)",
         f"- torch {torch.__version__}" + (f", trl {__import__('trl').__version__}" if "trl" in results else ""),
         f"- shape: N={args.positions} positions (B={args.batch}), H={args.hidden}, teacher H={args.teacher_hidden}, "
         f"V={args.vocab}, chunk_size={args.chunk_size}, divergence={args.name}, beta={args.beta}, fp32, "

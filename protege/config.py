@@ -116,8 +116,9 @@ class TrainConfig(_Section):
     prompts_per_step: int = Field(8, ge=1, description="Prompts in one optimizer step (the generation buffer), "
                                   "over all processes.")
     micro_batch_size: int = Field(4, ge=1, description="Rows per forward/backward.")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 = autocast on the student forward "
-                                               "(fast on CPUs with AMX).")
+    precision: Literal["fp32", "bf16", "auto"] = Field(
+        "fp32", description="bf16 = autocast on student forward and generation (fast on GPUs and CPUs with AMX, "
+        "very slow on CPUs without native bf16); auto = measure which is faster here.")
     seed: int = Field(0, description="Seed of data order, sampling and mixing.")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (None = torch default).")
 
@@ -130,6 +131,8 @@ class OutputConfig(_Section):
     keep_last: int = Field(2, ge=1, description="Checkpoints kept.")
     report_to: Literal["none", "tensorboard", "wandb"] = Field("none", description="Tracker through accelerate.")
     progress: bool = Field(True, description="Show a progress bar with ETA.")
+    diagnostics_top_k: int = Field(16, ge=0, description="k of the OPD health diagnostics (top-k overlap, entropy "
+                                   "gap) at student-visited positions; 0 = off.")
 
 
 class Config(_Section):

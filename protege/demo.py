@@ -82,6 +82,7 @@ def _demo(a, rest: list[str]) -> int:
 def run_demo(*, out: str = "outputs/demo", keep: int = 24, strategy: str = "even", eval_prompts: int = 16,
              overrides: list[str] | None = None, teacher_path: str | None = None) -> dict:
     from protege.data import PromptTokenizer, load_rows, to_examples
+    from protege.hardware import use_bf16
     from protege.heldout import evaluate_models
     from protege.modeling import find_smollm2, load_model, load_tokenizer
     from protege.prompts import SHOWCASE_PROMPTS
@@ -109,7 +110,7 @@ def run_demo(*, out: str = "outputs/demo", keep: int = 24, strategy: str = "even
     cfg0 = stages[0][1]
     pt = PromptTokenizer(tok, cfg0.data.max_prompt_tokens)
     heldout = [pt.prompt_ids(e) for e in to_examples(load_rows("builtin:everyday", "heldout")).examples[:eval_prompts]]
-    ev = dict(max_new_tokens=cfg0.rollout.max_new_tokens, eos_ids=_eos_ids(tok), bf16=cfg0.train.precision == "bf16")
+    ev = dict(max_new_tokens=cfg0.rollout.max_new_tokens, eos_ids=_eos_ids(tok), bf16=use_bf16(cfg0.train.precision, "cpu"))
     log.info("evaluating the pruned student before training")
     before = evaluate_models(student, teacher, tok, heldout, **ev)
     show_prompts = [pt.prompt_ids(e) for e in to_examples([{"prompt": p} for p in SHOWCASE_PROMPTS]).examples]

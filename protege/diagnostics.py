@@ -185,10 +185,10 @@ class HealthMonitor:
     entropy_gap_min: float = -1.0
     """Warn when entropy_gap = H(student) - H(teacher) drops below this many nats (student far more
     peaked than the teacher: mode collapse)."""
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list, init=False)
     """Every warning emitted so far, in order."""
-    _history: dict[str, list[float]] = field(default_factory=dict, repr=False)
-    _fired: set[str] = field(default_factory=set, repr=False)
+    _history: dict[str, list[float]] = field(default_factory=dict, init=False, repr=False)
+    _fired: set[str] = field(default_factory=set, init=False, repr=False)
 
     def baseline(self, key: str) -> float | None:
         """Mean of the first `baseline_steps` values of `key`, or None until that many were seen."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from protege.diagnostics import distinct_n, repetition_rate
 from protege.forward import HiddenStates, forward_completion_hidden, output_weight
 from protege.losses import chunked_dense_divergence
 from protege.rollout import hf as hf_rollout
@@ -98,11 +99,10 @@ def text_metrics(rollouts: Rollouts) -> dict:
     mask = rollouts.completion_mask
     lengths = mask.sum(1)
     seqs = [rollouts.completion_ids[i, : int(lengths[i])].tolist() for i in range(len(rollouts))]
-    grams = [tuple(s[i: i + 2]) for s in seqs for i in range(len(s) - 1)]
     return {"length": float(lengths.float().mean()),
             "truncation_rate": sum(f == "length" for f in rollouts.finish_reasons) / len(rollouts),
             "eos_rate": sum(f == "stop" for f in rollouts.finish_reasons) / len(rollouts),
-            "distinct_2": len(set(grams)) / max(1, len(grams))}
+            "distinct_2": distinct_n(seqs, 2), "repetition_rate": repetition_rate(seqs, n=4)}
 
 
 def _sample(model, prompts, d, *, temperature: float, seed: int) -> Rollouts:
@@ -111,4 +111,4 @@ def _sample(model, prompts, d, *, temperature: float, seed: int) -> Rollouts:
         torch.manual_seed(seed)
         return hf_rollout.generate(model, prompts, max_new_tokens=r.max_new_tokens, temperature=temperature,
                                    top_p=r.top_p, top_k=r.top_k, eos_ids=d.eos_ids, pad_id=d.tok.pad_token_id,
-                                   batch_tokens=r.batch_tokens, autocast_bf16=d.cfg.train.precision == "bf16")
+                                   batch_tokens=r.batch_tokens, autocast_bf16=d.bf16)

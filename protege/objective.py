@@ -118,11 +118,12 @@ def _local_topk_fn(cfg: LossConfig, teacher_weight: torch.Tensor):
 
 def _remote_support(cfg: LossConfig, signal: TeacherSignal, mb: Rollouts):
     """(ids, teacher logprobs, mask) over the support, each (B, T, K), from what a server sent."""
+    k = cfg.top_k  # the signal may hold more (diagnostics); top-k lists are sorted, so cut
     if cfg.support == "teacher":
-        return signal.topk_ids, signal.topk_logprobs, None
+        return signal.topk_ids[..., :k], signal.topk_logprobs[..., :k], None
     if cfg.support == "student":
-        return mb.student_topk_ids[..., : cfg.top_k], signal.query_logprobs, None
+        return mb.student_topk_ids[..., :k], signal.query_logprobs, None
     if cfg.support == "union":
-        ids, smask = L.union_support(signal.topk_ids, mb.student_topk_ids[..., : cfg.top_k])
-        return ids, torch.cat([signal.topk_logprobs, signal.query_logprobs], -1), smask
+        ids, smask = L.union_support(signal.topk_ids[..., :k], mb.student_topk_ids[..., :k])
+        return ids, torch.cat([signal.topk_logprobs[..., :k], signal.query_logprobs], -1), smask
     raise ValueError(f"loss.support={cfg.support} needs an in-process teacher (teacher.path)")

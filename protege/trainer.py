@@ -36,6 +36,7 @@ from accelerate import Accelerator
 from protege import objective
 from protege.config import Config
 from protege.data import PromptStream, PromptTokenizer, load_rows, to_examples
+from protege.hardware import use_bf16
 from protege.forward import HiddenStates, check_supported, forward_completion_hidden, output_weight
 from protege.losses import reduce_tokens
 from protege.rollout import hf as hf_rollout
@@ -64,6 +65,7 @@ class Distiller:
             torch.set_num_threads(cfg.train.num_threads)
         torch.manual_seed(cfg.train.seed + self.acc.process_index)
         self.out = Path(cfg.output.dir)
+        self.bf16 = use_bf16(cfg.train.precision, self.acc.device.type)
         self.tok = tokenizer or load_tokenizer(cfg.student.path)
         if self.tok.pad_token_id is None:
             self.tok.pad_token = self.tok.eos_token
@@ -111,6 +113,9 @@ class Distiller:
         self.model = HiddenStates(self.student)
         self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
         self.state = RunState()
+        from protege.diagnostics import HealthMonitor
+
+        self.monitor = HealthMonitor()
         if cfg.output.report_to != "none":
             self.acc.init_trackers("protege", config=cfg.model_dump(mode="json"))
 
@@ -153,10 +158,11 @@ class Distiller:
         r = cfg.rollout
         if student_p:
             need_topk = cfg.loss.top_k if self.cfg.teacher.urls and cfg.loss.support in ("student", "union") else 0
+            need_topk = max(need_topk, cfg.output.diagnostics_top_k)
             parts.append(hf_rollout.generate(
                 self.student, student_p, max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                 top_k=r.top_k, eos_ids=self.eos_ids, pad_id=self.tok.pad_token_id, batch_tokens=r.batch_tokens,
-                record_topk=need_topk, autocast_bf16=cfg.train.precision == "bf16", source="student"))
+                record_topk=need_topk, autocast_bf16=self.bf16, source="student"))
         if off_p:
             if not hasattr(self, "teacher_model"):
                 raise ValueError("mix.seq_kd needs an in-process teacher (teacher.path) to generate")
@@ -193,6 +199,9 @@ class Distiller:
         buffer = self.make_buffer(step)
         t1 = time.perf_counter()
         request = objective.teacher_request(cfg.loss, local=not cfg.teacher.urls, rollouts=buffer)
+        if cfg.output.diagnostics_top_k and buffer.student_topk_logprobs is not None:
+            request.topk = max(request.topk, cfg.output.diagnostics_top_k)
+            request.entropy = not cfg.teacher.urls
         signal: TeacherSignal = self.teacher.score(buffer, request)
         t2 = time.perf_counter()
 
@@ -208,7 +217,7 @@ class Distiller:
             sig = signal.select(rows, mb.completion_ids.shape[1])
             last = i == len(mbs) - 1
             with (acc.no_sync(self.model) if not last else _null()), \
-                    torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"):
+                    torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 hidden = forward_completion_hidden(self.model, mb.prompt_ids, mb.completion_ids.to(acc.device),
                                                    mb.completion_mask, self.tok.pad_token_id)  # (B, T, H)
                 per_token = objective.per_token_loss(cfg.loss, hidden, weight, mb, sig,
@@ -243,7 +252,34 @@ class Distiller:
             sm = mask & student_rows[:, None]
             m["sampled_rkl"] = float((buffer.sampling_logprobs - signal.token_logprobs)[sm].mean())
         m["teacher_nll"] = float(-signal.token_logprobs[mask].mean())
+        m.update(self._health(buffer, signal, student_rows))
         return m
+
+    def _health(self, buffer: Rollouts, signal: TeacherSignal, student_rows: torch.Tensor) -> dict:
+        """Seed 003's OPD health signals at student-visited positions, and warnings when they go bad."""
+        from protege import diagnostics as D
+
+        out = {}
+        ids = [buffer.completion_ids[i, : int(buffer.completion_mask[i].sum())].tolist() for i in range(len(buffer))]
+        student_ids = [x for x, s in zip(ids, student_rows.tolist()) if s]
+        if student_ids:
+            out["repetition_rate"] = D.repetition_rate(student_ids, n=4)
+            out["distinct_2"] = D.distinct_n(student_ids, 2)
+        k = self.cfg.output.diagnostics_top_k
+        if k and buffer.student_topk_logprobs is not None and signal.topk_ids is not None and student_rows.any():
+            sm = buffer.completion_mask & student_rows[:, None]  # (N, T)
+            out.update(D.overlap_metrics(buffer.student_topk_ids[..., :k], buffer.student_topk_logprobs[..., :k],
+                                         signal.topk_ids[..., :k], signal.topk_logprobs[..., :k], sm))
+            if signal.entropy is not None and buffer.student_entropy is not None:
+                out["entropy_gap"] = D.entropy_gap(buffer.student_entropy, signal.entropy, sm)
+        metrics_for_monitor = {**out, "length_mean": float(buffer.completion_mask.sum(1).float().mean()),
+                               "truncation_rate": sum(f == "length" for f in buffer.finish_reasons) / len(buffer)}
+        warnings = self.monitor.update(self.state.step, metrics_for_monitor)
+        for w in warnings:
+            log.warning("health: %s", w)
+        if warnings:
+            out["warnings"] = warnings
+        return out
 
     # ------------------------------------------------------------------------------- the loop
     def train(self) -> list[dict]:

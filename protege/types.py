@@ -22,6 +22,8 @@ class Rollouts:
     sampling_logprobs: (N, T) float32 logprob of each completion token under the policy that
                        sampled it (the student at rollout time), or None for off-policy rows.
     student_topk_ids:  (N, T, k) int64 top-k ids of the sampling policy at each position, or None.
+    student_topk_logprobs: (N, T, k) float32 their logprobs (-inf padded), or None.
+    student_entropy:   (N, T) float32 entropy of the sampling policy at each position, or None.
     finish_reasons:    "stop" (EOS emitted) or "length" (hit max_new_tokens), or "reference".
     sources:           where each row came from: "student", "dataset" or "teacher".
     prompt_index:      index of the prompt (within the step) that produced each row.
@@ -32,6 +34,8 @@ class Rollouts:
     completion_mask: torch.Tensor
     sampling_logprobs: torch.Tensor | None = None
     student_topk_ids: torch.Tensor | None = None
+    student_topk_logprobs: torch.Tensor | None = None
+    student_entropy: torch.Tensor | None = None
     finish_reasons: list[str] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
     prompt_index: list[int] = field(default_factory=list)
@@ -55,6 +59,8 @@ class Rollouts:
             completion_mask=mask[:, :t],
             sampling_logprobs=cut(self.sampling_logprobs),
             student_topk_ids=cut(self.student_topk_ids),
+            student_topk_logprobs=cut(self.student_topk_logprobs),
+            student_entropy=cut(self.student_entropy),
             finish_reasons=[self.finish_reasons[i] for i in rows] if self.finish_reasons else [],
             sources=[self.sources[i] for i in rows] if self.sources else [],
             prompt_index=[self.prompt_index[i] for i in rows] if self.prompt_index else [],
@@ -70,6 +76,7 @@ class TeacherSignal:
     topk_logprobs:  (N, T, K) float32 teacher logprobs at topk_ids, or None.
     query_logprobs: (N, T, M) float32 teacher logprobs at ids the caller asked for
                     (e.g. the student's top-k), or None.
+    entropy:        (N, T) float32 entropy of the teacher's distribution, or None.
     hidden_states:  (N, T, H) final hidden states of an in-process teacher (the position that
                     predicts each completion token), or None. With `lm_head` (V, H) they give
                     exact full-vocabulary teacher logits chunk by chunk, without storing (N, T, V).
@@ -80,6 +87,7 @@ class TeacherSignal:
     topk_ids: torch.Tensor | None = None
     topk_logprobs: torch.Tensor | None = None
     query_logprobs: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
     hidden_states: torch.Tensor | None = None
     lm_head: torch.Tensor | None = None
     temperature: float = 1.0
@@ -92,6 +100,7 @@ class TeacherSignal:
             topk_ids=cut(self.topk_ids),
             topk_logprobs=cut(self.topk_logprobs),
             query_logprobs=cut(self.query_logprobs),
+            entropy=cut(self.entropy),
             hidden_states=cut(self.hidden_states),
             lm_head=self.lm_head,
             temperature=self.temperature,

@@ -225,10 +225,8 @@ def decode_score_response(body: bytes | bytearray, content_type: str) -> tuple[d
     if content_type.split(";")[0].strip().lower() == BINARY_MEDIA_TYPE and isinstance(body, bytes):
         body = bytearray(body)  # one memcpy, so torch gets writable memory (no read-only warning)
     meta, arrays = decode(body, content_type)
-    tensors = {}
-    for name, array in arrays.items():
-        tensor = torch.from_numpy(array)
-        tensors[name] = tensor.long() if array.dtype.kind == "i" else tensor
+    # int32 -> int64 in numpy: single-threaded, so no thread-pool wake-up for a small copy
+    tensors = {name: torch.from_numpy(a.astype(np.int64) if a.dtype.kind == "i" else a) for name, a in arrays.items()}
     return meta, tensors
 
 
@@ -241,7 +239,7 @@ def decode_score_response(body: bytes | bytearray, content_type: str) -> tuple[d
 
 def encode_trl_binary(topk_logprobs: np.ndarray, topk_ids: np.ndarray, token_logprobs: np.ndarray,
                       token_ids: np.ndarray, completion_lengths: list[int]) -> bytes:
-    """JSON body of TRL's binary reply from (B, T, K) top-k and (B, T) actual-token arrays."""
+    """JSON body of TRL's binary reply from (B, T, K) top-k and (B, T, 1) actual-token arrays."""
     b, t, k = topk_logprobs.shape
     b64 = lambda a, dt: base64.b64encode(np.ascontiguousarray(a, dtype=dt).data).decode("ascii")  # noqa: E731
     return orjson.dumps({
@@ -268,14 +266,16 @@ def decode_trl_binary(obj: dict | bytes) -> dict[str, torch.Tensor]:
         raise WireError("shape", f"expected [B, T, K] and B completion lengths, got {shape} and {len(lengths)}")
 
     def field(key: str, dtype: str, dims: list[int]) -> torch.Tensor:
+        """float32 as sent (a view); int32 ids widened to int64 in numpy."""
         raw = bytearray(base64.b64decode(obj[key]))
         if len(raw) != math.prod(dims) * 4:
             raise WireError(key, f"holds {len(raw)} bytes, shape {dims} needs {math.prod(dims) * 4}")
-        return torch.from_numpy(np.frombuffer(raw, dtype=dtype).reshape(dims))
+        array = np.frombuffer(raw, dtype="<f4" if dtype == "<f4" else "<i4").reshape(dims)
+        return torch.from_numpy(array if dtype == "<f4" else array.astype(np.int64))
 
     out = {"topk_logprobs": field("logprobs_b64", "<f4", shape),
-           "topk_ids": field("token_ids_b64", "<i4", shape).long(), "completion_lengths": lengths}
+           "topk_ids": field("token_ids_b64", "<i8", shape), "completion_lengths": lengths}
     if "actual_logprobs_b64" in obj:
         out["token_logprobs"] = field("actual_logprobs_b64", "<f4", shape[:2] + [1])[..., 0]
-        out["token_ids"] = field("actual_token_ids_b64", "<i4", shape[:2] + [1])[..., 0].long()
+        out["token_ids"] = field("actual_token_ids_b64", "<i8", shape[:2] + [1])[..., 0]
     return out

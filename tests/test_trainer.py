@@ -38,7 +38,8 @@ def test_heldout_kl_falls(tiny_paths, tmp_path):
     assert evals[-1] < 0.6 * evals[0], evals
     steps = [h for h in history if "loss" in h]
     assert len(steps) == 16 and all(torch.isfinite(torch.tensor(h["loss"])) for h in steps)
-    for key in ("time_generate", "time_teacher", "time_train", "tokens_per_s", "truncation_rate", "sampled_rkl"):
+    for key in ("time_generate", "time_teacher", "time_train", "tokens_per_s", "truncation_rate", "sampled_rkl",
+                "overlap_ratio", "student_overlap_mass", "entropy_gap", "repetition_rate", "distinct_2"):
         assert key in steps[0]
     assert (tmp_path / "student" / "config.json").exists()
     assert (tmp_path / "metrics.jsonl").exists()

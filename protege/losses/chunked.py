@@ -21,7 +21,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ._checks import check_chunk_size, check_divergence_args, check_no_nan, check_temperature
-from .divergences import dense_divergence
+from .divergences import dense_divergence_unchecked
 
 
 def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, loss_fn: Callable, *extras) -> torch.Tensor:
@@ -124,6 +124,7 @@ def chunked_dense_divergence(
                 "expected (N, teacher hidden size)"
             )
         check_no_nan(teacher_hidden, "teacher hidden states")
+        check_no_nan(teacher_weight, "teacher lm_head weight rows")
         teacher = teacher_hidden
     else:
         if teacher_logprobs.shape != (student_hidden.shape[0], vocab):
@@ -137,15 +138,9 @@ def chunked_dense_divergence(
     def loss_fn(student_logits: torch.Tensor, teacher_chunk: torch.Tensor) -> torch.Tensor:
         if by_hidden:
             teacher_chunk = dense_teacher_chunk(teacher_chunk, teacher_weight)  # (N_c, V)
-        return dense_divergence(
-            student_logits,
-            teacher_chunk,
-            name=name,
-            beta=beta,
-            alpha=alpha,
-            temperature=temperature,
-            scale_by_temperature_squared=scale_by_temperature_squared,
-            teacher_is_logprobs=not by_hidden,
+        # checked once above (teacher_logprobs, or teacher_hidden: finite hidden -> finite logits)
+        return dense_divergence_unchecked(
+            student_logits, teacher_chunk, name, beta, alpha, temperature, scale_by_temperature_squared
         )  # (N_c,)
 
     return chunked_loss_from_hidden(student_hidden, student_weight, loss_fn, teacher, chunk_size=chunk_size)

@@ -70,54 +70,56 @@ class _Divergence(torch.autograd.Function):
     def forward(ctx, log_q: torch.Tensor, log_p: torch.Tensor, name: str, beta: float, alpha: float) -> torch.Tensor:
         ctx.save_for_backward(log_q, log_p)
         ctx.name, ctx.beta, ctx.alpha = name, beta, alpha
-        q, p = log_q.exp(), log_p.exp()  # (..., C)
         if name == "forward_kl":
-            return _plogratio(p, log_p, log_q).sum(-1)
+            return _plogratio(log_p.exp(), log_p, log_q).sum(-1)
         if name == "reverse_kl":
-            return _plogratio(q, log_q, log_p).sum(-1)
+            return _plogratio(log_q.exp(), log_q, log_p).sum(-1)
         if name == "tvd":
-            return (p - q).abs_().sum(-1).mul_(0.5)
+            return (log_p.exp() - log_q.exp()).abs_().sum(-1).mul_(0.5)
         if name == "jsd":
             log_m = _log_mix(beta, log_p, log_q)  # (..., C)
-            return beta * _plogratio(p, log_p, log_m).sum(-1) + (1 - beta) * _plogratio(q, log_q, log_m).sum(-1)
+            kl_p = _plogratio(log_p.exp(), log_p, log_m).sum(-1)
+            return kl_p.mul_(beta).add_(_plogratio(log_q.exp(), log_q, log_m).sum(-1), alpha=1 - beta)
         if name == "skew_forward_kl":
-            return _plogratio(p, log_p, _log_mix(alpha, log_p, log_q)).sum(-1)
-        return _plogratio(q, log_q, _log_mix(alpha, log_q, log_p)).sum(-1)  # skew_reverse_kl
+            return _plogratio(log_p.exp(), log_p, _log_mix(alpha, log_p, log_q)).sum(-1)
+        return _plogratio(log_q.exp(), log_q, _log_mix(alpha, log_q, log_p)).sum(-1)  # skew_reverse_kl
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         log_q, log_p = ctx.saved_tensors
         name, beta, a = ctx.name, ctx.beta, ctx.alpha
-        q, p = log_q.exp(), log_p.exp()  # (..., C)
+        want_q, want_p = ctx.needs_input_grad[:2]  # the teacher usually needs none: skip its (..., C) work
+        d_q = d_p = None
         if name == "forward_kl":
-            d_q, d_p = -p, _plogratio(p, log_p, log_q, plus=1.0)
+            p = log_p.exp()  # (..., C)
+            d_q = -p if want_q else None
+            d_p = _plogratio(p, log_p, log_q, plus=1.0) if want_p else None
         elif name == "reverse_kl":
-            d_q, d_p = _plogratio(q, log_q, log_p, plus=1.0), -q
+            q = log_q.exp()
+            d_q = _plogratio(q, log_q, log_p, plus=1.0) if want_q else None
+            d_p = -q if want_p else None
         elif name == "tvd":
+            q, p = log_q.exp(), log_p.exp()
             sign = torch.sign(p - q).mul_(0.5)
-            d_q, d_p = -sign * q, sign * p
+            d_q = -sign * q if want_q else None
+            d_p = sign.mul_(p) if want_p else None
         elif name == "jsd":
             log_m = _log_mix(beta, log_p, log_q)
-            d_q, d_p = _plogratio(q, log_q, log_m).mul_(1 - beta), _plogratio(p, log_p, log_m).mul_(beta)
+            d_q = _plogratio(log_q.exp(), log_q, log_m).mul_(1 - beta) if want_q else None
+            d_p = _plogratio(log_p.exp(), log_p, log_m).mul_(beta) if want_p else None
         elif name == "skew_forward_kl":
-            log_m = _log_mix(a, log_p, log_q)
+            p, log_m = log_p.exp(), _log_mix(a, log_p, log_q)
             p_over_m = torch.exp(log_p - log_m).masked_fill_(p == 0, 0.0)  # m >= a p > 0 where p > 0
-            d_q = (p_over_m * q).mul_(a - 1)
-            d_p = _plogratio(p, log_p, log_m, plus=1.0).sub_(p_over_m.mul_(p).mul_(a))
+            d_q = (p_over_m * log_q.exp()).mul_(a - 1) if want_q else None
+            d_p = _plogratio(p, log_p, log_m, plus=1.0).sub_(p_over_m.mul_(p).mul_(a)) if want_p else None
         else:  # skew_reverse_kl
-            log_m = _log_mix(a, log_q, log_p)
+            q, log_m = log_q.exp(), _log_mix(a, log_q, log_p)
             q_over_m = torch.exp(log_q - log_m).masked_fill_(q == 0, 0.0)
-            d_p = (q_over_m * p).mul_(a - 1)
-            d_q = _plogratio(q, log_q, log_m, plus=1.0).sub_(q_over_m.mul_(q).mul_(a))
+            d_p = (q_over_m * log_p.exp()).mul_(a - 1) if want_p else None
+            d_q = _plogratio(q, log_q, log_m, plus=1.0).sub_(q_over_m.mul_(q).mul_(a)) if want_q else None
         g = grad.unsqueeze(-1)  # (..., 1)
-        return (
-            d_q.mul_(g) if ctx.needs_input_grad[0] else None,
-            d_p.mul_(g) if ctx.needs_input_grad[1] else None,
-            None,
-            None,
-            None,
-        )
+        return (None if d_q is None else d_q.mul_(g)), (None if d_p is None else d_p.mul_(g)), None, None, None
 
 
 def _soften(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -157,9 +159,14 @@ def divergence(
         log_q = torch.where(category_mask, log_q, NEG_INF)
         log_p = torch.where(category_mask, log_p, NEG_INF)
 
-    if name == "jsd" and beta in (0, 1):  # TRL's endpoints, see above
+    return apply_divergence(log_q, log_p, name, beta, alpha)  # (...)
+
+
+def apply_divergence(log_q: torch.Tensor, log_p: torch.Tensor, name: str, beta: float, alpha: float) -> torch.Tensor:
+    """divergence() without its argument checks, for callers that already made them: (..., C) -> (...)."""
+    if name == "jsd" and beta in (0, 1):  # TRL's endpoints, see divergence()
         name = "forward_kl" if beta == 0 else "reverse_kl"
-    if name in ("skew_forward_kl", "skew_reverse_kl") and alpha == 0:  # mixture is the other model
+    if name in ("skew_forward_kl", "skew_reverse_kl") and alpha == 0:  # the mixture is the other model
         name = name.replace("skew_", "")
     return _Divergence.apply(log_q, log_p, name, float(beta), float(alpha))  # (...)
 
@@ -188,10 +195,25 @@ def dense_divergence(
         student_logits, teacher_logits, "student_logits", "teacher_logprobs" if teacher_is_logprobs else "teacher_logits"
     )
     check_no_nan(teacher_logits, "teacher logprobs" if teacher_is_logprobs else "teacher logits")
+    return dense_divergence_unchecked(
+        student_logits, teacher_logits, name, beta, alpha, temperature, scale_by_temperature_squared
+    )
+
+
+def dense_divergence_unchecked(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    name: str,
+    beta: float,
+    alpha: float,
+    temperature: float,
+    scale_by_temperature_squared: bool,
+) -> torch.Tensor:
+    """dense_divergence after its checks (log_softmax makes logits and logprobs alike): (..., V) -> (...)."""
     dtype = compute_dtype(student_logits)
     log_q = F.log_softmax(_soften(student_logits.to(dtype), temperature), dim=-1)  # (B, T, V)
     log_p = F.log_softmax(_soften(teacher_logits.to(dtype), temperature), dim=-1)  # (B, T, V)
-    loss = divergence(log_q, log_p, name=name, beta=beta, alpha=alpha)  # (B, T)
+    loss = apply_divergence(log_q, log_p, name, beta, alpha)  # (B, T)
     return loss * temperature**2 if scale_by_temperature_squared else loss
 
 

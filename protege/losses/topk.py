@@ -26,7 +26,7 @@ from ._checks import (
     check_temperature,
     compute_dtype,
 )
-from .divergences import NEG_INF, divergence
+from .divergences import NEG_INF, apply_divergence
 from .sampled import gather_logprobs
 
 
@@ -145,7 +145,7 @@ def topk_divergence(
         log_p = torch.cat([log_p, _log_tail(log_p)], dim=-1)  # (B, T, K+1)
     else:
         log_q, log_p = _log_renormalize(log_q), _log_renormalize(log_p)  # (B, T, K)
-    loss = divergence(log_q, log_p, name=name, beta=beta, alpha=alpha)  # (B, T)
+    loss = apply_divergence(log_q, log_p, name, beta, alpha)  # (B, T)
     return loss * temperature**2 if scale_by_temperature_squared else loss
 
 

@@ -31,13 +31,18 @@ class _Recorder(LogitsProcessor):
         self.prev: torch.Tensor | None = None  # (B, V) logprobs of the previous step
         self.token_logprobs: list[torch.Tensor] = []  # per step (B,)
         self.topk_ids: list[torch.Tensor] = []  # per step (B, k)
+        self.topk_logprobs: list[torch.Tensor] = []  # per step (B, k)
+        self.entropy: list[torch.Tensor] = []  # per step (B,)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         self.flush(input_ids[:, -1])
         scaled = scores.float() / self.temperature
         self.prev = torch.log_softmax(scaled, dim=-1)  # (B, V)
-        if self.topk:
-            self.topk_ids.append(scores.topk(self.topk, dim=-1).indices)
+        if self.topk:  # the student's top-k support and health statistics, at no extra forward
+            top = self.prev.topk(self.topk, dim=-1)
+            self.topk_ids.append(top.indices)
+            self.topk_logprobs.append(top.values)
+            self.entropy.append(-(self.prev.exp() * self.prev.clamp_min(-1e30)).sum(-1))
         return scaled
 
     def flush(self, sampled: torch.Tensor) -> None:
@@ -56,6 +61,8 @@ def generate(model: nn.Module, prompt_ids: list[torch.Tensor], *, max_new_tokens
     completions: list[torch.Tensor | None] = [None] * n
     logprobs: list[torch.Tensor | None] = [None] * n
     topk_ids: list[torch.Tensor | None] = [None] * n
+    topk_lps: list[torch.Tensor | None] = [None] * n
+    entropies: list[torch.Tensor | None] = [None] * n
     finish: list[str] = [""] * n
     gen_cfg = GenerationConfig(
         do_sample=temperature > 0, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens,
@@ -84,6 +91,8 @@ def generate(model: nn.Module, prompt_ids: list[torch.Tensor], *, max_new_tokens
         steps = new.shape[1]
         lps = torch.stack(recorder.token_logprobs, 1).cpu() if steps else torch.zeros((len(rows), 0))  # (b, steps)
         tks = torch.stack(recorder.topk_ids, 1).cpu() if record_topk and steps else None  # (b, steps, k)
+        tlp = torch.stack(recorder.topk_logprobs, 1).cpu() if record_topk and steps else None  # (b, steps, k)
+        ent = torch.stack(recorder.entropy, 1).cpu() if record_topk and steps else None  # (b, steps)
         is_eos = torch.isin(new, torch.tensor(eos_ids))  # (b, steps)
         for j, i in enumerate(rows):
             hits = is_eos[j].nonzero()
@@ -92,9 +101,21 @@ def generate(model: nn.Module, prompt_ids: list[torch.Tensor], *, max_new_tokens
             completions[i] = new[j, :length]
             logprobs[i] = lps[j, :length].float()
             if tks is not None:
-                topk_ids[i] = tks[j, :length]
+                topk_ids[i], topk_lps[i], entropies[i] = tks[j, :length], tlp[j, :length], ent[j, :length]
     model.train(was_training)
-    return _pad(prompt_ids, completions, logprobs, topk_ids if record_topk else None, finish, source)
+    out = _pad(prompt_ids, completions, logprobs, topk_ids if record_topk else None, finish, source)
+    if record_topk:
+        out.student_topk_logprobs = _pad_like(out.completion_mask, topk_lps, float("-inf"))
+        out.student_entropy = _pad_like(out.completion_mask, entropies, 0.0)
+    return out
+
+
+def _pad_like(mask: torch.Tensor, rows: list[torch.Tensor], fill: float) -> torch.Tensor:
+    """(N, T, ...) from per-row tensors of each row's completion length."""
+    out = torch.full((*mask.shape, *rows[0].shape[1:]), fill, dtype=torch.float32)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
 
 
 def _pad(prompt_ids, completions, logprobs, topk_ids, finish, source) -> Rollouts:
@@ -142,6 +163,7 @@ def concat(parts: list[Rollouts]) -> Rollouts:
 
     any_lp = any(p.sampling_logprobs is not None for p in parts)
     any_tk = all(p.student_topk_ids is not None for p in parts)
+    any_tlp = all(p.student_topk_logprobs is not None for p in parts)
     return Rollouts(
         prompt_ids=[x for p in parts for x in p.prompt_ids],
         completion_ids=torch.cat([pad(p.completion_ids, t) for p in parts]),
@@ -149,6 +171,9 @@ def concat(parts: list[Rollouts]) -> Rollouts:
         sampling_logprobs=torch.cat([pad(p.sampling_logprobs if p.sampling_logprobs is not None else
                                          torch.zeros(p.completion_ids.shape), t) for p in parts]) if any_lp else None,
         student_topk_ids=torch.cat([pad(p.student_topk_ids, t) for p in parts]) if any_tk else None,
+        student_topk_logprobs=torch.cat([pad(p.student_topk_logprobs, t, float("-inf")) for p in parts])
+        if any_tlp else None,
+        student_entropy=torch.cat([pad(p.student_entropy, t) for p in parts]) if any_tlp else None,
         finish_reasons=[x for p in parts for x in p.finish_reasons],
         sources=[x for p in parts for x in p.sources],
         prompt_index=[x for p in parts for x in p.prompt_index],

@@ -24,7 +24,7 @@ import hmac
 import logging
 import math
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import orjson
 from starlette.applications import Starlette
@@ -212,6 +212,3 @@ def _check_auth(request: Request, api_key: str) -> None:
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
         raise RequestError(401, "missing or wrong API key: send 'Authorization: Bearer <key>' "
                                 "(the server's --api-key / PROTEGE_API_KEY)", {"WWW-Authenticate": "Bearer"})
-
-
-SETTING_NAMES = [f.name for f in fields(ServerSettings)]

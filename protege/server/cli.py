@@ -25,6 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                         help="teacher weights dtype (default: float32; bfloat16 is fast on AMX CPUs and GPUs)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice; 1 is often best on a busy CPU)")
     parser.add_argument("--served-model-name", default=None, help="name in /v1/models (default: --model)")
     parser.add_argument("--api-key", default=os.environ.get("PROTEGE_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on every route but /health "
@@ -66,6 +68,10 @@ def run(args: argparse.Namespace) -> None:
     from protege.server.backends import load_backend
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     settings = settings_from_args(args)
     backend = load_backend(args.backend, args.model, dtype=args.dtype, device=args.device,
                            model_name=args.served_model_name, token_budget=settings.max_batch_tokens)

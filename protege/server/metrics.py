@@ -51,7 +51,8 @@ class Metrics:
         s = batcher.stats
         lines = ["# HELP protege_requests_total HTTP requests by route and status.",
                  "# TYPE protege_requests_total counter"]
-        lines += [f'protege_requests_total{{route="{r}",status="{c}"}} {n}' for (r, c), n in sorted(self.requests.items())]
+        lines += [f'protege_requests_total{{route="{r}",status="{c}"}} {n}'
+                  for (r, c), n in sorted(self.requests.items())]
         lines += ["# HELP protege_request_seconds Request latency, receipt to reply.",
                   "# TYPE protege_request_seconds histogram"]
         for route, hist in sorted(self.latency.items()):
@@ -69,7 +70,8 @@ class Metrics:
                   "# TYPE protege_engine_seconds_total counter", f"protege_engine_seconds_total {s.engine_seconds:.6f}",
                   "# TYPE protege_queue_wait_seconds_total counter",
                   f"protege_queue_wait_seconds_total {s.queue_wait_seconds:.6f}",
-                  "# TYPE protege_scored_sequences_total counter", f"protege_scored_sequences_total {s.scored_sequences}",
+                  "# TYPE protege_scored_sequences_total counter",
+                  f"protege_scored_sequences_total {s.scored_sequences}",
                   "# TYPE protege_scored_tokens_total counter", f"protege_scored_tokens_total {s.scored_tokens}",
                   "# HELP protege_tokens_per_second Tokens scored per second over the last minute.",
                   "# TYPE protege_tokens_per_second gauge",
@@ -77,4 +79,3 @@ class Metrics:
                   "# TYPE protege_request_bytes_total counter", f"protege_request_bytes_total {self.bytes_in}",
                   "# TYPE protege_response_bytes_total counter", f"protege_response_bytes_total {self.bytes_out}"]
         return "\n".join(lines) + "\n"
-

@@ -104,7 +104,8 @@ def _id_row(row, field: str, vocab: int, ndim: int = 1) -> np.ndarray:
     except (ValueError, OverflowError, TypeError):
         raise bad(f"{field} must be a {'rectangular ' if ndim > 1 else ''}list of integer token ids") from None
     if arr.ndim != ndim or arr.dtype.kind not in "iu":
-        raise bad(f"{field} must be a {ndim}-level list of integer token ids (got {arr.dtype} with {arr.ndim} levels)")
+        shape = "a list of lists of" if ndim == 2 else "a list of"
+        raise bad(f"{field} must be {shape} integer token ids in [0, {vocab}) (got {arr.ndim} levels of {arr.dtype})")
     check_ids(arr, field, vocab)
     return arr.astype(np.int32)
 
@@ -282,10 +283,9 @@ def openai_batch_from_json(obj: dict, vocab: int, limits: Limits, model_name: st
         if not ok(obj.get(key)):
             raise bad(f"{key}={str(obj.get(key))[:40]}: {why}")
     max_tokens = obj.get("max_tokens", 1)
-    if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)
-                                   or not 0 <= max_tokens <= 1):
-        raise bad(f"max_tokens={str(max_tokens)[:40]}: this server scores sequences and generates at most "
-                  "1 token; send max_tokens=1")
+    if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens != 1):
+        raise bad(f"max_tokens={str(max_tokens)[:40]}: this server scores sequences and generates exactly one "
+                  "(greedy) token; send max_tokens=1")
     prompt = obj.get("prompt")
     if prompt is None:
         raise bad("missing field 'prompt' (a list of token-id lists)")

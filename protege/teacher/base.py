@@ -19,12 +19,14 @@ class ScoreRequest:
     hidden:      return final hidden states + lm_head for exact chunked full-vocabulary losses
                  (in-process teachers only).
     temperature: teacher logprobs are log_softmax(logits / temperature).
+    entropy:     return the teacher's entropy per position (health diagnostics).
     """
 
     topk: int = 0
     query_ids: torch.Tensor | None = None
     hidden: bool = False
     temperature: float = 1.0
+    entropy: bool = False
 
 
 class Teacher(Protocol):

@@ -39,6 +39,7 @@ def score_rows(model: nn.Module, prompt_ids: list[torch.Tensor], completion_ids:
     topk_lp = torch.zeros((n, t, k), dtype=torch.float32) if k else None  # (N, T, k)
     query = request.query_ids
     query_lp = torch.zeros(query.shape, dtype=torch.float32) if query is not None else None  # (N, T, M)
+    entropy = torch.zeros((n, t), dtype=torch.float32) if request.entropy else None  # (N, T)
     hidden_out = torch.zeros((n, t, weight.shape[1]), dtype=weight.dtype) if request.hidden else None  # (N, T, H)
     lengths = [len(p) + int(m.sum()) for p, m in zip(prompt_ids, completion_mask)]
     for rows in length_batches(lengths, token_budget):
@@ -55,7 +56,7 @@ def score_rows(model: nn.Module, prompt_ids: list[torch.Tensor], completion_ids:
         flat_h = h.reshape(-1, h.shape[-1])[flat_mask]  # (n_tok, H)
         flat_tokens = completion_ids[rows, :tb].reshape(-1).to(device)[flat_mask]  # (n_tok,)
         flat_query = query[rows, :tb].reshape(-1, query.shape[-1]).to(device)[flat_mask] if query is not None else None
-        tok, ids, lps, qlp = [], [], [], []
+        tok, ids, lps, qlp, ent = [], [], [], [], []
         for s in range(0, flat_h.shape[0], chunk_positions):
             logits = (flat_h[s:s + chunk_positions] @ weight.T).float() / request.temperature  # (c, V)
             logprobs = torch.log_softmax(logits, dim=-1)  # (c, V)
@@ -64,6 +65,8 @@ def score_rows(model: nn.Module, prompt_ids: list[torch.Tensor], completion_ids:
                 v, i = logprobs.topk(k, dim=-1)
                 lps.append(v)
                 ids.append(i)
+            if entropy is not None:
+                ent.append(-(logprobs.exp() * logprobs.clamp_min(-1e30)).sum(-1))
             if flat_query is not None:
                 qlp.append(logprobs.gather(-1, flat_query[s:s + chunk_positions]))
         place = mask[:, :tb]  # (b, tb) bool, where flat values go back
@@ -71,10 +74,12 @@ def score_rows(model: nn.Module, prompt_ids: list[torch.Tensor], completion_ids:
         if k:
             _scatter(topk_ids, rows, tb, place, torch.cat(ids).cpu())
             _scatter(topk_lp, rows, tb, place, torch.cat(lps).cpu())
+        if entropy is not None:
+            _scatter(entropy, rows, tb, place, torch.cat(ent).cpu())
         if flat_query is not None:
             _scatter(query_lp, rows, tb, place, torch.cat(qlp).cpu())
     return TeacherSignal(token_logprobs=token_lp, topk_ids=topk_ids, topk_logprobs=topk_lp, query_logprobs=query_lp,
-                         hidden_states=hidden_out, lm_head=weight.detach() if request.hidden else None,
+                         entropy=entropy, hidden_states=hidden_out, lm_head=weight.detach() if request.hidden else None,
                          temperature=request.temperature)
 
 
