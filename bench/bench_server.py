@@ -296,13 +296,45 @@ def write_report(args, load_rows, workloads, pay, payload_setup) -> None:
     for p in pay:
         lines.append(f"| {p['format']} | {p['bytes']:,} | {p['bytes'] / base['bytes']:.3f} | {p['decode_ms']:.3f} | "
                      f"{base['decode_ms'] / p['decode_ms']:.1f}x |")
+    if not {8, 16} <= {r["clients"] for r in load_rows}:  # a partial run: numbers only
+        Path(args.out).write_text("\n".join(lines) + "\n")
+        print(f"wrote {args.out}")
+        return
     lines += ["", "## Targets", ""]
     ratio8 = {w: find(w, 8, "on")["tok_per_s"] / find(w, 8, "off")["tok_per_s"] for w in workloads}
     lines += [f"- batching >= 3x throughput at 8 clients: " + ", ".join(f"{w} {r:.2f}x" for w, r in ratio8.items()),
               f"- payload <= 1/5 of JSON lists: ours is {ours['bytes'] / base['bytes']:.3f} of it "
               f"({base['bytes'] / ours['bytes']:.1f}x smaller)",
               f"- decode >= 50x faster than JSON lists: {base['decode_ms'] / ours['decode_ms']:.0f}x", ""]
-    Path(args.out).write_text("\n".join(lines))
+    off8 = {w: find(w, 8, "off")["engine_busy"] for w in workloads}
+    gain = {c: find("small", c, "on")["tok_per_s"] / find("small", c, "off")["tok_per_s"] for c in (8, 16)}
+    cut = {c: 1 - find("small", c, "on")["p50_ms"] / find("small", c, "off")["p50_ms"] for c in (8, 16)}
+    lines += [
+        "## Reading the numbers",
+        "",
+        "- Batching can only remove per-call costs (HTTP handling, validation, the HF forward's Python "
+        "overhead, small-matrix inefficiency). On this CPU the hf engine costs about the same per scored "
+        "position whatever the batch (the vocabulary projection, 25 MFLOP per position at V=49152, then "
+        "log-softmax and top-k over 49152 logits), and without batching the engine is already busy "
+        + ", ".join(f"{off8[w]:.0%} ({w})" for w in workloads) + " of the time at 8 clients. Throughput can "
+        "rise at most by 1/busy plus the per-token gain of bigger calls, so the 3x target is out of reach "
+        "here: it describes GPUs, where a 32-token call occupies a sliver of the device and merging calls "
+        "scales nearly linearly until compute-bound. No GPU was lent to this task, so that was not measured.",
+        f"- What batching does buy here: small requests at 8 and 16 clients get {gain[8]:.2f}x and "
+        f"{gain[16]:.2f}x throughput and {cut[8]:.0%} / {cut[16]:.0%} lower p50 latency. With 1-2 clients it "
+        "can cost a little: the clients fall into step (one "
+        "merged reply releases both at once), so the engine idles during their round trips instead of "
+        "overlapping them as it does when requests are served one by one.",
+        "- Payload: raw float32 + int32 costs 8 bytes per (logprob, id) entry; compact JSON lists (orjson, "
+        "no spaces) cost about 26 here (a ~16-character float, a 5-digit id, separators), so with the specified "
+        "dtypes ours can only be ~3.2x smaller than lists. It is 1.37x smaller than TRL's base64 form and "
+        "about 12x smaller than the vLLM prompt_logprobs JSON that TRL 1.16 actually receives (which also "
+        "covers the prompt positions). Reaching 1/5 of lists would need 16-bit ids (vocabularies <= 65536) "
+        "and 16-bit logprobs, a precision trade we did not make.",
+        "- Decode: ours is one memcpy plus numpy views (the int32 ids are widened to int64 in numpy; a "
+        "torch .long() on a busy 2-core machine paid ~12 ms of thread-pool wake-up for a 0.2 MB copy).",
+        ""]
+    Path(args.out).write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")
 
 
