@@ -302,7 +302,7 @@ def write_report(args, load_rows, workloads, pay, payload_setup) -> None:
         return
     lines += ["", "## Targets", ""]
     ratio8 = {w: find(w, 8, "on")["tok_per_s"] / find(w, 8, "off")["tok_per_s"] for w in workloads}
-    lines += [f"- batching >= 3x throughput at 8 clients: " + ", ".join(f"{w} {r:.2f}x" for w, r in ratio8.items()),
+    lines += ["- batching >= 3x throughput at 8 clients: " + ", ".join(f"{w} {r:.2f}x" for w, r in ratio8.items()),
               f"- payload <= 1/5 of JSON lists: ours is {ours['bytes'] / base['bytes']:.3f} of it "
               f"({base['bytes'] / ours['bytes']:.1f}x smaller)",
               f"- decode >= 50x faster than JSON lists: {base['decode_ms'] / ours['decode_ms']:.0f}x", ""]

@@ -39,6 +39,9 @@ class TeacherConfig(_Section):
     protocol: Literal["protege", "openai"] = Field("protege", description="Wire protocol of the teacher server.")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="In-process teacher dtype.")
     batch_tokens: int = Field(16384, ge=64, description="Token budget of one teacher forward batch.")
+    timeout_s: float = Field(300.0, gt=0, description="Server: timeout of one HTTP request.")
+    max_wait_s: float = Field(600.0, gt=0, description="Server: how long to keep retrying (with backoff) while the "
+                              "teacher server is down or overloaded before the run stops with an error.")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -113,6 +116,8 @@ class OptimConfig(_Section):
 
 class TrainConfig(_Section):
     max_steps: int = Field(50, ge=1, description="Optimizer steps.")
+    epochs: float | None = Field(None, gt=0, description="If set, replaces max_steps by the steps of this many "
+                                 "passes over the training prompts.")
     prompts_per_step: int = Field(8, ge=1, description="Prompts in one optimizer step (the generation buffer), "
                                   "over all processes.")
     micro_batch_size: int = Field(4, ge=1, description="Rows per forward/backward.")

@@ -112,13 +112,14 @@ def run_demo(*, out: str = "outputs/demo", keep: int = 24, strategy: str = "even
     heldout = [pt.prompt_ids(e) for e in to_examples(load_rows("builtin:everyday", "heldout")).examples[:eval_prompts]]
     ev = dict(max_new_tokens=cfg0.rollout.max_new_tokens, eos_ids=_eos_ids(tok), bf16=use_bf16(cfg0.train.precision, "cpu"))
     log.info("evaluating the pruned student before training")
-    before = evaluate_models(student, teacher, tok, heldout, **ev)
+    teacher_cache: dict = {}
+    before = evaluate_models(student, teacher, tok, heldout, teacher_cache=teacher_cache, **ev)
     show_prompts = [pt.prompt_ids(e) for e in to_examples([{"prompt": p} for p in SHOWCASE_PROMPTS]).examples]
     answers = {"teacher": _greedy(teacher, tok, show_prompts, ev), "before": _greedy(student, tok, show_prompts, ev)}
 
     histories = run_recipe(stages, student=student, teacher_model=teacher, tokenizer=tok)
     log.info("evaluating the student after training")
-    after = evaluate_models(student, teacher, tok, heldout, **ev)
+    after = evaluate_models(student, teacher, tok, heldout, teacher_cache=teacher_cache, **ev)
     answers["after"] = _greedy(student, tok, show_prompts, ev)
     seconds = time.time() - t0
     summary = {"before": before, "after": after, "kept_layers": kept, "seconds": seconds,

@@ -47,29 +47,41 @@ def evaluate(d, eval_set, *, seed: int = 1234) -> dict:
 
 @torch.no_grad()
 def evaluate_models(student, teacher, tok, prompts: list[torch.Tensor], *, max_new_tokens: int, eos_ids: list[int],
-                    temperature: float = 1.0, batch_tokens: int = 16384, bf16: bool = False, seed: int = 1234) -> dict:
+                    temperature: float = 1.0, batch_tokens: int = 16384, bf16: bool = False, seed: int = 1234,
+                    teacher_cache: dict | None = None) -> dict:
     """Student vs an in-process teacher on held-out prompts (token ids):
     rkl on student samples, fkl on teacher samples, and for greedy answers of the student:
-    teacher_nll, distinct_2, length, eos_rate; plus the teacher's own greedy distinct_2/length."""
+    teacher_nll, distinct_2, length, eos_rate; plus the teacher's own greedy distinct_2/length.
+    Pass the same `teacher_cache` dict to several calls to generate and score the teacher's side once."""
+    cache = teacher_cache if teacher_cache is not None else {}
     kw = dict(max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=tok.pad_token_id, batch_tokens=batch_tokens,
               autocast_bf16=bf16)
     out = {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         s_samples = hf_rollout.generate(student, prompts, temperature=temperature, **kw)
-        t_samples = hf_rollout.generate(teacher, prompts, temperature=temperature, **kw)
+    if "samples" not in cache:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 1)
+            cache["samples"] = hf_rollout.generate(teacher, prompts, temperature=temperature, **kw)
+        cache["greedy"] = hf_rollout.generate(teacher, prompts, temperature=0, **kw)
+        cache["signal"] = _score(teacher, cache["samples"], tok)
     s_greedy = hf_rollout.generate(student, prompts, temperature=0, **kw)
-    t_greedy = hf_rollout.generate(teacher, prompts, temperature=0, **kw)
-    for name, rollouts, key in (("reverse_kl", s_samples, "rkl"), ("forward_kl", t_samples, "fkl")):
-        sig = score_rows(teacher, rollouts.prompt_ids, rollouts.completion_ids, rollouts.completion_mask,
-                         ScoreRequest(hidden=True), pad_id=tok.pad_token_id)
+    for name, rollouts, sig, key in (("reverse_kl", s_samples, _score(teacher, s_samples, tok), "rkl"),
+                                     ("forward_kl", cache["samples"], cache["signal"], "fkl")):
         out[key] = exact_divergence(student, rollouts, sig.hidden_states, sig.lm_head, name, pad_id=tok.pad_token_id)
+    t_greedy = cache["greedy"]
     sig = score_rows(teacher, s_greedy.prompt_ids, s_greedy.completion_ids, s_greedy.completion_mask, ScoreRequest(),
                      pad_id=tok.pad_token_id)
     out["greedy_teacher_nll"] = float(-sig.token_logprobs[s_greedy.completion_mask].mean())
     out.update({f"greedy_{k}": v for k, v in text_metrics(s_greedy).items()})
     out.update({f"teacher_greedy_{k}": v for k, v in text_metrics(t_greedy).items()})
     return out
+
+
+def _score(teacher, rollouts: Rollouts, tok):
+    return score_rows(teacher, rollouts.prompt_ids, rollouts.completion_ids, rollouts.completion_mask,
+                      ScoreRequest(hidden=True), pad_id=tok.pad_token_id)
 
 
 def exact_divergence(student, rollouts: Rollouts, teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor,

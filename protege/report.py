@@ -74,10 +74,11 @@ def _plots(out_dir: Path, histories: dict[str, list[dict]]) -> list[Path]:
     fig, axes = plt.subplots((len(panels) + 1) // cols, cols, figsize=(11, 3 * ((len(panels) + 1) // cols)),
                              squeeze=False)
     for ax, (key, title) in zip(axes.flat, panels):
-        for stage in histories:
+        for i, stage in enumerate(histories):  # one colour per stage in every panel
             pts = [(r["global_step"], r[key]) for r in rows if r["stage"] == stage and r.get(key) is not None]
             if pts:
-                ax.plot(*zip(*pts), marker="o" if key.startswith("eval/") else None, ms=4, label=stage)
+                ax.plot(*zip(*pts), color=f"C{i}", marker="o" if key.startswith("eval/") else None, ms=4,
+                        label=stage)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

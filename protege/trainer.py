@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from protege import objective
+from protege import checkpoint, objective
 from protege.config import Config
 from protege.data import PromptStream, PromptTokenizer, load_rows, to_examples
 from protege.hardware import use_bf16
@@ -71,20 +71,7 @@ class Distiller:
             self.tok.pad_token = self.tok.eos_token
         self.eos_ids = _eos_ids(self.tok)
 
-        student = student if student is not None else load_model(cfg.student.path, cfg.student.dtype)
-        check_supported(student, "student")
-        if cfg.student.lora.enabled:
-            from peft import LoraConfig, get_peft_model
-
-            lc = cfg.student.lora
-            student = get_peft_model(student, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
-                                                         target_modules=lc.target_modules, task_type="CAUSAL_LM"))
-        self.student = student.to(self.acc.device)
-        self.teacher = self._build_teacher(teacher_model)
-        if self.teacher.vocab_size != output_weight(self.student).shape[0]:
-            raise ValueError(f"teacher vocabulary ({self.teacher.vocab_size}) != student vocabulary "
-                             f"({output_weight(self.student).shape[0]}): protege needs a shared tokenizer")
-
+        # data first: a bad dataset fails before minutes of model loading
         self.prompts = PromptTokenizer(self.tok, cfg.data.max_prompt_tokens)
         rows = load_rows(cfg.data.path, cfg.data.split)
         eval_rows = None
@@ -105,6 +92,23 @@ class Distiller:
                              f"has one (columns {cfg.data.completion_column!r} or a final assistant turn in "
                              f"{cfg.data.messages_column!r}). Set mix.seq_kd=true or mix.lmbda=1.")
         self.stream = PromptStream(len(self.train_set), cfg.train.seed)
+        if cfg.train.epochs:
+            cfg.train.max_steps = max(1, math.ceil(cfg.train.epochs * len(self.train_set) / cfg.train.prompts_per_step))
+
+
+        student = student if student is not None else load_model(cfg.student.path, cfg.student.dtype)
+        check_supported(student, "student")
+        if cfg.student.lora.enabled:
+            from peft import LoraConfig, get_peft_model
+
+            lc = cfg.student.lora
+            student = get_peft_model(student, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                                                         target_modules=lc.target_modules, task_type="CAUSAL_LM"))
+        self.student = student.to(self.acc.device)
+        self.teacher = self._build_teacher(teacher_model)
+        if self.teacher.vocab_size != output_weight(self.student).shape[0]:
+            raise ValueError(f"teacher vocabulary ({self.teacher.vocab_size}) != student vocabulary "
+                             f"({output_weight(self.student).shape[0]}): protege needs a shared tokenizer")
 
         params = [p for p in self.student.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas,
@@ -129,7 +133,7 @@ class Distiller:
             from protege.teacher.remote import RemoteTeacher
 
             return RemoteTeacher(cfg.urls, api_key=cfg.api_key or os.environ.get("PROTEGE_API_KEY"),
-                                 protocol=cfg.protocol)
+                                 protocol=cfg.protocol, timeout=cfg.timeout_s, max_wait_s=cfg.max_wait_s)
         model = teacher_model if teacher_model is not None else load_model(cfg.path, cfg.dtype)
         self.teacher_model = model.to(self.acc.device)
         return LocalTeacher(self.teacher_model, pad_id=self.tok.pad_token_id, token_budget=cfg.batch_tokens)
@@ -337,41 +341,23 @@ class Distiller:
                                and isinstance(v, float)))
 
     # --------------------------------------------------------------------------- checkpoints
-    def save_checkpoint(self) -> Path | None:
-        """output/checkpoints/step-N: student (save_pretrained), optimizer, scheduler, RNG, data position.
-
-        Written into a temporary folder and renamed, so a checkpoint folder is always complete."""
-        acc = self.acc
-        final = self.out / "checkpoints" / f"step-{self.state.step:07d}"
-        acc.wait_for_everyone()
-        if acc.is_main_process and not final.exists():
-            tmp = final.with_name(final.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            acc.unwrap_model(self.model).model.save_pretrained(tmp / "student", safe_serialization=True)
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                        "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-                        "stream": self.stream.state_dict(), "step": self.state.step,
-                        "prompts_truncated": self.prompts.truncated}, tmp / "trainer_state.pt")
-            os.replace(tmp, final)
-            ckpts = sorted(p for p in final.parent.glob("step-*") if not p.name.endswith(".tmp"))
-            for old in ckpts[: -self.cfg.output.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-        acc.wait_for_everyone()
-        return final
+    def save_checkpoint(self) -> Path:
+        """output/checkpoints/step-N (see protege/checkpoint.py): complete or absent, never half-written."""
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "stream": self.stream.state_dict(), "step": self.state.step,
+                 "prompts_truncated": self.prompts.truncated}
+        return checkpoint.save(self.acc, self.out / "checkpoints" / f"step-{self.state.step:07d}",
+                               student=self.acc.unwrap_model(self.model).model, state=state,
+                               keep_last=self.cfg.output.keep_last)
 
     def load_checkpoint(self) -> bool:
-        ckpts = sorted(p for p in (self.out / "checkpoints").glob("step-*") if not p.name.endswith(".tmp"))
+        ckpts = checkpoint.complete(self.out / "checkpoints")
         if not ckpts:
             log.info("resume: no checkpoint in %s, starting from scratch", self.out / "checkpoints")
             return False
-        ckpt = ckpts[-1]
-        _load_student_weights(self.acc.unwrap_model(self.model).model, ckpt / "student")
-        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        state = checkpoint.load(self.acc, ckpts[-1], student=self.acc.unwrap_model(self.model).model)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
         self.stream.load_state_dict(state["stream"])
         self.state.step = state["step"]
         self.prompts.truncated = state.get("prompts_truncated", 0)
@@ -379,7 +365,7 @@ class Distiller:
         if metrics.exists() and self.acc.is_main_process:  # drop lines logged after the checkpoint
             keep = [ln for ln in metrics.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.state.step]
             metrics.write_text("".join(x + "\n" for x in keep))
-        log.info("resumed from %s (step %d)", ckpt, self.state.step)
+        log.info("resumed from %s (step %d)", ckpts[-1], self.state.step)
         return True
 
     def save_final(self) -> None:
@@ -399,26 +385,6 @@ def train(cfg: Config, **kwargs) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------ helpers
-def _load_student_weights(model, folder: Path) -> None:
-    from safetensors.torch import load_file
-
-    if (folder / "adapter_model.safetensors").exists():
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
-        return
-    index = folder / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
-    state = {}
-    for f in files:
-        state.update(load_file(folder / f))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {k for k in missing if "lm_head" in k}
-    if unexpected or set(missing) - tied:
-        raise RuntimeError(f"checkpoint {folder} does not match the student: missing {sorted(set(missing) - tied)}, "
-                           f"unexpected {sorted(unexpected)}")
-
-
 def _eos_ids(tok) -> list[int]:
     ids = {tok.eos_token_id}
     for t in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<end_of_turn>"):

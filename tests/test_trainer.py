@@ -185,3 +185,46 @@ def test_cli_help_and_bad_override(capsys):
     assert "--section.key VALUE" in capsys.readouterr().out
     assert main(["train", "--loss.name", "nope", "--student.path", "x", "--teacher.path", "y"]) == 2
     assert "loss.name" in capsys.readouterr().err
+
+
+def test_remote_teacher_restarted_mid_run(tiny_paths, tmp_path):
+    """The teacher server goes away after step 2 and comes back on the same port 1.5 s later:
+    the step in flight waits, retries and completes; no step is lost or repeated."""
+    import socket
+    import threading
+
+    from transformers import AutoModelForCausalLM
+
+    from protege.server.app import create_app
+    from protege.server.backends import HFBackend
+    from protege.server.background import reserve_port, serve_in_thread
+
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_paths["teacher"])
+    sock = reserve_port()
+    port = sock.getsockname()[1]
+    server = serve_in_thread(create_app(HFBackend(teacher, pad_id=0)), sock=sock)
+    cfg = load_config(None, [f"student.path={tiny_paths['student']}", f"teacher.urls=[{server.url}]",
+                             f"data.path={tiny_paths['data']}", "loss.support=teacher", "loss.top_k=8",
+                             "rollout.max_new_tokens=6", "train.prompts_per_step=4", "train.micro_batch_size=2",
+                             f"output.dir={tmp_path}", "output.progress=false", "train.num_threads=1",
+                             "data.eval_prompts=0", "train.max_steps=4", "teacher.max_wait_s=60"])
+    d = Distiller(cfg)
+    steps = [d.train_step()["step"] for _ in range(2)]
+    server.stop()
+    restarted = {}
+
+    def restart():
+        time.sleep(1.5)
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+        restarted["server"] = serve_in_thread(create_app(HFBackend(teacher, pad_id=0)), sock=s)
+
+    threading.Thread(target=restart, daemon=True).start()
+    t0 = time.time()
+    m = d.train_step()  # blocks while the server is down, then succeeds
+    waited = time.time() - t0
+    steps += [m["step"], d.train_step()["step"]]
+    restarted["server"].stop()
+    assert steps == [1, 2, 3, 4]
+    assert waited >= 1.0 and torch.isfinite(torch.tensor(m["loss"]))

@@ -24,7 +24,6 @@ from ._checks import (
     check_no_nan,
     check_same_shape,
     check_temperature,
-    compute_dtype,
 )
 from .divergences import NEG_INF, apply_divergence
 from .sampled import gather_logprobs

@@ -65,7 +65,8 @@ def generate(model: nn.Module, prompt_ids: list[torch.Tensor], *, max_new_tokens
     entropies: list[torch.Tensor | None] = [None] * n
     finish: list[str] = [""] * n
     gen_cfg = GenerationConfig(
-        do_sample=temperature > 0, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens,
+        do_sample=temperature > 0, temperature=1.0, top_p=1.0, top_k=0 if temperature > 0 else None,
+        max_new_tokens=max_new_tokens,
         eos_token_id=eos_ids, pad_token_id=pad_id, use_cache=True)
     was_training = model.training
     model.eval()
