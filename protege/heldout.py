@@ -84,6 +84,7 @@ def _score(teacher, rollouts: Rollouts, tok):
                       ScoreRequest(hidden=True), pad_id=tok.pad_token_id)
 
 
+@torch.no_grad()
 def exact_divergence(student, rollouts: Rollouts, teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor,
                      name: str, *, pad_id: int, batch: int = 8) -> float:
     """Mean per-token divergence over every completion position, exact over the vocabulary."""

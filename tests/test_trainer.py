@@ -228,3 +228,20 @@ def test_remote_teacher_restarted_mid_run(tiny_paths, tmp_path):
     restarted["server"].stop()
     assert steps == [1, 2, 3, 4]
     assert waited >= 1.0 and torch.isfinite(torch.tensor(m["loss"]))
+
+
+def test_epochs_set_the_step_count(tiny_paths, tmp_path):
+    d = Distiller(_cfg(tiny_paths, tmp_path, "train.epochs=0.5"))  # 40 rows, 4 prompts per step
+    assert d.cfg.train.max_steps == 5
+
+
+def test_lora_checkpoint_holds_adapters_and_resumes(tiny_paths, tmp_path):
+    common = ["student.lora.enabled=true", "student.lora.r=4", "output.save_every=1", "output.keep_last=5"]
+    ref = train(_cfg(tiny_paths, tmp_path / "a", "train.max_steps=3", *common))
+    ckpt = tmp_path / "a" / "checkpoints" / "step-0000001" / "student"
+    assert (ckpt / "adapter_model.safetensors").exists() and not (ckpt / "model.safetensors").exists()
+    train(_cfg(tiny_paths, tmp_path / "b", "train.max_steps=1", *common))
+    resumed = train(_cfg(tiny_paths, tmp_path / "b", "train.max_steps=3", "resume=true", *common))
+    want = [h["loss"] for h in ref if "loss" in h][1:]
+    got = [h["loss"] for h in resumed if "loss" in h]
+    assert got == pytest.approx(want, rel=1e-6, abs=1e-7)
