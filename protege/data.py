@@ -11,6 +11,7 @@ listing the columns found. Prompts longer than max_prompt_tokens keep their last
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger("protege")
+_BAD = "__protege_bad_row__"
 
 
 @dataclass
@@ -49,6 +51,17 @@ def load_rows(path: str, split: str = "train") -> list[dict]:
     import datasets
 
     p = Path(path)
+    if p.suffix == ".jsonl" and p.exists():  # line by line: one broken line is skipped, not fatal
+        rows = []
+        for n, line in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                row = {_BAD: f"invalid JSON ({e.msg})", "line": n}
+            rows.append(row if isinstance(row, dict) else {_BAD: "a line that is not a JSON object", "line": n})
+        return rows
     kinds = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
     if p.suffix in kinds:
         if not p.exists():
@@ -67,9 +80,10 @@ def load_rows(path: str, split: str = "train") -> list[dict]:
 def to_examples(rows: list[dict], *, prompt_column: str = "prompt", messages_column: str = "messages",
                 completion_column: str = "completion", system_prompt: str | None = None) -> PromptSet:
     """Normalise rows into chat Examples; malformed rows are skipped and counted by reason."""
-    if rows and prompt_column not in rows[0] and messages_column not in rows[0]:
+    good = [r for r in rows if _BAD not in r]
+    if good and not any(prompt_column in r or messages_column in r for r in good[:100]):
         raise ValueError(f"dataset has neither a {prompt_column!r} nor a {messages_column!r} column; columns found: "
-                         f"{sorted(rows[0])}. Set data.prompt_column or data.messages_column.")
+                         f"{sorted(good[0])}. Set data.prompt_column or data.messages_column.")
     out = PromptSet(examples=[])
     for row in rows:
         try:
@@ -91,6 +105,8 @@ class _BadRow(Exception):
 
 
 def _row_to_example(row: dict, pcol: str, mcol: str, ccol: str) -> Example:
+    if _BAD in row:
+        raise _BadRow(row[_BAD])
     prompt = row.get(pcol)
     if prompt is None and row.get(mcol) is not None:
         msgs = _check_messages(row[mcol])
@@ -110,6 +126,10 @@ def _row_to_example(row: dict, pcol: str, mcol: str, ccol: str) -> Example:
     ref = row.get(ccol)
     if isinstance(ref, list):  # conversational completion
         ref = "".join(m.get("content", "") for m in ref if isinstance(m, dict))
+    if isinstance(ref, (int, float)) and not isinstance(ref, bool) and ref == ref:  # CSV/parquet numbers
+        ref = str(ref)
+    if isinstance(ref, float):  # NaN: an empty CSV cell
+        ref = None
     if ref is not None and not isinstance(ref, str):
         raise _BadRow(f"completion is {type(ref).__name__}, expected str")
     return Example(messages=messages, reference=ref or None)

@@ -71,7 +71,10 @@ def load_model(path_or_id: str | pathlib.Path, dtype: str | torch.dtype = "float
     torch_dtype = parse_dtype(dtype)
     gguf = resolve_gguf(path_or_id)
     if gguf is None:
-        return AutoModelForCausalLM.from_pretrained(str(path_or_id), dtype=torch_dtype)
+        try:
+            return AutoModelForCausalLM.from_pretrained(str(path_or_id), dtype=torch_dtype)
+        except OSError as e:
+            raise ValueError(_not_found(path_or_id, e)) from None
     folder, name = gguf
     # dequantize=True: dense weights even where a GGUF matmul kernel exists (packed ones cannot train).
     model = AutoModelForCausalLM.from_pretrained(
@@ -97,10 +100,19 @@ def load_tokenizer(path_or_id: str | pathlib.Path):
 
     gguf = resolve_gguf(path_or_id)
     if gguf is None:
-        tokenizer = AutoTokenizer.from_pretrained(str(path_or_id))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path_or_id))
+        except OSError as e:
+            raise ValueError(_not_found(path_or_id, e)) from None
     else:
         folder, name = gguf
         tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=name)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _not_found(path_or_id, err: Exception) -> str:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return (f"could not load {str(path_or_id)!r}: {first} It must be a local HF folder (config.json + weights), a "
+            ".gguf file, or a hub id already in the local cache (this machine may have no hub access).")

@@ -1,0 +1,63 @@
+"""Datasets to chat prompts: formats, references, malformed rows, truncation, resumable order."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from protege.data import Example, PromptStream, PromptTokenizer, load_rows, to_examples
+from tiny import make_tokenizer
+
+
+def test_rows_formats_and_bad_rows(tmp_path):
+    path = tmp_path / "d.jsonl"
+    lines = [json.dumps({"prompt": "plain"}),
+             json.dumps({"prompt": [{"role": "user", "content": "chat"}], "completion": "ref"}),
+             json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}),
+             "{not json", json.dumps([1, 2]), json.dumps({"prompt": "  "}), json.dumps({"prompt": 7}),
+             json.dumps({"messages": [{"role": "user"}]}), ""]
+    path.write_text("\n".join(lines))
+    ps = to_examples(load_rows(str(path)))
+    assert len(ps) == 3 and ps.skipped == 5
+    assert ps.examples[1].reference == "ref" and ps.examples[2].reference == "a"
+    assert ps.examples[2].messages == [{"role": "user", "content": "q"}]
+    assert any("invalid JSON" in k for k in ps.reasons)
+
+
+def test_missing_column_lists_columns(tmp_path):
+    with pytest.raises(ValueError, match=r"columns found: \['question'\]"):
+        to_examples([{"question": "x"}])
+
+
+def test_other_file_types(tmp_path):
+    import pandas as pd
+
+    df = pd.DataFrame({"prompt": ["a", "b"], "completion": ["1", "2"]})
+    df.to_csv(tmp_path / "d.csv", index=False)
+    df.to_parquet(tmp_path / "d.parquet")
+    for name in ("d.csv", "d.parquet"):
+        assert [e.reference for e in to_examples(load_rows(str(tmp_path / name))).examples] == ["1", "2"]
+    with pytest.raises(ValueError, match="unsupported file type"):
+        (tmp_path / "d.txt").write_text("x")
+        load_rows(str(tmp_path / "d.txt"))
+    with pytest.raises(FileNotFoundError):
+        load_rows(str(tmp_path / "missing.jsonl"))
+
+
+def test_long_prompts_keep_their_end_and_are_counted():
+    pt = PromptTokenizer(make_tokenizer(), max_prompt_tokens=10)
+    ids = pt.prompt_ids(Example(messages=[{"role": "user", "content": "x" * 50 + "END"}]))
+    assert len(ids) == 10 and pt.truncated == 1
+    assert pt.tok.decode(ids).endswith("END<eos><|assistant|>")
+
+
+def test_stream_resumes_in_the_same_order():
+    a = PromptStream(7, seed=3)
+    first = a.take(5)
+    state = a.state_dict()
+    rest = a.take(12)
+    b = PromptStream(7, seed=3)
+    b.load_state_dict(state)
+    assert b.take(12) == rest
+    assert sorted(first + rest[:2]) == list(range(7))  # one epoch is a permutation
