@@ -61,6 +61,9 @@ class Distiller:
         self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(),
                                               log_with=None if cfg.output.report_to == "none" else cfg.output.report_to,
                                               project_dir=cfg.output.dir)
+        if cfg.train.prompts_per_step < self.acc.num_processes:
+            raise ValueError(f"train.prompts_per_step={cfg.train.prompts_per_step} is smaller than the number of "
+                             f"processes ({self.acc.num_processes}): every process needs at least one prompt per step")
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
         torch.manual_seed(cfg.train.seed + self.acc.process_index)
