@@ -6,6 +6,7 @@ impossible combinations are refused with the field's dotted name and the fix.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -173,21 +174,29 @@ class Config(_Section):
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 base: dict[str, Any] | None = None) -> Config:
     """Config from an optional YAML file, then `section.key=value` / `--section.key value` overrides."""
-    data: dict[str, Any] = dict(base or {})
+    data: dict[str, Any] = copy.deepcopy(base or {})
     if path is not None:
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"config file {p} does not exist")
-        loaded = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(loaded).__name__}")
-        _merge(data, loaded)
+        _merge(data, read_yaml(path))
     for key, value in parse_overrides(overrides or []):
         _set(data, key, value)
     try:
         return Config.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_explain(e)) from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML config file as a dict, with clear errors for a missing file, bad YAML or a non-mapping."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        loaded = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p} is not valid YAML: {e}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+    return loaded
 
 
 class ConfigError(ValueError):

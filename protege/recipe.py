@@ -28,9 +28,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from protege.config import Config, ConfigError, _merge, load_config, parse_overrides
+from protege.config import Config, ConfigError, _merge, load_config, parse_overrides, read_yaml
 
 log = logging.getLogger("protege")
 
@@ -42,13 +40,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None,
     Overrides `stages.<name>.<section>.<key>=v` reach one stage; others reach every stage."""
     data: dict[str, Any] = copy.deepcopy(base or {})
     if path is not None:
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"config file {p} does not exist")
-        loaded = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of sections")
-        _merge(data, loaded)
+        _merge(data, read_yaml(path))
     stages = data.pop("stages", None)
     pairs = parse_overrides(overrides or [])
     common = [(k, v) for k, v in pairs if not k.startswith("stages.")]
