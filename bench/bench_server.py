@@ -3,6 +3,7 @@ size / client decode time of JSON lists vs TRL's base64 format vs protege's bina
 
     python bench/bench_server.py                  # ~3-5 minutes on 2 CPU cores; writes bench/results/server.md
     python bench/bench_server.py --duration 2     # quicker, noisier
+    python bench/bench_server.py --payload-only   # only the payload/decode part, spliced into server.md
 
 The teacher is a randomly initialised Llama (hidden 256, 4 layers, 4 heads, MLP 1024, vocab 49152 =
 SmolLM2's vocabulary size), fp32, so the vocabulary projection, log-softmax and top-k cost what they
@@ -170,13 +171,25 @@ def decode_trl_lists(obj_bytes: bytes) -> list:
     return [(lp[i, :n].tolist(), ids[i, :n].tolist()) for i, n in enumerate(obj["completion_lengths"])]
 
 
-def payloads(url: str, b: int, prompt: int, completion: int, k: int) -> list[dict]:
+OURS_V1 = "protege binary /v1/score (tensors): wire v1, fp32 logprobs + int32 ids"
+OURS = "ours: wire v2 default, fp32 logprobs + uint16 ids (tensors)"
+OURS_FP16 = "ours: wire v2, fp16 logprobs + uint16 ids (logprob_dtype=float16; tensors)"
+
+
+def payloads(url: str, b: int, prompt: int, completion: int, k: int) -> tuple[list[dict], float]:
+    """Rows of (format, bytes, decode_ms), and the max abs error of the float16 reply's top-k logprobs."""
     rng = np.random.default_rng(7)
     seqs = [rng.integers(0, VOCAB, prompt + completion).astype(np.int32) for _ in range(b)]
     plens = [prompt] * b
+
+    def score(**options) -> bytes:
+        r = http.post("/v1/score", content=wire.encode_score_request(seqs, plens, topk=k, **options),
+                      headers={"Content-Type": wire.BINARY_MEDIA_TYPE})
+        r.raise_for_status()
+        return r.content
+
     with httpx.Client(base_url=url, timeout=300) as http:
-        ours = http.post("/v1/score", content=wire.encode_score_request(seqs, plens, topk=k),
-                         headers={"Content-Type": wire.BINARY_MEDIA_TYPE}).content
+        ours_v1, ours, ours_fp16 = score(version=1), score(), score(logprob_dtype="float16")
         legacy = {"sequences": [s.tolist() for s in seqs], "prompt_lengths": plens, "top_logprobs": k}
         trl_bin = http.post("/get_sequence_logprobs/", json={**legacy, "response_format": "binary"}).content
         lists = http.post("/get_sequence_logprobs/", json={**legacy, "response_format": "json"}).content
@@ -197,10 +210,17 @@ def payloads(url: str, b: int, prompt: int, completion: int, k: int) -> list[dic
         ("TRL base64 binary, TRL 1.3-1.8 client decode (.tolist())", trl_bin, lambda: decode_trl_lists(trl_bin)),
         ("TRL base64 binary, protege.wire.decode_trl_binary (tensors)", trl_bin,
          lambda: wire.decode_trl_binary(trl_bin)),
-        ("protege binary /v1/score (tensors)", ours,
-         lambda: wire.decode_score_response(ours, wire.BINARY_MEDIA_TYPE)),
+        (OURS_V1, ours_v1, lambda: wire.decode_score_response(ours_v1, wire.BINARY_MEDIA_TYPE)),
+        (OURS, ours, lambda: wire.decode_score_response(ours, wire.BINARY_MEDIA_TYPE)),
+        (OURS_FP16, ours_fp16, lambda: wire.decode_score_response(ours_fp16, wire.BINARY_MEDIA_TYPE)),
     ]
-    return [{"format": name, "bytes": len(body), "decode_ms": 1000 * timed(fn)} for name, body, fn in rows]
+    exact = {v: wire.decode_score_response(body, wire.BINARY_MEDIA_TYPE)[1] for v, body in
+             (("v1", ours_v1), ("fp32", ours), ("fp16", ours_fp16))}
+    assert torch.equal(exact["v1"]["topk_ids"], exact["fp32"]["topk_ids"])  # uint16 ids are lossless
+    assert torch.equal(exact["v1"]["topk_logprobs"], exact["fp32"]["topk_logprobs"])
+    assert torch.equal(exact["fp16"]["topk_ids"], exact["fp32"]["topk_ids"])
+    fp16_err = float((exact["fp16"]["topk_logprobs"] - exact["fp32"]["topk_logprobs"]).abs().max())
+    return [{"format": name, "bytes": len(body), "decode_ms": 1000 * timed(fn)} for name, body, fn in rows], fp16_err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,6 +233,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3, help="alternating off/on runs per point")
     parser.add_argument("--clients", default="1,2,4,8,16")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "server.md"))
+    parser.add_argument("--payload-only", action="store_true",
+                        help="run only the payload/decode part and splice it into the existing --out report")
     args = parser.parse_args()
     if args.role == "server":
         serve(args.threads)
@@ -227,7 +249,7 @@ def main() -> None:
             "medium": dict(n_seqs=2, prompt=64, completion=64, topk=16),
         }
         load_rows = []
-        for wname, workload in workloads.items():
+        for wname, workload in ({} if args.payload_only else workloads).items():
             for clients in [int(c) for c in args.clients.split(",")]:
                 for mode, r in load_point(urls, clients, args.duration, workload, args.reps).items():
                     r.update(workload=wname, clients=clients, batching=mode)
@@ -236,16 +258,103 @@ def main() -> None:
                           f"p99={r['p99_ms']:7.1f} ms {r['req_per_s']:6.1f} req/s {r['tok_per_s']:7.0f} tok/s "
                           f"engine busy {r['engine_busy']:.0%} {r['tokens_per_call']:.0f} tok/call", flush=True)
         payload_setup = dict(b=16, prompt=64, completion=192, k=20)
-        pay = payloads(urls["on"], **payload_setup)
+        pay, fp16_err = payloads(urls["on"], **payload_setup)
         for p in pay:
             print(f"{p['bytes']:>10d} B {p['decode_ms']:9.2f} ms  {p['format']}", flush=True)
+        print(f"fp16 reply: max abs error of top-k logprobs vs fp32 {fp16_err:.3g}", flush=True)
     finally:
         proc.terminate()
         proc.wait(10)
-    write_report(args, load_rows, workloads, pay, payload_setup)
+    if args.payload_only:
+        splice_payload(args, pay, payload_setup, fp16_err)
+    else:
+        write_report(args, load_rows, workloads, pay, payload_setup, fp16_err)
 
 
-def write_report(args, load_rows, workloads, pay, payload_setup) -> None:
+def payload_section(pay, payload_setup) -> list[str]:
+    """The payload table, from its heading to its last row."""
+    base = next(p for p in pay if p["format"].startswith("JSON lists (TRL"))
+    lines = [f"## Payload and client decode: {payload_setup['b']} sequences x {payload_setup['completion']} "
+             f"completion tokens (prompt {payload_setup['prompt']}), top-{payload_setup['k']}", "",
+             "Bytes are the reply bodies as served. Decode = bytes in hand to usable values (median of 7). "
+             "The three protege rows are the same request in wire version 1 and in version 2 (the default, and "
+             "with float16 logprobs); all decode to float32 logprobs and int64 ids.", "",
+             "| format | bytes | vs JSON lists | decode (ms) | decode speed-up vs JSON lists |",
+             "|---|---|---|---|---|"]
+    for p in pay:
+        lines.append(f"| {p['format']} | {p['bytes']:,} | {p['bytes'] / base['bytes']:.3f} | {p['decode_ms']:.3f} | "
+                     f"{base['decode_ms'] / p['decode_ms']:.1f}x |")
+    return lines
+
+
+def payload_targets(pay) -> list[str]:
+    row = {p["format"]: p for p in pay}
+    base = next(p for p in pay if p["format"].startswith("JSON lists (TRL"))
+    ours, fp16, v1 = row[OURS], row[OURS_FP16], row[OURS_V1]
+
+    def share(p):
+        return f"{p['bytes'] / base['bytes']:.3f} of it ({base['bytes'] / p['bytes']:.1f}x smaller)"
+
+    def verdict(p):
+        return "met" if p["bytes"] * 5 <= base["bytes"] else "missed"
+
+    return [f"- payload <= 1/5 of JSON lists: default (fp32 + uint16 ids, lossless) {share(ours)}: "
+            f"{verdict(ours)}; fp16 logprobs + uint16 ids (opt-in, ~5e-4 relative error) {share(fp16)}: "
+            f"{verdict(fp16)}; wire v1 (fp32 + int32) {share(v1)}",
+            f"- decode >= 50x faster than JSON lists: default {base['decode_ms'] / ours['decode_ms']:.0f}x, "
+            f"fp16 {base['decode_ms'] / fp16['decode_ms']:.0f}x, v1 {base['decode_ms'] / v1['decode_ms']:.0f}x"]
+
+
+def payload_notes(pay, payload_setup, fp16_err) -> list[str]:
+    row = {p["format"]: p for p in pay}
+    base = next(p for p in pay if p["format"].startswith("JSON lists (TRL"))
+    trl = next(p for p in pay if p["format"].startswith("TRL base64 binary, protege"))
+    vllm = next(p for p in pay if p["format"].startswith("vLLM"))
+    ours, fp16, v1 = row[OURS], row[OURS_FP16], row[OURS_V1]
+    entries = payload_setup["b"] * payload_setup["completion"] * payload_setup["k"]
+    return [
+        f"- Payload: compact JSON lists (orjson, no spaces) cost about {base['bytes'] / entries:.0f} bytes per "
+        "(logprob, id) entry here (a ~16-character float, a 5-digit id, separators). The binary forms cost 8 "
+        "(v1: float32 + int32), 6 (v2 default: float32 + uint16 ids, lossless because the teacher's vocabulary "
+        f"of {VOCAB} fits 16 bits; vocabularies over 65536 get int32) or 4 (v2 with float16 logprobs) bytes per "
+        "entry, plus the (B, T) actual-token logprobs and a header of a few hundred bytes. So the lossless "
+        f"default is {base['bytes'] / ours['bytes']:.1f}x smaller than lists: 1/5 would need <= "
+        f"{base['bytes'] / entries / 5:.1f} bytes per entry, i.e. 16-bit logprobs, which is the opt-in float16 "
+        f"row ({base['bytes'] / fp16['bytes']:.1f}x smaller). float16 keeps ~3 significant digits (<= 4.9e-4 "
+        "relative error, max 0.0078 absolute for logprobs in [-30, 0]; protege/wire.py); on this reply (a random "
+        f"teacher, logprobs near -log {VOCAB} = {-np.log(VOCAB):.1f}) the largest top-k logprob error was "
+        f"{fp16_err:.4f}. The default is {trl['bytes'] / ours['bytes']:.2f}x smaller than TRL's base64 form and "
+        f"{vllm['bytes'] / ours['bytes']:.0f}x smaller than the vLLM prompt_logprobs JSON that TRL 1.16 actually "
+        "receives (which also covers the prompt positions).",
+        f"- Decode: ours is one memcpy plus numpy views, then ids (int32 or uint16) widened to int64 and float16 "
+        f"logprobs widened to float32 in numpy ({v1['decode_ms']:.3f} ms v1, {ours['decode_ms']:.3f} ms v2 "
+        f"default, {fp16['decode_ms']:.3f} ms fp16); a torch .long() on a busy 2-core machine paid ~12 ms of "
+        "thread-pool wake-up for a 0.2 MB copy, numpy pays none."]
+
+
+def splice_payload(args, pay, payload_setup, fp16_err) -> None:
+    """--payload-only: replace the payload table, its target lines and its notes in the existing report."""
+    path = Path(args.out)
+    lines = path.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("## Payload and client decode"))
+    end = next(i for i in range(start + 1, len(lines)) if lines[i].startswith("## "))
+    lines[start:end] = payload_section(pay, payload_setup) + [""]
+    targets, notes = payload_targets(pay), payload_notes(pay, payload_setup, fp16_err)
+    for prefix, new in (("- payload <=", targets[0]), ("- decode >=", targets[1]), ("- Payload:", notes[0]),
+                        ("- Decode:", notes[1])):
+        i = next(i for i, line in enumerate(lines) if line.startswith(prefix))
+        lines[i] = new
+    stamp = (f"- payload section re-run {datetime.datetime.now().isoformat(timespec='minutes')} with "
+             "`python bench/bench_server.py --payload-only` (load average "
+             + " / ".join(f"{x:.1f}" for x in os.getloadavg()) + "); the micro-batching tables are from the date above")
+    lines = [line for line in lines if not line.startswith("- payload section re-run")]
+    at = next(i for i, line in enumerate(lines) if line.startswith("- command:"))
+    lines.insert(at + 1, stamp)
+    path.write_text("\n".join(lines) + "\n")
+    print(f"updated the payload section of {path}")
+
+
+def write_report(args, load_rows, workloads, pay, payload_setup, fp16_err) -> None:
     def find(w, c, m):
         return next(r for r in load_rows if r["workload"] == w and r["clients"] == c and r["batching"] == m)
 
@@ -286,16 +395,7 @@ def write_report(args, load_rows, workloads, pay, payload_setup) -> None:
                          f"{on['tok_per_s'] / off['tok_per_s']:.2f}x | {off['engine_busy']:.2f} / "
                          f"{on['engine_busy']:.2f} | {off['tokens_per_call']:.0f} / {on['tokens_per_call']:.0f} |")
         lines.append("")
-    base = next(p for p in pay if p["format"].startswith("JSON lists (TRL"))
-    ours = pay[-1]
-    lines += [f"## Payload and client decode: {payload_setup['b']} sequences x {payload_setup['completion']} "
-              f"completion tokens (prompt {payload_setup['prompt']}), top-{payload_setup['k']}", "",
-              "Bytes are the reply bodies as served. Decode = bytes in hand to usable values (median of 7).", "",
-              "| format | bytes | vs JSON lists | decode (ms) | decode speed-up vs JSON lists |",
-              "|---|---|---|---|---|"]
-    for p in pay:
-        lines.append(f"| {p['format']} | {p['bytes']:,} | {p['bytes'] / base['bytes']:.3f} | {p['decode_ms']:.3f} | "
-                     f"{base['decode_ms'] / p['decode_ms']:.1f}x |")
+    lines += payload_section(pay, payload_setup)
     if not {8, 16} <= {r["clients"] for r in load_rows}:  # a partial run: numbers only
         Path(args.out).write_text("\n".join(lines) + "\n")
         print(f"wrote {args.out}")
@@ -303,9 +403,7 @@ def write_report(args, load_rows, workloads, pay, payload_setup) -> None:
     lines += ["", "## Targets", ""]
     ratio8 = {w: find(w, 8, "on")["tok_per_s"] / find(w, 8, "off")["tok_per_s"] for w in workloads}
     lines += ["- batching >= 3x throughput at 8 clients: " + ", ".join(f"{w} {r:.2f}x" for w, r in ratio8.items()),
-              f"- payload <= 1/5 of JSON lists: ours is {ours['bytes'] / base['bytes']:.3f} of it "
-              f"({base['bytes'] / ours['bytes']:.1f}x smaller)",
-              f"- decode >= 50x faster than JSON lists: {base['decode_ms'] / ours['decode_ms']:.0f}x", ""]
+              *payload_targets(pay), ""]
     off8 = {w: find(w, 8, "off")["engine_busy"] for w in workloads}
     gain = {c: find("small", c, "on")["tok_per_s"] / find("small", c, "off")["tok_per_s"] for c in (8, 16)}
     cut = {c: 1 - find("small", c, "on")["p50_ms"] / find("small", c, "off")["p50_ms"] for c in (8, 16)}
@@ -325,14 +423,7 @@ def write_report(args, load_rows, workloads, pay, payload_setup) -> None:
         "can cost a little: the clients fall into step (one "
         "merged reply releases both at once), so the engine idles during their round trips instead of "
         "overlapping them as it does when requests are served one by one.",
-        "- Payload: raw float32 + int32 costs 8 bytes per (logprob, id) entry; compact JSON lists (orjson, "
-        "no spaces) cost about 26 here (a ~16-character float, a 5-digit id, separators), so with the specified "
-        "dtypes ours can only be ~3.2x smaller than lists. It is 1.37x smaller than TRL's base64 form and "
-        "about 12x smaller than the vLLM prompt_logprobs JSON that TRL 1.16 actually receives (which also "
-        "covers the prompt positions). Reaching 1/5 of lists would need 16-bit ids (vocabularies <= 65536) "
-        "and 16-bit logprobs, a precision trade we did not make.",
-        "- Decode: ours is one memcpy plus numpy views (the int32 ids are widened to int64 in numpy; a "
-        "torch .long() on a busy 2-core machine paid ~12 ms of thread-pool wake-up for a 0.2 MB copy).",
+        *payload_notes(pay, payload_setup, fp16_err),
         ""]
     Path(args.out).write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")

@@ -40,6 +40,9 @@ class TeacherConfig(_Section):
     protocol: Literal["protege", "openai"] = Field("protege", description="Wire protocol of the teacher server.")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="In-process teacher dtype.")
     batch_tokens: int = Field(16384, ge=64, description="Token budget of one teacher forward batch.")
+    logprob_dtype: Literal["float32", "float16"] = Field(
+        "float32", description="Server: dtype of logprobs on the wire; float16 makes replies ~1.5x smaller at "
+        "<=2^-7 absolute error for logprobs in [-30, 0] (ids are lossless uint16 when the vocabulary fits).")
     timeout_s: float = Field(300.0, gt=0, description="Server: timeout of one HTTP request.")
     max_wait_s: float = Field(600.0, gt=0, description="Server: how long to keep retrying (with backoff) while the "
                               "teacher server is down or overloaded before the run stops with an error.")

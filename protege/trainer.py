@@ -136,7 +136,8 @@ class Distiller:
             from protege.teacher.remote import RemoteTeacher
 
             return RemoteTeacher(cfg.urls, api_key=cfg.api_key or os.environ.get("PROTEGE_API_KEY"),
-                                 protocol=cfg.protocol, timeout=cfg.timeout_s, max_wait_s=cfg.max_wait_s)
+                                 protocol=cfg.protocol, timeout=cfg.timeout_s, max_wait_s=cfg.max_wait_s,
+                                 logprob_dtype=cfg.logprob_dtype)
         model = teacher_model if teacher_model is not None else load_model(cfg.path, cfg.dtype)
         self.teacher_model = model.to(self.acc.device)
         return LocalTeacher(self.teacher_model, pad_id=self.tok.pad_token_id, token_budget=cfg.batch_tokens)

@@ -31,11 +31,12 @@ Bytes per (logprob, id) entry: 8 (v1), 6 (v2 default), 4 (v2 float16).
 
 float16 logprobs, the precision trade: fp16 keeps 11 significant bits (~3.3 decimal digits), so each
 value is off by at most 2^-11 ~ 4.9e-4 of itself (|x| >= 6.1e-5; below that, fp16 subnormals, at most
-3e-8 absolute). Measured over logprobs in [-30, 0] (float32 inputs, numpy round-to-nearest-even),
-the max abs error is 0.0078 (2^-7, half an fp16 step for |x| in [16, 32)); for |x| < 1 it is at most
-2.4e-4 (2^-12). -inf (impossible tokens, padding) stays -inf, NaN stays NaN, and finite values beyond
-fp16's range (|x| > 65504, e.g. a logprob of -1e5 at a very low temperature) are clamped to -65504 /
-65504 instead of becoming infinite. Decoding widens float16 to float32 (and u2/i4 ids to int64).
+3e-8 absolute). Measured over every float32 in [-30, 0] (numpy's round-to-nearest-even cast): max
+abs error 0.0078125 (2^-7, half an fp16 step for |x| in [16, 32)), max relative error 4.88e-4, and
+for |x| < 1 max abs error 2.4e-4 (2^-12). -inf (impossible tokens) stays -inf, NaN stays NaN, and
+finite values beyond fp16's range (|x| > 65504, e.g. a logprob of -1e5 at a very low temperature)
+are clamped to -65504 / 65504 instead of becoming infinite. Decoding widens float16 to float32 (and
+u2/i4 ids to int64). Padding stays 0 in every dtype.
 
 Decoding never loops over elements: `np.frombuffer` views the body and `torch.from_numpy` wraps
 the views, so a (B, T, K) reply becomes tensors in one memcpy (plus one widening copy for ids and

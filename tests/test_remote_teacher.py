@@ -12,7 +12,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from protege.server import HFBackend, create_app  # noqa: E402
+from protege import wire  # noqa: E402
+from protege.server import HFBackend, create_app, parse  # noqa: E402
 from protege.server.background import reserve_port, serve_in_thread  # noqa: E402
 from protege.teacher.base import ScoreRequest  # noqa: E402
 from protege.teacher.local import LocalTeacher  # noqa: E402
@@ -52,12 +53,14 @@ def make_rollouts(n: int = 9, seed: int = 0) -> Rollouts:
     return Rollouts(prompt_ids=prompts, completion_ids=completion, completion_mask=mask)
 
 
-def assert_signal_close(got, ref, mask):
-    torch.testing.assert_close(got.token_logprobs[mask], ref.token_logprobs[mask], atol=ATOL, rtol=0)
+def assert_signal_close(got, ref, mask, rtol=0.0):
+    """ids exact; logprobs float32 to ATOL (+ rtol, 2^-11 when they travelled as float16)."""
+    assert got.token_logprobs.dtype == torch.float32
+    torch.testing.assert_close(got.token_logprobs[mask], ref.token_logprobs[mask], atol=ATOL, rtol=rtol)
     assert torch.all(got.token_logprobs[~mask] == 0)
     for name in ("topk_logprobs", "query_logprobs"):
         if getattr(ref, name) is not None:
-            torch.testing.assert_close(getattr(got, name)[mask], getattr(ref, name)[mask], atol=ATOL, rtol=0)
+            torch.testing.assert_close(getattr(got, name)[mask], getattr(ref, name)[mask], atol=ATOL, rtol=rtol)
     if ref.topk_ids is not None:
         assert got.topk_ids.dtype == torch.long and torch.equal(got.topk_ids[mask], ref.topk_ids[mask])
 
@@ -75,6 +78,49 @@ def test_remote_equals_local_chunked_over_two_replicas(model, servers):
     assert got.temperature == 0.9 and got.hidden_states is None
     served = [s.server.config.app.state.batcher.stats.scored_sequences for s in servers]
     assert all(n > 0 for n in served), served  # both replicas took chunks
+
+
+def test_remote_float16_logprobs_within_documented_tolerance(model, servers):
+    rollouts = make_rollouts(seed=5)
+    g = torch.Generator().manual_seed(6)
+    query = torch.randint(0, VOCAB, (*rollouts.completion_ids.shape, 3), generator=g)
+    request = ScoreRequest(topk=5, query_ids=query, temperature=1.1)
+    ref = LocalTeacher(model, pad_id=0).score(rollouts, request)
+    with RemoteTeacher(servers[0].url, logprob_dtype="float16", chunk_tokens=50) as teacher:
+        got = teacher.score(rollouts, request)
+    assert_signal_close(got, ref, rollouts.completion_mask, rtol=2.0 ** -11)
+    mask = rollouts.completion_mask
+    err = (got.topk_logprobs[mask] - ref.topk_logprobs[mask]).abs()
+    assert err.max() > 0  # it really went as float16 (float32 would match to ~1e-7 here)
+    with pytest.raises(ValueError, match="logprob_dtype"):
+        RemoteTeacher(servers[0].url, logprob_dtype="bfloat16")
+    with pytest.raises(ValueError, match="protocol='protege' only"):
+        RemoteTeacher(servers[0].url, protocol="openai", logprob_dtype="float16")
+
+
+def test_falls_back_to_wire_version_1_for_an_older_server(model, monkeypatch):
+    """A server that reads only version 1 answers a v2 body with the old 400; the client retries in v1."""
+    seen = []
+
+    def read_v1_only(body):
+        version, meta, arrays = wire.read_binary(body)
+        seen.append(version)
+        if version != 1:  # what protege's version-1 server said
+            raise wire.WireError("version", f"wire version {version} is not supported; this side speaks 1")
+        return version, meta, arrays
+
+    monkeypatch.setattr(parse, "read_binary", read_v1_only)
+    rollouts = make_rollouts(n=5, seed=7)
+    request = ScoreRequest(topk=4)
+    with serve_in_thread(create_app(HFBackend(model))) as server:
+        with RemoteTeacher(server.url, chunk_tokens=30, concurrency=1) as teacher:
+            got = teacher.score(rollouts, request)
+            assert teacher._wire_version == 1
+        assert seen[:2] == [2, 1] and set(seen[2:]) == {1}  # one refusal, then version 1 throughout
+        with RemoteTeacher(server.url, logprob_dtype="float16") as teacher:
+            with pytest.raises(ValueError, match="needs a teacher server that reads wire version 2"):
+                teacher.score(rollouts, request)
+    assert_signal_close(got, LocalTeacher(model, pad_id=0).score(rollouts, request), rollouts.completion_mask)
 
 
 def test_openai_protocol_against_our_completions_route(model, servers):

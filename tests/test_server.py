@@ -62,17 +62,19 @@ def local_score(model, seqs, plens, *, topk=0, query=None, temperature=1.0):
     return signal, mask
 
 
-def assert_matches(tensors, ref, mask, topk, query):
+def assert_matches(tensors, ref, mask, topk, query, rtol=0.0):
+    """ids exact, logprobs to ATOL (+ rtol: 2^-11 for float16 logprobs on the wire)."""
     assert torch.equal(tensors["completion_lengths"], mask.sum(1))
-    torch.testing.assert_close(tensors["token_logprobs"][mask], ref.token_logprobs[mask], atol=ATOL, rtol=0)
+    assert all(t.dtype in (torch.float32, torch.int64) for t in tensors.values())
+    torch.testing.assert_close(tensors["token_logprobs"][mask], ref.token_logprobs[mask], atol=ATOL, rtol=rtol)
     assert torch.all(tensors["token_logprobs"][~mask] == 0)
     if topk:
         assert torch.equal(tensors["topk_ids"][mask], ref.topk_ids[mask])
-        torch.testing.assert_close(tensors["topk_logprobs"][mask], ref.topk_logprobs[mask], atol=ATOL, rtol=0)
+        torch.testing.assert_close(tensors["topk_logprobs"][mask], ref.topk_logprobs[mask], atol=ATOL, rtol=rtol)
     else:
         assert "topk_ids" not in tensors
     if query is not None:
-        torch.testing.assert_close(tensors["query_logprobs"][mask], ref.query_logprobs[mask], atol=ATOL, rtol=0)
+        torch.testing.assert_close(tensors["query_logprobs"][mask], ref.query_logprobs[mask], atol=ATOL, rtol=rtol)
 
 
 def post_score(client, seqs, plens, *, topk=0, query=None, temperature=1.0):
@@ -128,6 +130,62 @@ def test_score_json_request_with_base64_reply(model, client):
     r = client.post("/v1/score", content=wire.encode_score_request(seqs, plens, topk=2),
                     headers={"Content-Type": wire.BINARY_MEDIA_TYPE, "Accept": "application/json"})
     assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+
+
+FP16_RTOL = 2.0 ** -11  # protege.wire's documented float16 error (relative)
+
+
+@pytest.mark.parametrize("version, logprob_dtype, ids_code, lp_code", [
+    (2, "float32", "u2", "f4"),  # the default: uint16 ids (VOCAB fits), exact float32 logprobs
+    (2, "float16", "u2", "f2"),
+    (1, "float32", "i4", "f4"),  # a version-1 client gets the version-1 reply it understands
+])
+def test_score_reply_dtypes_follow_the_request(model, client, version, logprob_dtype, ids_code, lp_code):
+    seqs, plens = make_rows(20, n=4)
+    rng = np.random.default_rng(21)
+    query = [rng.integers(0, VOCAB, (len(s) - p, 3)).astype(np.int32) for s, p in zip(seqs, plens)]
+    body = wire.encode_score_request(seqs, plens, topk=6, temperature=0.7, query_ids=np.concatenate(query),
+                                     logprob_dtype=logprob_dtype, version=version)
+    r = client.post("/v1/score", content=body, headers={"Content-Type": wire.BINARY_MEDIA_TYPE})
+    assert r.status_code == 200, r.text
+    got_version, _, raw = wire.read_binary(r.content)
+    assert got_version == version
+    assert {n: a.dtype.str[1:] for n, a in raw.items()} == {
+        "completion_lengths": "i4", "topk_ids": ids_code, "token_logprobs": lp_code, "topk_logprobs": lp_code,
+        "query_logprobs": lp_code}
+    ref, mask = local_score(model, seqs, plens, topk=6, query=query, temperature=0.7)
+    tensors = wire.decode_score_response(r.content, r.headers["content-type"])[1]
+    assert_matches(tensors, ref, mask, 6, query, rtol=FP16_RTOL if logprob_dtype == "float16" else 0.0)
+    # the same request as plain JSON, base64-JSON reply in the version asked for
+    r = client.post("/v1/score", json={"sequences": [x.tolist() for x in seqs], "prompt_lengths": plens, "topk": 6,
+                                       "temperature": 0.7, "query_ids": [q.tolist() for q in query],
+                                       "logprob_dtype": logprob_dtype, "wire_version": version})
+    assert r.status_code == 200, r.text
+    obj = orjson.loads(r.content)
+    assert obj["protege_wire"] == version and obj["arrays"]["topk_ids"]["dtype"] == ids_code
+    tensors = wire.decode_score_response(r.content, r.headers["content-type"])[1]
+    assert_matches(tensors, ref, mask, 6, query, rtol=FP16_RTOL if logprob_dtype == "float16" else 0.0)
+
+
+def test_vocabulary_over_65536_sends_int32_ids():
+    class BigVocab:  # a stand-in engine: top-k ids near the top of a 70000-token vocabulary
+        name, model_name, vocab_size, dtype = "hf", "big", 70_000, "float32"
+
+        def score(self, batch):
+            comp = np.array([len(x) - p for x, p in zip(batch.sequences, batch.prompt_lengths)], np.int32)
+            n, t, k = len(comp), int(comp.max()), batch.topk
+            ids = np.broadcast_to(np.arange(69_999, 69_999 - k, -1, dtype=np.int32), (n, t, k)).copy()
+            lp = np.broadcast_to(-np.arange(1, k + 1, dtype=np.float32), (n, t, k)).copy()
+            return {"completion_lengths": comp, "token_logprobs": np.full((n, t), -2.0, np.float32),
+                    "topk_ids": ids, "topk_logprobs": lp}
+
+    with serve_in_thread(create_app(BigVocab())) as s, httpx.Client(base_url=s.url, timeout=30) as c:
+        body = wire.encode_score_request([np.array([1, 68_000, 3], np.int32)], [1], topk=3)
+        r = c.post("/v1/score", content=body, headers={"Content-Type": wire.BINARY_MEDIA_TYPE})
+        assert r.status_code == 200, r.text
+        assert wire.read_binary(r.content)[2]["topk_ids"].dtype == np.dtype("<i4")
+        tensors = wire.decode_score_response(r.content, r.headers["content-type"])[1]
+        assert tensors["topk_ids"][0, 0].tolist() == [69_999, 69_998, 69_997]
 
 
 def test_sixteen_concurrent_clients_get_their_own_answers(model, server):
@@ -260,6 +318,9 @@ JSON = {"Content-Type": "application/json"}
 _BIN_OK = dict(tokens=np.array([1, 2, 3], np.int32), sequence_lengths=np.array([3], np.int32),
                prompt_lengths=np.array([1], np.int32))
 _GOOD_BIN = wire.encode_score_request([np.array([1, 2, 3], np.int32)], [1])
+_V1_FP16 = wire.pack({"logprob_dtype": "float16"}, _BIN_OK, version=1)
+_V1_U2 = bytearray(wire.pack({}, _BIN_OK, dtypes={"tokens": "u2"}))
+_V1_U2[4:6] = b"\x01\x00"  # a version-2 body relabelled as version 1: u2 is not a v1 dtype
 
 BAD_REQUESTS = [  # (id, method, path, request kwargs, status, word the error must name)
     ("bad-json", "POST", "/v1/score", {"content": b"{not json", "headers": JSON}, 400, "JSON"),
@@ -331,6 +392,22 @@ BAD_REQUESTS = [  # (id, method, path, request kwargs, status, word the error mu
      "tokens"),
     ("binary-query-rows", "POST", "/v1/score", _b(**_BIN_OK, query_ids=np.zeros((5, 2), np.int32)), 400, "query_ids"),
     ("binary-bad-meta", "POST", "/v1/score", _b({"topk": "many"}, **_BIN_OK), 400, "topk"),
+    ("binary-version-3", "POST", "/v1/score", {"content": _GOOD_BIN[:4] + b"\x03\x00" + _GOOD_BIN[6:],
+                                               "headers": {"Content-Type": wire.BINARY_MEDIA_TYPE}}, 400,
+     "wire version 3 is not supported"),
+    ("binary-bad-logprob-dtype", "POST", "/v1/score", _b({"logprob_dtype": "int8"}, **_BIN_OK), 400,
+     "logprob_dtype"),
+    ("binary-v1-float16", "POST", "/v1/score", {"content": _V1_FP16,
+                                                "headers": {"Content-Type": wire.BINARY_MEDIA_TYPE}}, 400,
+     "needs wire version 2"),
+    ("binary-v1-uint16", "POST", "/v1/score", {"content": bytes(_V1_U2),
+                                               "headers": {"Content-Type": wire.BINARY_MEDIA_TYPE}}, 400, "dtype"),
+    ("logprob-dtype-unknown", "POST", "/v1/score", _j({**_OK, "logprob_dtype": "bfloat16"}), 400, "logprob_dtype"),
+    ("wire-version-unknown", "POST", "/v1/score", _j({**_OK, "wire_version": 3}), 400, "wire_version"),
+    ("json-v1-float16", "POST", "/v1/score", _j({**_OK, "wire_version": 1, "logprob_dtype": "float16"}), 400,
+     "version 2"),
+    ("base64-json-version-3", "POST", "/v1/score", _j({**wire.to_json_dict({}, _BIN_OK), "protege_wire": 3}), 400,
+     "wire version 3"),
     ("openai-text-prompt", "POST", "/v1/completions", _j({"prompt": "hello", "max_tokens": 1}), 400, "token ids"),
     ("openai-max-tokens", "POST", "/v1/completions", _j({"prompt": [[1, 2]], "max_tokens": 5}), 400, "max_tokens"),
     ("openai-no-prompt", "POST", "/v1/completions", _j({"max_tokens": 1}), 400, "prompt"),
@@ -448,6 +525,7 @@ def test_no_batching_mode_and_metrics(model):
             assert name in text, name
         info = c.get("/v1/info").json()
         assert info["vocab_size"] == VOCAB and info["batching"] is False and info["wire_version"] == wire.VERSION
+        assert info["wire_versions"] == [1, 2]
 
 
 def test_vllm_backend_is_a_clear_error_and_never_imported():

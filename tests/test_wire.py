@@ -95,7 +95,7 @@ def test_header_entries_are_validated(entry, field):
 def test_json_form_errors():
     good = wire.to_json_dict({}, {"x": np.arange(4, dtype=np.int32)})
     with pytest.raises(wire.WireError, match="protege_wire"):
-        wire.from_json_dict({**good, "protege_wire": 2})
+        wire.from_json_dict({**good, "protege_wire": 3})
     bad_b64 = {**good, "arrays": {"x": {**good["arrays"]["x"], "b64": "!!!"}}}
     with pytest.raises(wire.WireError, match="base64"):
         wire.from_json_dict(bad_b64)
@@ -113,6 +113,164 @@ def test_score_request_layout():
     np.testing.assert_array_equal(arrays["sequence_lengths"], [4, 2])
     np.testing.assert_array_equal(arrays["prompt_lengths"], [2, 1])
     np.testing.assert_array_equal(arrays["query_ids"], query)
+
+
+# ---------------------------------------------------------------------------------------------
+# Version 2: uint16 ids, float16 logprobs; version 1 still read.
+# ---------------------------------------------------------------------------------------------
+
+def _result(rng, vocab):
+    """A padded score result as a backend returns it (N=3, T=5, K=4, M=2)."""
+    lp = lambda *shape: -rng.exponential(3.0, shape).astype(np.float32)  # noqa: E731
+    topk_lp = lp(3, 5, 4)
+    topk_lp[0, 0, 3] = -np.inf  # an impossible token
+    return {"completion_lengths": np.array([5, 2, 0], np.int32), "token_logprobs": lp(3, 5),
+            "topk_ids": rng.integers(0, vocab, (3, 5, 4)).astype(np.int32), "topk_logprobs": topk_lp,
+            "query_logprobs": lp(3, 5, 2)}
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+@pytest.mark.parametrize("logprob_dtype", ["float32", "float16"])
+@pytest.mark.parametrize("vocab, ids_code", [(49152, "u2"), (65536, "u2"), (65537, "i4"), (262144, "i4"),
+                                             (None, "i4")])
+def test_score_response_roundtrip_each_dtype(binary, logprob_dtype, vocab, ids_code):
+    result = _result(np.random.default_rng(3), vocab or 1000)
+    result["topk_ids"][0, 0, :2] = [0, (vocab or 1000) - 1]  # both ends of the vocabulary
+    body = wire.encode_score_response(result, {"topk": 4}, binary=binary, vocab_size=vocab,
+                                      logprob_dtype=logprob_dtype)
+    version, _, raw = (wire.read_binary(body) if binary else wire.read_json_dict(orjson.loads(body)))
+    assert version == wire.VERSION == 2
+    lp_code = wire.LOGPROB_DTYPES[logprob_dtype]
+    assert {n: a.dtype.str[1:] for n, a in raw.items()} == {
+        "completion_lengths": "i4", "topk_ids": ids_code, "token_logprobs": lp_code, "topk_logprobs": lp_code,
+        "query_logprobs": lp_code}
+    meta, t = wire.decode_score_response(body, wire.BINARY_MEDIA_TYPE if binary else wire.JSON_MEDIA_TYPE)
+    assert meta == {"topk": 4}
+    assert t["topk_ids"].dtype == t["completion_lengths"].dtype == torch.int64
+    assert torch.equal(t["topk_ids"], torch.from_numpy(result["topk_ids"]).long())  # ids are always lossless
+    assert torch.equal(t["completion_lengths"], torch.tensor([5, 2, 0]))
+    for name in ("token_logprobs", "topk_logprobs", "query_logprobs"):
+        got, ref = t[name], torch.from_numpy(result[name])
+        assert got.dtype == torch.float32
+        if logprob_dtype == "float32":
+            assert torch.equal(got, ref)
+        else:  # the documented trade: <= 2^-11 relative, -inf kept
+            torch.testing.assert_close(got, ref, rtol=2.0 ** -11, atol=3e-8)
+    assert t["topk_logprobs"][0, 0, 3] == -np.inf
+    bytes_per_entry = {("float32", "i4"): 8, ("float32", "u2"): 6, ("float16", "i4"): 6, ("float16", "u2"): 4}
+    assert raw["topk_ids"].nbytes + raw["topk_logprobs"].nbytes == 60 * bytes_per_entry[logprob_dtype, ids_code]
+
+
+def test_uint16_ids_are_lossless_or_refused():
+    ids = np.array([0, 1, 65535], np.int64)
+    _, out = wire.unpack(wire.pack({}, {"ids": ids}, dtypes={"ids": "u2"}))
+    assert out["ids"].dtype == np.dtype("<u2") and out["ids"].tolist() == [0, 1, 65535]
+    for bad in ([65536], [-1]):
+        with pytest.raises(ValueError, match="do not fit uint16"):
+            wire.pack({}, {"ids": np.array(bad)}, dtypes={"ids": "u2"})
+    with pytest.raises(TypeError, match="as u2"):
+        wire.pack({}, {"ids": np.array([1.0])}, dtypes={"ids": "u2"})
+    with pytest.raises(TypeError, match="as f2"):
+        wire.pack({}, {"lp": np.array([1])}, dtypes={"lp": "f2"})
+    with pytest.raises(ValueError, match="needs wire version 2"):
+        wire.pack({}, {"ids": ids}, dtypes={"ids": "u2"}, version=1)
+
+
+def test_float16_precision_is_as_documented():
+    x = np.concatenate([np.linspace(-30, 0, 2_000_001, dtype=np.float32),
+                        -np.random.default_rng(0).exponential(5, 200_000).astype(np.float32).clip(0, 30)])
+    err = np.abs(wire.to_float16(x).astype(np.float64) - x)
+    assert err.max() <= 2.0 ** -7  # 0.0078125, the documented max abs error on [-30, 0]
+    small = np.abs(x) < 1
+    assert err[small].max() <= 2.0 ** -12
+    normal = np.abs(x) >= 2.0 ** -14
+    assert (err[normal] / np.abs(x[normal])).max() <= 2.0 ** -11
+    special = np.array([-np.inf, np.inf, np.nan, -1e5, -65504, -65519.0, -65520.0, 1e6, -0.0], np.float32)
+    out = wire.to_float16(special)
+    assert out[0] == -np.inf and out[1] == np.inf and np.isnan(out[2])
+    assert out[3:7].tolist() == [-65504.0] * 4 and out[7] == 65504.0 and out[8] == 0
+
+
+def test_score_request_ids_dtype_and_logprob_dtype():
+    small = [np.array([1, 65535, 3], np.int32)]
+    _, _, arrays = wire.read_binary(wire.encode_score_request(small, [1], topk=2))
+    assert arrays["tokens"].dtype == np.dtype("<u2") and arrays["prompt_lengths"].dtype == np.dtype("<i4")
+    big = [np.array([1, 65536, 3], np.int32)]
+    meta, arrays = wire.unpack(wire.encode_score_request(big, [1], logprob_dtype="float16",
+                                                         query_ids=np.array([[70000], [2]], np.int32)))
+    assert arrays["tokens"].dtype == arrays["query_ids"].dtype == np.dtype("<i4")
+    assert meta == {"topk": 0, "temperature": 1.0, "logprob_dtype": "float16"}
+    version, meta, arrays = wire.read_binary(wire.encode_score_request(small, [1], version=1))
+    assert version == 1 and arrays["tokens"].dtype == np.dtype("<i4") and "logprob_dtype" not in meta
+    with pytest.raises(ValueError, match="needs wire version 2"):
+        wire.encode_score_request(small, [1], logprob_dtype="float16", version=1)
+    with pytest.raises(ValueError, match="logprob_dtype"):
+        wire.encode_score_request(small, [1], logprob_dtype="bfloat16")
+
+
+# Version-1 payloads as protege's v1 encoder (commit 3ecd6b3) wrote them: a score reply for result
+# V1_RESULT with meta {"model": "tiny", "topk": 2, "temperature": 1.0} (binary and base64-JSON), and
+# the request encode_score_request([[1, 2, 3], [4, 5]], [1, 1], topk=2, temperature=0.5).
+V1_REPLY_BINARY = (
+    "UFJURwEAAADEAAAAeyJtZXRhIjp7Im1vZGVsIjoidGlueSIsInRvcGsiOjIsInRlbXBlcmF0dXJlIjoxLjB9LCJhcnJheXMiOltbImNvbXBs"
+    "ZXRpb25fbGVuZ3RocyIsImk0IixbMl0sMF0sWyJ0b2tlbl9sb2dwcm9icyIsImY0IixbMiwyXSw4XSxbInRvcGtfaWRzIiwiaTQiLFsyLDIs"
+    "Ml0sMjRdLFsidG9wa19sb2dwcm9icyIsImY0IixbMiwyLDJdLDU2XV19ICAgIAIAAAABAAAAAAAAvwAAUMAAAIC/AAAAAAcAAAD//wAAcBEB"
+    "AAAAAAADAAAABAAAAAAAAAAAAAAAAACAvgAAAMAAAAC+AACA/wAAwL8AAOC/AAAAAAAAAAA=")
+V1_REPLY_JSON = (
+    b'{"protege_wire":1,"meta":{"model":"tiny","topk":2,"temperature":1.0},"arrays":{"completion_lengths":'
+    b'{"dtype":"i4","shape":[2],"b64":"AgAAAAEAAAA="},"token_logprobs":{"dtype":"f4","shape":[2,2],"b64":'
+    b'"AAAAvwAAUMAAAIC/AAAAAA=="},"topk_ids":{"dtype":"i4","shape":[2,2,2],"b64":'
+    b'"BwAAAP//AABwEQEAAAAAAAMAAAAEAAAAAAAAAAAAAAA="},"topk_logprobs":{"dtype":"f4","shape":[2,2,2],"b64":'
+    b'"AACAvgAAAMAAAAC+AACA/wAAwL8AAOC/AAAAAAAAAAA="}}}')
+V1_REQUEST_BINARY = (
+    "UFJURwEAAACMAAAAeyJtZXRhIjp7InRvcGsiOjIsInRlbXBlcmF0dXJlIjowLjV9LCJhcnJheXMiOltbInRva2VucyIsImk0IixbNV0sMF0s"
+    "WyJzZXF1ZW5jZV9sZW5ndGhzIiwiaTQiLFsyXSwyNF0sWyJwcm9tcHRfbGVuZ3RocyIsImk0IixbMl0sMzJdXX0gICAgICABAAAAAgAAAAMA"
+    "AAAEAAAABQAAAAAAAAADAAAAAgAAAAEAAAABAAAA")
+V1_RESULT = {"completion_lengths": np.array([2, 1], np.int32),
+             "token_logprobs": np.array([[-0.5, -3.25], [-1.0, 0.0]], np.float32),
+             "topk_ids": np.array([[[7, 65535], [70000, 0]], [[3, 4], [0, 0]]], np.int32),
+             "topk_logprobs": np.array([[[-0.25, -2.0], [-0.125, -np.inf]], [[-1.5, -1.75], [0, 0]]], np.float32)}
+
+
+def test_version_1_payloads_still_decode_and_encode_byte_for_byte():
+    meta = {"model": "tiny", "topk": 2, "temperature": 1.0}
+    v1_binary = base64.b64decode(V1_REPLY_BINARY)
+    for body, ctype in ((v1_binary, wire.BINARY_MEDIA_TYPE), (V1_REPLY_JSON, wire.JSON_MEDIA_TYPE)):
+        got_meta, t = wire.decode_score_response(body, ctype)
+        assert got_meta == meta
+        for name, ref in V1_RESULT.items():
+            expected = torch.from_numpy(ref.astype(np.int64) if ref.dtype.kind == "i" else ref)
+            assert t[name].dtype == expected.dtype and torch.equal(t[name], expected), name
+    assert wire.read_binary(v1_binary)[0] == 1 and wire.read_json_dict(orjson.loads(V1_REPLY_JSON))[0] == 1
+    # the version-1 encoder path is still here and writes the very same bytes
+    assert wire.encode_score_response(V1_RESULT, meta, binary=True, vocab_size=49152, version=1) == v1_binary
+    assert wire.encode_score_response(V1_RESULT, meta, binary=False, vocab_size=49152, version=1) == V1_REPLY_JSON
+    request = wire.encode_score_request([np.array([1, 2, 3], np.int32), np.array([4, 5], np.int32)], [1, 1],
+                                        topk=2, temperature=0.5, version=1)
+    assert request == base64.b64decode(V1_REQUEST_BINARY)
+
+
+@pytest.mark.parametrize("version", [0, 3, 255])
+def test_unknown_versions_are_refused_clearly(version):
+    body = wire.pack({}, {"x": np.arange(3, dtype=np.int32)})
+    with pytest.raises(wire.WireError, match=f"wire version {version} is not supported; this side reads "
+                                             "versions 1, 2") as err:
+        wire.unpack(body[:4] + struct.pack("<H", version) + body[6:])
+    assert err.value.field == "version"
+    obj = wire.to_json_dict({}, {"x": np.arange(3, dtype=np.int32)})
+    with pytest.raises(wire.WireError, match=f"wire version {version} is not supported") as err:
+        wire.from_json_dict({**obj, "protege_wire": version})
+    assert err.value.field == "protege_wire"
+    with pytest.raises(wire.WireError, match="not supported"):
+        wire.from_json_dict({k: v for k, v in obj.items() if k != "protege_wire"})
+
+
+def test_version_1_header_cannot_name_version_2_dtypes():
+    body = bytearray(wire.pack({}, {"ids": np.arange(3)}, dtypes={"ids": "u2"}))
+    body[4:6] = struct.pack("<H", 1)  # a v2 body relabelled as v1
+    with pytest.raises(wire.WireError, match="need wire version 2") as err:
+        wire.unpack(bytes(body))
+    assert err.value.field == "arrays.ids.dtype"
 
 
 def _trl_server_payload(topk_lp, topk_ids, actual_lp, actual_ids, lengths):

@@ -3,10 +3,12 @@
 Routes (JSON errors {"error": "..."} everywhere, never a dead server):
     GET  /health                  200 {"status": "ok"} (no auth: load balancers and TRL poll it)
     GET  /v1/models               vLLM/OpenAI model list (TRL reads data[0].id)
-    GET  /v1/info                 model, vocab size, backend, dtype, limits, wire version
+    GET  /v1/info                 model, vocab size, backend, dtype, limits, wire versions
     GET  /metrics                 Prometheus text
     POST /v1/score                protege's own: binary (application/octet-stream) or JSON body;
-                                  top-k, logprobs at query ids, logprob of each actual token
+                                  top-k, logprobs at query ids, logprob of each actual token;
+                                  replies in the request's wire version (v2: uint16 ids when the
+                                  vocabulary fits, float16 logprobs on request; see protege.wire)
     POST /v1/completions          vLLM's scoring subset used by TRL 1.16 (prompt_logprobs)
     POST /get_sequence_logprobs/  TRL 1.3-1.8's endpoint (JSON lists or base64 reply)
 
@@ -38,7 +40,7 @@ from protege.server.backends import Backend
 from protege.server.batcher import Batcher, Overloaded
 from protege.server.metrics import Metrics
 from protege.server.parse import Limits, RequestError
-from protege.wire import BINARY_MEDIA_TYPE, VERSION, encode_score_response
+from protege.wire import BINARY_MEDIA_TYPE, READ_VERSIONS, VERSION, encode_score_response
 
 log = logging.getLogger("protege.server")
 
@@ -102,15 +104,17 @@ def create_app(backend: Backend, settings: ServerSettings | None = None, *, toke
         body = await read_body(request)
         kind = parse.media_type(request.headers.get("content-type"))
         if kind == BINARY_MEDIA_TYPE:
-            batch = await asyncio.to_thread(parse.score_batch_from_binary, body, vocab, limits)
+            batch, reply = await asyncio.to_thread(parse.score_batch_from_binary, body, vocab, limits)
         else:
             parse.require_json(request.headers.get("content-type"))
-            batch = await asyncio.to_thread(lambda: parse.score_batch_from_json(parse.load_json(body), vocab, limits))
+            batch, reply = await asyncio.to_thread(
+                lambda: parse.score_batch_from_json(parse.load_json(body), vocab, limits))
         result = await batcher.score(batch)
         accept = request.headers.get("accept", "")
         binary = BINARY_MEDIA_TYPE in accept or (kind == BINARY_MEDIA_TYPE and "json" not in accept)
         meta = {"model": model_name, "topk": batch.topk, "temperature": batch.temperature}
-        content = encode_score_response(result, meta, binary=binary)
+        content = encode_score_response(result, meta, binary=binary, vocab_size=vocab,
+                                        logprob_dtype=reply.logprob_dtype, version=reply.version)
         return Response(content, media_type=BINARY_MEDIA_TYPE if binary else "application/json")
 
     async def completions(request: Request) -> Response:
@@ -148,6 +152,7 @@ def create_app(backend: Backend, settings: ServerSettings | None = None, *, toke
         return _json({
             "model": model_name, "vocab_size": vocab, "backend": backend.name,
             "dtype": getattr(backend, "dtype", None), "max_model_len": model_len, "wire_version": VERSION,
+            "wire_versions": list(READ_VERSIONS),
             "max_k": limits.max_k, "max_query_ids": limits.max_query_ids, "max_seq_tokens": limits.max_seq_tokens,
             "max_body_bytes": limits.max_body_bytes, "max_request_seqs": limits.max_request_seqs,
             "max_request_tokens": limits.max_request_tokens, "max_batch_seqs": settings.max_batch_seqs,

@@ -5,6 +5,10 @@ Every check here runs before anything reaches the engine, so a hostile or broken
 inside the vocabulary, 1 <= prompt length < sequence length, k and query width within `--max-k`
 and `--max-query-ids`, finite temperature > 0, sequences/tokens within the request limits (413).
 Token ids are checked vectorised (numpy min/max per row), never id by id in Python.
+
+/v1/score parsing also yields the `ReplyFormat`: the reply goes out in the wire version the request
+came in (binary or base64-JSON; plain JSON requests may name one with "wire_version", default the
+current), with the logprob dtype the request asks for ("logprob_dtype", version 2 only).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import numpy as np
 import orjson
 
 from protege.server.backends import Batch
-from protege.wire import WireError, from_json_dict, unpack
+from protege.wire import LOGPROB_DTYPES, READ_VERSIONS, VERSION, WireError, read_binary, read_json_dict
 
 
 class RequestError(Exception):
@@ -39,6 +43,27 @@ class Limits:
     max_request_seqs: int
     max_request_tokens: int
     max_seq_tokens: int  # one sequence must fit one engine call
+
+
+@dataclass(frozen=True)
+class ReplyFormat:
+    """How a /v1/score reply is encoded (protege.wire.encode_score_response's options)."""
+
+    version: int = VERSION
+    logprob_dtype: str = "float32"
+
+
+def get_reply_format(obj: dict, version: int) -> ReplyFormat:
+    """The optional "logprob_dtype" of a request (meta or plain JSON body), in wire `version`."""
+    value = obj.get("logprob_dtype", "float32")
+    if value is None:
+        value = "float32"
+    if value not in LOGPROB_DTYPES:
+        raise bad(f"logprob_dtype must be one of {', '.join(repr(k) for k in LOGPROB_DTYPES)}, "
+                  f"got {str(value)[:40]!r}")
+    if value != "float32" and version < 2:
+        raise bad(f"logprob_dtype={value!r} needs wire version 2; this request is version {version}")
+    return ReplyFormat(version=version, logprob_dtype=value)
 
 
 def bad(message: str) -> RequestError:
@@ -161,19 +186,23 @@ def _sequences(value, vocab: int, limits: Limits) -> list[np.ndarray]:
     return [_id_row(row, f"sequences[{i}]", vocab) for i, row in enumerate(value)]
 
 
-SCORE_FIELDS = {"sequences", "prompt_lengths", "topk", "query_ids", "temperature"}
+SCORE_FIELDS = {"sequences", "prompt_lengths", "topk", "query_ids", "temperature", "logprob_dtype", "wire_version"}
 
 
-def score_batch_from_json(obj: dict, vocab: int, limits: Limits) -> Batch:
-    """/v1/score JSON body: {sequences, prompt_lengths, topk?, query_ids?, temperature?}, or the
-    base64 wire form (an object with "protege_wire")."""
+def score_batch_from_json(obj: dict, vocab: int, limits: Limits) -> tuple[Batch, ReplyFormat]:
+    """/v1/score JSON body: {sequences, prompt_lengths, topk?, query_ids?, temperature?, logprob_dtype?,
+    wire_version?}, or the base64 wire form (an object with "protege_wire")."""
     if "protege_wire" in obj:
         try:
-            meta, arrays = from_json_dict(obj)
+            version, meta, arrays = read_json_dict(obj)
         except WireError as exc:
             raise bad(str(exc)) from None
-        return score_batch_from_wire(meta, arrays, vocab, limits)
+        return score_batch_from_wire(meta, arrays, vocab, limits, version)
     check_keys(obj, SCORE_FIELDS, "the score request")
+    version = obj.get("wire_version", VERSION)
+    if isinstance(version, bool) or version not in READ_VERSIONS:
+        raise bad(f"wire_version must be one of {', '.join(map(str, READ_VERSIONS))}, got {str(version)[:40]}")
+    reply = get_reply_format(obj, version)
     for key in ("sequences", "prompt_lengths"):
         if key not in obj:
             raise bad(f"missing field {key!r}")
@@ -190,7 +219,7 @@ def score_batch_from_json(obj: dict, vocab: int, limits: Limits) -> Batch:
         query = [_id_row(r, f"query_ids[{i}]", vocab, ndim=2) for i, r in enumerate(rows)]
         _check_query_shapes(query, sequences, prompt_lengths, limits)
     return Batch(sequences=sequences, prompt_lengths=prompt_lengths, topk=topk, query_ids=query,
-                 temperature=temperature)
+                 temperature=temperature), reply
 
 
 def _check_query_shapes(query: list[np.ndarray], sequences, prompt_lengths, limits: Limits) -> None:
@@ -203,24 +232,29 @@ def _check_query_shapes(query: list[np.ndarray], sequences, prompt_lengths, limi
                       "(one list of M ids per completion position, the same M for every row)")
 
 
-def score_batch_from_binary(body: bytes, vocab: int, limits: Limits) -> Batch:
+def score_batch_from_binary(body: bytes, vocab: int, limits: Limits) -> tuple[Batch, ReplyFormat]:
     try:
-        meta, arrays = unpack(body)
+        version, meta, arrays = read_binary(body)
     except WireError as exc:
         raise bad(str(exc)) from None
-    return score_batch_from_wire(meta, arrays, vocab, limits)
+    return score_batch_from_wire(meta, arrays, vocab, limits, version)
 
 
-def score_batch_from_wire(meta: dict, arrays: dict[str, np.ndarray], vocab: int, limits: Limits) -> Batch:
-    """Arrays tokens (S,), sequence_lengths (N,), prompt_lengths (N,), query_ids (C, M)?; meta topk, temperature."""
-    check_keys(meta, {"topk", "temperature"}, "the request meta")
+def score_batch_from_wire(meta: dict, arrays: dict[str, np.ndarray], vocab: int, limits: Limits,
+                          version: int = VERSION) -> tuple[Batch, ReplyFormat]:
+    """Arrays tokens (S,), sequence_lengths (N,), prompt_lengths (N,), query_ids (C, M)?; meta topk,
+    temperature, logprob_dtype? (integer arrays: i4, or u2 from version 2)."""
+    check_keys(meta, {"topk", "temperature", "logprob_dtype"}, "the request meta")
     check_keys(arrays, {"tokens", "sequence_lengths", "prompt_lengths", "query_ids"}, "the request arrays")
+    reply = get_reply_format(meta, version)
     for key in ("tokens", "sequence_lengths", "prompt_lengths"):
         if key not in arrays:
             raise bad(f"missing array {key!r}")
-        if arrays[key].dtype.kind != "i" or arrays[key].ndim != 1:
-            raise bad(f"array {key} must be 1-D int32, got {arrays[key].dtype} with shape {list(arrays[key].shape)}")
-    tokens, lengths, plens = arrays["tokens"], arrays["sequence_lengths"], arrays["prompt_lengths"]
+        if arrays[key].dtype.kind not in "iu" or arrays[key].ndim != 1:
+            raise bad(f"array {key} must be 1-D integers (i4, or u2), got {arrays[key].dtype} with shape "
+                      f"{list(arrays[key].shape)}")
+    tokens, lengths, plens = (arrays[k].astype(np.int32, copy=False)
+                              for k in ("tokens", "sequence_lengths", "prompt_lengths"))
     if len(lengths) > limits.max_request_seqs:
         raise RequestError(413, f"{len(lengths)} sequences exceed the per-request limit of {limits.max_request_seqs}")
     if len(lengths) and lengths.min() < 1:
@@ -237,15 +271,15 @@ def score_batch_from_wire(meta: dict, arrays: dict[str, np.ndarray], vocab: int,
     if "query_ids" in arrays:
         q = arrays["query_ids"]
         completion = int((lengths - plens).sum(dtype=np.int64))
-        if q.dtype.kind != "i" or q.ndim != 2 or q.shape[0] != completion:
-            raise bad(f"array query_ids must be int32 of shape [{completion}, M] (one row per completion "
-                      f"position), got {q.dtype} {list(q.shape)}")
+        if q.dtype.kind not in "iu" or q.ndim != 2 or q.shape[0] != completion:
+            raise bad(f"array query_ids must be integers (i4, or u2) of shape [{completion}, M] (one row per "
+                      f"completion position), got {q.dtype} {list(q.shape)}")
         if not 1 <= q.shape[1] <= limits.max_query_ids:
             raise bad(f"query_ids width {q.shape[1]} is out of range [1, {limits.max_query_ids}] (--max-query-ids)")
         check_ids(q, "query_ids", vocab)
-        query = np.split(q, np.cumsum(lengths - plens)[:-1])
+        query = np.split(q.astype(np.int32, copy=False), np.cumsum(lengths - plens)[:-1])
     return Batch(sequences=sequences, prompt_lengths=prompt_lengths, topk=topk, query_ids=query,
-                 temperature=temperature)
+                 temperature=temperature), reply
 
 
 TRL_FIELDS = {"sequences", "prompt_lengths", "top_logprobs", "temperature", "response_format"}

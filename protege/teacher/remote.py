@@ -11,7 +11,12 @@ until `max_retries` attempts or `max_wait_s` seconds have passed for that chunk 
 long enough for a restarted teacher to load). A 4xx is the caller's mistake: it is raised at once
 as ValueError with the server's message.
 
-protocol="protege": binary POST /v1/score (top-k, logprobs at query ids, actual-token logprobs).
+protocol="protege": binary POST /v1/score (top-k, logprobs at query ids, actual-token logprobs),
+    wire version 2: ids come as uint16 when the teacher's vocabulary fits (lossless), logprobs as
+    float32, or float16 with `logprob_dtype="float16"` (half the logprob bytes, <= 4.9e-4 relative
+    error, max 0.0078 absolute for logprobs in [-30, 0]; see protege.wire). A server that only reads
+    wire version 1 (an older protege) is detected from its 400 and spoken to in version 1 from then on
+    (float32 logprobs only).
 protocol="openai":  POST /v1/completions with prompt_logprobs, what vLLM serves. vLLM must run with
     `--logprobs-mode processed_logprobs` for temperature to apply, and `--max-logprobs` >= k; it
     cannot return logprobs at ids the client picks, so query_ids raise a ValueError.
@@ -46,7 +51,7 @@ class RemoteTeacher:
     def __init__(self, urls: str | list[str], *, api_key: str | None = None, timeout: float = 300.0,
                  max_retries: int = 100, max_wait_s: float = 600.0, chunk_tokens: int = 32768,
                  concurrency: int = 4, protocol: str = "protege", vocab_size: int | None = None,
-                 model: str | None = None):
+                 model: str | None = None, logprob_dtype: str = "float32"):
         urls = [urls] if isinstance(urls, str) else list(urls)
         if not urls:
             raise ValueError("RemoteTeacher needs at least one server URL")
@@ -54,6 +59,14 @@ class RemoteTeacher:
             raise ValueError(f"protocol={protocol!r}: use 'protege' (protege serve-teacher) or 'openai' (vLLM)")
         if chunk_tokens < 1 or concurrency < 1:
             raise ValueError("chunk_tokens and concurrency must be >= 1")
+        if logprob_dtype not in wire.LOGPROB_DTYPES:
+            raise ValueError(f"logprob_dtype={logprob_dtype!r}: use 'float32' (exact) or 'float16' (half the bytes, "
+                             "~1e-3 relative error)")
+        if logprob_dtype != "float32" and protocol != "protege":
+            raise ValueError(f"logprob_dtype={logprob_dtype!r} applies to protocol='protege' only "
+                             "(an OpenAI-compatible server answers JSON text)")
+        self.logprob_dtype = logprob_dtype
+        self._wire_version = wire.VERSION  # lowered to 1 when a server turns version 2 down
         self.urls = [u.rstrip("/") for u in urls]
         self.protocol = protocol
         self.chunk_tokens = chunk_tokens
@@ -176,10 +189,22 @@ class RemoteTeacher:
         query_ids = None
         if query is not None:  # (C, M): completion positions of the chunk's rows, in order
             query_ids = torch.cat([query[i, : comp_lens[i]] for i in chunk]).to(torch.int32).numpy()
-        body = wire.encode_score_request([sequences[i] for i in chunk], prompt_lengths, topk=request.topk,
-                                         temperature=request.temperature, query_ids=query_ids)
-        response = self._post("/v1/score", content=body, headers={"Content-Type": wire.BINARY_MEDIA_TYPE,
-                                                                    "Accept": wire.BINARY_MEDIA_TYPE})
+        headers = {"Content-Type": wire.BINARY_MEDIA_TYPE, "Accept": wire.BINARY_MEDIA_TYPE}
+        while True:
+            version = self._wire_version
+            body = wire.encode_score_request([sequences[i] for i in chunk], prompt_lengths, topk=request.topk,
+                                             temperature=request.temperature, query_ids=query_ids,
+                                             logprob_dtype=self.logprob_dtype, version=version)
+            try:
+                response = self._post("/v1/score", content=body, headers=headers)
+                break
+            except ValueError as exc:  # an older server: "wire version 2 is not supported; this side speaks 1"
+                if version < 2 or f"wire version {version} is not supported" not in str(exc):
+                    raise
+                if self.logprob_dtype != "float32":
+                    raise ValueError(f"logprob_dtype={self.logprob_dtype!r} needs a teacher server that reads wire "
+                                     f"version 2; this one does not ({exc})") from None
+                self._wire_version = 1
         _, tensors = wire.decode_score_response(response.content, response.headers.get("content-type", ""))
         expected = torch.tensor([comp_lens[i] for i in chunk])
         if not torch.equal(tensors["completion_lengths"], expected):
