@@ -3,6 +3,9 @@ before/after metrics and side-by-side showcase answers."""
 
 from __future__ import annotations
 
+import os
+import platform
+import time
 from pathlib import Path
 
 METRIC_NAMES = {
@@ -24,6 +27,7 @@ def write_report(out_dir: Path, summary: dict, histories: dict[str, list[dict]])
     lines = ["# protege distillation report", "",
              f"Student: SmolLM2-135M-Instruct keeping layers {summary['kept_layers']}; "
              f"teacher: SmolLM2-135M-Instruct (30 layers). Total time {summary['seconds']:.0f} s.", "",
+             f"Written {time.strftime('%Y-%m-%d %H:%M')} on {_machine()}.", "",
              "## Held-out metrics", "", "| metric | before | after |", "|---|---|---|"]
     for key, label in METRIC_NAMES.items():
         if key in before:
@@ -49,6 +53,15 @@ def write_report(out_dir: Path, summary: dict, histories: dict[str, list[dict]])
     path = out_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()}"
 
 
 def _plots(out_dir: Path, histories: dict[str, list[dict]]) -> list[Path]:
