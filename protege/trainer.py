@@ -167,10 +167,13 @@ class Distiller:
         if student_p:
             need_topk = cfg.loss.top_k if self.cfg.teacher.urls and cfg.loss.support in ("student", "union") else 0
             need_topk = max(need_topk, cfg.output.diagnostics_top_k)
-            parts.append(hf_rollout.generate(
-                self.student, student_p, max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                top_k=r.top_k, eos_ids=self.eos_ids, pad_id=self.tok.pad_token_id, batch_tokens=r.batch_tokens,
-                record_topk=need_topk, autocast_bf16=self.bf16, source="student"))
+            kw = dict(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                      eos_ids=self.eos_ids, record_topk=need_topk, source="student")
+            if r.engine == "vllm":
+                parts.append(self._vllm_engine().generate(student_p, **kw))
+            else:
+                parts.append(hf_rollout.generate(self.student, student_p, pad_id=self.tok.pad_token_id,
+                                                 batch_tokens=r.batch_tokens, autocast_bf16=self.bf16, **kw))
         if off_p:
             if not hasattr(self, "teacher_model"):
                 raise ValueError("mix.seq_kd needs an in-process teacher (teacher.path) to generate")
@@ -184,6 +187,21 @@ class Distiller:
         if self.cfg.teacher.urls and cfg.loss.support in ("student", "union") and buffer.student_topk_ids is None:
             buffer.student_topk_ids = self._student_topk(buffer)
         return buffer
+
+    def _vllm_engine(self):
+        """The colocated vLLM rollout engine (rollout.engine=vllm), built on first use from the current student."""
+        if getattr(self, "_vllm", None) is None:
+            from protege.rollout.vllm_engine import VLLMRolloutEngine
+
+            r = self.cfg.rollout
+            self._vllm = VLLMRolloutEngine(
+                self.cfg.student.path, student_model=self.student,
+                dtype="bfloat16" if self.bf16 else self.cfg.student.dtype,
+                gpu_memory_utilization=r.vllm_gpu_memory_utilization,
+                max_model_len=min(self.cfg.data.max_prompt_tokens + r.max_new_tokens,
+                                  getattr(self.student.config, "max_position_embeddings", None) or 1 << 30),
+                seed=self.cfg.train.seed + self.acc.process_index, enable_sleep_mode=r.vllm_enable_sleep_mode)
+        return self._vllm
 
     @torch.no_grad()
     def _student_topk(self, buffer: Rollouts) -> torch.Tensor:
@@ -239,6 +257,8 @@ class Distiller:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if getattr(self, "_vllm", None) is not None:  # rollout.engine=vllm: the next buffer samples the new weights
+            self._vllm.sync_weights(self.student)
         t3 = time.perf_counter()
 
         loss_total = float(acc.reduce(torch.tensor(loss_sum, device=acc.device), reduction="sum"))

