@@ -126,19 +126,24 @@ def _as_wire_array(name: str, array, code: str | None = None) -> tuple[str, np.n
     return code, np.ascontiguousarray(array, dtype=_DTYPES[code])
 
 
+def _wire_arrays(arrays: dict, dtypes: dict | None, version: int, field: str):
+    """(name, wire dtype code, numpy array) for each non-None array, checked against the wire version."""
+    allowed = VERSION_DTYPES[_check_version(version, field)]
+    for name, array in arrays.items():
+        if array is None:
+            continue
+        code, array = _as_wire_array(name, array, (dtypes or {}).get(name))
+        if code not in allowed:
+            raise ValueError(f"array {name!r}: dtype {code} needs wire version 2 (writing version {version})")
+        yield name, code, array
+
+
 def pack(meta: dict, arrays: dict[str, object], *, dtypes: dict[str, str] | None = None,
          version: int = VERSION) -> bytes:
     """Binary form of `meta` plus `arrays` (numpy arrays or tensors; None entries are skipped).
     dtypes: wire dtype per array name ("f4", "i4", "f2", "u2"); the rest go floats -> f4, ints -> i4."""
-    allowed = VERSION_DTYPES[_check_version(version, "version")]
-    dtypes = dtypes or {}
     entries, blobs, offset = [], [], 0
-    for name, array in arrays.items():
-        if array is None:
-            continue
-        code, array = _as_wire_array(name, array, dtypes.get(name))
-        if code not in allowed:
-            raise ValueError(f"array {name!r}: dtype {code} needs wire version 2 (writing version {version})")
+    for name, code, array in _wire_arrays(arrays, dtypes, version, "version"):
         entries.append([name, code, list(array.shape), offset])
         blobs.append((offset, array))
         offset += -(-array.nbytes // 8) * 8
@@ -199,15 +204,8 @@ def unpack(body: bytes | bytearray | memoryview) -> tuple[dict, dict[str, np.nda
 def to_json_dict(meta: dict, arrays: dict[str, object], *, dtypes: dict[str, str] | None = None,
                  version: int = VERSION) -> dict:
     """The base64-in-JSON form (a dict ready for orjson.dumps); dtypes as in `pack`."""
-    allowed = VERSION_DTYPES[_check_version(version, "protege_wire")]
-    dtypes = dtypes or {}
     out = {}
-    for name, array in arrays.items():
-        if array is None:
-            continue
-        code, array = _as_wire_array(name, array, dtypes.get(name))
-        if code not in allowed:
-            raise ValueError(f"array {name!r}: dtype {code} needs wire version 2 (writing version {version})")
+    for name, code, array in _wire_arrays(arrays, dtypes, version, "protege_wire"):
         out[name] = {"dtype": code, "shape": list(array.shape), "b64": base64.b64encode(array.data).decode("ascii")}
     return {"protege_wire": version, "meta": meta, "arrays": out}
 
