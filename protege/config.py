@@ -96,6 +96,10 @@ class LossConfig(_Section):
     discount: float | None = Field(None, ge=0, le=1, description="sampled_pg: reward-to-go discount (MiniLLM); "
                                    "None = per-token advantage.")
     chunk_size: int = Field(1024, ge=16, description="Positions per chunk of the vocabulary projection.")
+    fused: bool = Field(True, description="Compute the vocabulary projection's gradients chunk by chunk in the "
+                        "forward pass (the student's lm_head runs 3 times per token instead of 4, the teacher's "
+                        "once instead of twice, the softmaxes once); false = recompute them in the backward "
+                        "(torch.utils.checkpoint). Same gradients either way.")
 
 
 class RolloutConfig(_Section):
@@ -137,6 +141,9 @@ class TrainConfig(_Section):
         "very slow on CPUs without native bf16); auto = measure which is faster here.")
     seed: int = Field(0, description="Seed of data order, sampling and mixing.")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (None = torch default).")
+    gradient_checkpointing: bool = Field(False, description="Recompute the student's layer activations in the "
+                                         "backward instead of keeping them: less memory for bigger micro-batches "
+                                         "or longer completions, at about one extra forward of compute.")
 
 
 class OutputConfig(_Section):

@@ -48,10 +48,11 @@ def per_token_loss(cfg: LossConfig, student_hidden: torch.Tensor, student_weight
     tokens = mb.completion_ids.to(h.device)[mask]  # (n,)
     flat = lambda x: None if x is None else x.to(h.device)[mask]  # noqa: E731  (B, T, ...) -> (n, ...)
     out = torch.zeros(mask.shape, dtype=torch.float32, device=h.device)  # (B, T)
-    tau, chunk = cfg.temperature, cfg.chunk_size
+    tau, chunk, fused = cfg.temperature, cfg.chunk_size, cfg.fused  # fused: values summed with one weight
 
     if cfg.name == "sft":
-        values = -L.chunked_loss_from_hidden(h, student_weight, _token_logprob(1.0), tokens, chunk_size=chunk)
+        values = -L.chunked_loss_from_hidden(h, student_weight, _token_logprob(1.0), tokens, chunk_size=chunk,
+                                             fused=fused)
     elif cfg.name == "sampled_pg":
         if mb.sampling_logprobs is None:
             raise ValueError("loss.name=sampled_pg needs sampling logprobs: only student rollouts have them")
@@ -64,7 +65,7 @@ def per_token_loss(cfg: LossConfig, student_hidden: torch.Tensor, student_weight
     elif cfg.support == "sampled":
         fn = _topk_fn(cfg, given_support=True)
         values = L.chunked_loss_from_hidden(h, student_weight, fn, tokens[:, None], flat(signal.token_logprobs)[:, None],
-                                            None, chunk_size=chunk)
+                                            None, chunk_size=chunk, fused=fused)
     elif signal.hidden_states is not None:  # in-process teacher: exact logits per chunk
         t_hidden, t_weight = flat(signal.hidden_states), signal.lm_head.to(h.device)
         if cfg.support == "full":
@@ -72,14 +73,14 @@ def per_token_loss(cfg: LossConfig, student_hidden: torch.Tensor, student_weight
                                                 teacher_weight=t_weight, name=cfg.name, beta=cfg.beta,
                                                 alpha=cfg.alpha, temperature=tau,
                                                 scale_by_temperature_squared=cfg.scale_temperature_squared,
-                                                chunk_size=chunk)
+                                                chunk_size=chunk, fused=fused)
         else:
             values = L.chunked_loss_from_hidden(h, student_weight, _local_topk_fn(cfg, t_weight), t_hidden, tokens,
-                                                chunk_size=chunk)
+                                                chunk_size=chunk, fused=fused)
     else:  # remote teacher: support ids and teacher logprobs at them were sent
         ids, lps, smask = _remote_support(cfg, signal, mb)
         values = L.chunked_loss_from_hidden(h, student_weight, _topk_fn(cfg, given_support=True), flat(ids),
-                                            flat(lps), flat(smask), chunk_size=chunk)
+                                            flat(lps), flat(smask), chunk_size=chunk, fused=fused)
     return out.masked_scatter(mask, values.float())
 
 

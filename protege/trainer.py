@@ -74,6 +74,10 @@ class Distiller:
             self.tok.pad_token = self.tok.eos_token
         self.eos_ids = _eos_ids(self.tok)
 
+        if cfg.rollout.engine == "vllm":  # a missing vllm fails before minutes of model loading
+            from protege.rollout.vllm_engine import require_vllm
+
+            require_vllm("rollout.engine=vllm", "rollout.engine=hf")
         # data first: a bad dataset fails before minutes of model loading
         self.prompts = PromptTokenizer(self.tok, cfg.data.max_prompt_tokens)
         rows = load_rows(cfg.data.path, cfg.data.split)
@@ -107,6 +111,8 @@ class Distiller:
             lc = cfg.student.lora
             student = get_peft_model(student, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
                                                          target_modules=lc.target_modules, task_type="CAUSAL_LM"))
+        if cfg.train.gradient_checkpointing:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.student = student.to(self.acc.device)
         self.teacher = self._build_teacher(teacher_model)
         if self.teacher.vocab_size != output_weight(self.student).shape[0]:

@@ -245,3 +245,41 @@ def test_lora_checkpoint_holds_adapters_and_resumes(tiny_paths, tmp_path):
     want = [h["loss"] for h in ref if "loss" in h][1:]
     got = [h["loss"] for h in resumed if "loss" in h]
     assert got == pytest.approx(want, rel=1e-6, abs=1e-7)
+
+
+def test_vllm_engine_without_vllm_fails_before_loading_models(tiny_paths, tmp_path, monkeypatch):
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here; tests/test_vllm.py trains with it")
+    import protege.modeling
+
+    def no_loading(*a, **k):
+        raise AssertionError("a model was loaded before the vllm check")
+
+    monkeypatch.setattr(protege.modeling, "load_model", no_loading)
+    with pytest.raises(RuntimeError, match=r"rollout.engine=vllm needs vllm.*setup.sh --vllm.*rollout.engine=hf"):
+        Distiller(_cfg(tiny_paths, tmp_path, "rollout.engine=vllm"))
+
+
+def test_gradient_checkpointing_gives_the_same_step(tiny_paths, tmp_path):
+    params = []
+    for gc in (False, True):
+        d = Distiller(_cfg(tiny_paths, tmp_path / str(gc), "train.max_steps=1", f"train.gradient_checkpointing={gc}"))
+        assert d.student.is_gradient_checkpointing == gc
+        d.train_step()
+        params.append(torch.cat([p.detach().flatten() for p in d.student.parameters()]))
+    assert torch.allclose(params[0], params[1], atol=1e-6, rtol=0), (params[0] - params[1]).abs().max()
+
+
+@pytest.mark.parametrize("loss", [["loss.name=jsd"], ["loss.support=teacher", "loss.top_k=4"],
+                                  ["loss.name=sft", "mix.lmbda=0"]])
+def test_fused_loss_gives_the_same_step(tiny_paths, tmp_path, loss):
+    params = []
+    for fused in (False, True):
+        d = Distiller(_cfg(tiny_paths, tmp_path / str(fused), "train.max_steps=1", f"loss.fused={fused}", *loss))
+        before = torch.cat([p.detach().flatten() for p in d.student.parameters()])
+        d.train_step()
+        params.append(torch.cat([p.detach().flatten() for p in d.student.parameters()]))
+        assert not torch.equal(before, params[-1])
+    assert torch.allclose(params[0], params[1], atol=1e-6, rtol=0), (params[0] - params[1]).abs().max()

@@ -6,6 +6,8 @@ the forward keeps only the chunk's inputs, and the backward recomputes the chunk
 its backward and frees them before the next chunk. Peak extra memory is one chunk's logits and
 loss intermediates instead of the whole batch's. The cost: the chunk's matmuls (student, and the
 teacher's when it comes as hidden states) run twice, once in forward and once in backward.
+With fused=True the chunk's gradients are computed right away in the forward pass instead (no
+recompute; valid when the rows' values are summed with one weight, as the trainer does).
 
 A teacher given as (hidden (N, Ht), weight (V, Ht)) is turned into logits inside the same chunk
 under torch.no_grad (dense_teacher_chunk), so its (N, V) logits never exist either.
@@ -32,12 +34,66 @@ def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, loss_fn: Callable, *
     return out
 
 
+class _FusedChunks(torch.autograd.Function):
+    """Values of loss_fn per row, with the gradients of their SUM computed in the forward pass.
+
+    Per chunk c (rows r): z = h_r W^T, v = loss_fn(z), g = d(sum v)/dz (N_c, V) by a local autograd
+    call, then grad_h[r] = g W and grad_W += g^T h_r; z and g are freed before the next chunk.
+    backward(grad_out) returns s * grad_h and s * grad_W, where grad_out must be the same s for
+    every row (the trainer sums per-token losses with one weight, 1 / step tokens); a non-uniform
+    grad_out is an error, never a silently wrong gradient. Costs 3 vocabulary matmuls per row (z, g W,
+    g^T h) instead of 4 with checkpointing (z twice), and the loss's softmaxes run once, not twice.
+    Extra memory: grad_W (V, H) and grad_h (N, H).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, loss_fn, chunk_size, *extras):
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]  # a frozen lm_head (LoRA): no grad_W
+        grad_h = torch.empty_like(hidden) if want_h else None
+        acc = torch.promote_types(weight.dtype, torch.float32)  # accumulate grad_W in >= fp32
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_w else None
+        w = weight.detach()
+        outs = []
+        for start in range(0, hidden.shape[0], chunk_size):
+            h = hidden[start: start + chunk_size].detach()
+            args = [None if e is None else e[start: start + chunk_size] for e in extras]
+            with torch.enable_grad():
+                z = (h @ w.T).detach().requires_grad_()  # (N_c, V)
+                v = loss_fn(z, *args)  # (N_c,)
+                if v.shape != h.shape[:1]:
+                    raise ValueError(f"loss_fn returned shape {tuple(v.shape)}; expected one value per row "
+                                     f"({h.shape[0]},)")
+                (g,) = torch.autograd.grad(v.sum(), z)  # (N_c, V)
+            g = g.to(w.dtype)
+            if want_h:
+                grad_h[start: start + chunk_size] = g @ w  # (N_c, H)
+            if want_w:
+                grad_w.addmm_(g.T.to(acc), h.to(acc))  # (V, H)
+            outs.append(v.detach())
+            del z, v, g
+        ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(weight.dtype))
+        ctx.n_extras = len(extras)
+        return torch.cat(outs)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        s = grad_out[0]
+        if (grad_out - s).abs().max() > 1e-6 * max(float(s.abs()), 1e-30):
+            raise RuntimeError(
+                "fused chunked loss: the per-row values were weighted unequally in the final loss, but their "
+                "gradients were computed for an equal-weight sum. Set loss.fused=false (fused=False) for such uses.")
+        scaled = [None if g is None else g * s.to(g.dtype) for g in (grad_h, grad_w)]
+        return *scaled, None, None, *([None] * ctx.n_extras)
+
+
 def chunked_loss_from_hidden(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     loss_fn: Callable[..., torch.Tensor],
     *extras: torch.Tensor | None,
     chunk_size: int = 1024,
+    fused: bool = False,
 ) -> torch.Tensor:
     """loss_fn(hidden @ weight.T, *extras) row chunk by row chunk: (N, H), (V, H) -> (N,).
 
@@ -45,6 +101,10 @@ def chunked_loss_from_hidden(
     extras: tensors with leading dim N, split like hidden, or None (passed through as None).
     Values and gradients (w.r.t. hidden, weight and any extra with grad) equal the unchunked
     loss_fn(hidden @ weight.T, *extras) up to float rounding.
+
+    fused=True (when gradients are needed and no extra needs one): the gradients are computed in the
+    forward pass (_FusedChunks), which is cheaper but only valid when the returned values enter the
+    final loss with one common weight (e.g. sum / token count); other weightings raise in backward.
     """
     check_chunk_size(chunk_size)
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
@@ -67,6 +127,8 @@ def chunked_loss_from_hidden(
     needs_grad = torch.is_grad_enabled() and (
         hidden.requires_grad or weight.requires_grad or any(e is not None and e.requires_grad for e in extras)
     )
+    if needs_grad and fused and not any(e is not None and e.requires_grad for e in extras):
+        return _FusedChunks.apply(hidden, weight, loss_fn, chunk_size, *extras)
     outs = []
     for i, h in enumerate(hidden_chunks):
         args = [chunks[i] for chunks in extra_chunks]
@@ -96,8 +158,9 @@ def chunked_dense_divergence(
     temperature: float = 1.0,
     scale_by_temperature_squared: bool = False,
     chunk_size: int = 1024,
+    fused: bool = False,
 ) -> torch.Tensor:
-    """dense_divergence from hidden states, chunked: (N, H), (V, H) -> (N,).
+    """dense_divergence from hidden states, chunked: (N, H), (V, H) -> (N,). fused: see chunked_loss_from_hidden.
 
     The teacher is either (teacher_hidden (N, Ht), teacher_weight (V, Ht)), exact logits built per
     chunk, or teacher_logprobs (N, V) (log p at tau = 1, re-normalised at tau as in
@@ -143,7 +206,8 @@ def chunked_dense_divergence(
             student_logits, teacher_chunk, name, beta, alpha, temperature, scale_by_temperature_squared
         )  # (N_c,)
 
-    return chunked_loss_from_hidden(student_hidden, student_weight, loss_fn, teacher, chunk_size=chunk_size)
+    return chunked_loss_from_hidden(student_hidden, student_weight, loss_fn, teacher, chunk_size=chunk_size,
+                                    fused=fused)
 
 
 __all__ = ["chunked_loss_from_hidden", "dense_teacher_chunk", "chunked_dense_divergence"]

