@@ -14,7 +14,7 @@ tokenizer (17 tokens), tiny Llama models built from configs (nothing downloaded)
 1. Teacher (4 layers, hidden 128): trained from scratch with protege itself (loss.name=sft,
    mix.lmbda=0: the dataset's worked answers).
 2. Student (2 layers, hidden 64, ~8x fewer weights): from scratch, SFT on the worked answers, saved
-   at two points (--student-steps, default 300 and 900 steps): a weak and a stronger start
+   at two points (--student-steps, default 300 and 420 steps): a weak and a stronger start
    ('student before distillation' rows); every method below runs from each.
 3. From that start, each method runs the same number of optimizer steps with the same prompts per
    step (one completion per prompt, so about the same tokens), lr and schedule:
@@ -25,7 +25,8 @@ tokenizer (17 tokens), tiny Llama models built from configs (nothing downloaded)
    - lmbda=0.5 mixing (reverse KL)  loss=reverse_kl   mix.lmbda=0.5 mix.seq_kd=true (the other half:
                                     teacher samples)
    - off-policy cold start          supervised KD for the first half of the steps, then on-policy
-                                    reverse KL (a fresh optimizer) for the second half
+                                    reverse KL (a fresh optimizer, as protege recipes do) for the
+                                    second half; and the same with 20 warm-up steps in stage 2
    x 3 seeds (train.seed: prompt order, sampling, mixing coins). Full-vocabulary losses, in-process
    teacher, temperature 1 sampling, fp32.
 4. Held-out exact match (greedy) on problems never seen in training; mean and spread over seeds.
@@ -65,6 +66,9 @@ METHODS = {  # name: stages of (share of the steps, config overrides on top of t
     "off-policy cold start: supervised KD, then on-policy reverse KL (half the steps each)": [
         (0.5, ["loss.name=forward_kl", "mix.lmbda=0", "mix.seq_kd=true"]),
         (0.5, ["loss.name=reverse_kl", "mix.lmbda=1"])],
+    "the same cold start, 20 warm-up steps for the second stage's fresh optimizer": [
+        (0.5, ["loss.name=forward_kl", "mix.lmbda=0", "mix.seq_kd=true"]),
+        (0.5, ["loss.name=reverse_kl", "mix.lmbda=1", "optim.warmup_steps=20"])],
 }
 
 
@@ -260,7 +264,8 @@ def job(args) -> None:
 
 
 def run_jobs(args, work: Path) -> list[dict]:
-    jobs = [(st, m, s) for st in args.student_steps for s in range(args.seeds) for m in METHODS]
+    methods = [m for m in METHODS if not args.methods or any(x in m for x in args.methods.split(","))]
+    jobs = [(st, m, s) for st in args.student_steps for s in range(args.seeds) for m in methods]
     pending, running, results = list(enumerate(jobs)), [], []
     while pending or running:
         while pending and len(running) < args.parallel:
@@ -316,6 +321,8 @@ def report(args, info: dict, results: list[dict], seconds: float) -> str:
         "",
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
         f"- machine: {machine()}",
+        f"- command: `python bench/bench_quality.py` then `python bench/bench_quality.py {argv}` for those methods' "
+        f"rows (total {seconds / 60:.1f} min)" if args.methods else
         f"- command: `python bench/bench_quality.py{' ' + argv if argv else ''}` (total {seconds / 60:.1f} min; "
         "the teacher and student starts are made once per --work folder and reused by later runs with the same "
         "settings)",
@@ -372,8 +379,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes, to try the script (a few minutes)")
     ap.add_argument("--teacher-steps", type=int, default=1000)
-    ap.add_argument("--student-steps", default="300,900",
-                    help="SFT steps of the student starts, comma-separated (default 300,900)")
+    ap.add_argument("--student-steps", default="300,420",
+                    help="SFT steps of the student starts, comma-separated (default 300,420)")
     ap.add_argument("--steps", type=int, default=200, help="optimizer steps of every method")
     ap.add_argument("--prompts-per-step", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -384,6 +391,8 @@ def main() -> None:
     ap.add_argument("--work", default=str(ROOT / "outputs" / "bench_quality"))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality.md"))
     ap.add_argument("--render-only", action="store_true", help="only rewrite --out from <work>/results.json")
+    ap.add_argument("--methods", default="", help="only the methods whose names contain one of these comma-separated "
+                    "words; their rows replace those of the earlier run in --work, the others are kept")
     # internal: one job in a subprocess
     ap.add_argument("--job-index", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--method", default=None, help=argparse.SUPPRESS)
@@ -405,14 +414,20 @@ def main() -> None:
     t0 = time.perf_counter()
     info = prepare(args, work)
     results = run_jobs(args, work)
-    text = report(args, info, results, time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
+    previous = work / "results.json"
+    if args.methods and previous.exists():  # keep the earlier run's other rows
+        old = json.loads(previous.read_text())
+        done = {(r["method"], r["start"], r["seed"]) for r in results}
+        results = [r for r in old["results"] if (r["method"], r["start"], r["seed"]) not in done] + results
+        seconds += old.get("seconds", 0.0)
+    text = report(args, info, results, seconds)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".md.tmp")
     tmp.write_text(text)
     tmp.replace(out)
-    (work / "results.json").write_text(json.dumps({"info": info, "results": results,
-                                                       "seconds": time.perf_counter() - t0}, indent=1))
+    previous.write_text(json.dumps({"info": info, "results": results, "seconds": seconds}, indent=1))
     print(text)
 
 

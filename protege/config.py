@@ -95,7 +95,9 @@ class LossConfig(_Section):
     ratio_clip: float | None = Field(None, gt=0, description="sampled_pg: truncate the importance ratio at this value.")
     discount: float | None = Field(None, ge=0, le=1, description="sampled_pg: reward-to-go discount (MiniLLM); "
                                    "None = per-token advantage.")
-    chunk_size: int = Field(1024, ge=16, description="Positions per chunk of the vocabulary projection.")
+    chunk_size: int = Field(1024, ge=16, description="Positions per chunk of the vocabulary projection (in the "
+                            "loss and in in-process teacher scoring): smaller = less memory (a chunk's logits are "
+                            "chunk_size x vocab floats), more, smaller matmuls.")
     fused: bool = Field(True, description="Compute the vocabulary projection's gradients chunk by chunk in the "
                         "forward pass (the student's lm_head runs 3 times per token instead of 4, the teacher's "
                         "once instead of twice, the softmaxes once); false = recompute them in the backward "

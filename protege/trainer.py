@@ -146,7 +146,8 @@ class Distiller:
                                  logprob_dtype=cfg.logprob_dtype)
         model = teacher_model if teacher_model is not None else load_model(cfg.path, cfg.dtype)
         self.teacher_model = model.to(self.acc.device)
-        return LocalTeacher(self.teacher_model, pad_id=self.tok.pad_token_id, token_budget=cfg.batch_tokens)
+        return LocalTeacher(self.teacher_model, pad_id=self.tok.pad_token_id, token_budget=cfg.batch_tokens,
+                            chunk_positions=self.cfg.loss.chunk_size)
 
     # ------------------------------------------------------------------------------ the buffer
     def make_buffer(self, step: int) -> Rollouts:

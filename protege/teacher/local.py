@@ -92,15 +92,17 @@ def _scatter(out: torch.Tensor, rows: list[int], tb: int, place: torch.Tensor, v
 class LocalTeacher:
     """A teacher model held in this process (its own dtype and device)."""
 
-    def __init__(self, model: nn.Module, *, pad_id: int, token_budget: int = 16384):
+    def __init__(self, model: nn.Module, *, pad_id: int, token_budget: int = 16384, chunk_positions: int = 2048):
         check_supported(model, "teacher")
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.pad_id = pad_id
         self.token_budget = token_budget
+        self.chunk_positions = chunk_positions  # positions per (chunk, V) logits block while scoring
         self.vocab_size = output_weight(model).shape[0]
 
     def score(self, rollouts: Rollouts, request: ScoreRequest) -> TeacherSignal:
         return score_rows(self.model, rollouts.prompt_ids, rollouts.completion_ids, rollouts.completion_mask,
-                          request, pad_id=self.pad_id, token_budget=self.token_budget)
+                          request, pad_id=self.pad_id, token_budget=self.token_budget,
+                          chunk_positions=self.chunk_positions)
