@@ -7,14 +7,15 @@ import torch
 
 from protege import losses as L
 
-torch.set_default_dtype(torch.float64)
+F64 = torch.float64
 
 
 def _inputs(n=37, h=8, ht=6, v=50, seed=0):
     g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(n, h, generator=g, requires_grad=True)
-    weight = (2 * torch.randn(v, h, generator=g)).requires_grad_()
-    t_hidden, t_weight = torch.randn(n, ht, generator=g), 2 * torch.randn(v, ht, generator=g)
+    hidden = torch.randn(n, h, generator=g, dtype=F64, requires_grad=True)
+    weight = (2 * torch.randn(v, h, generator=g, dtype=F64)).requires_grad_()
+    t_hidden = torch.randn(n, ht, generator=g, dtype=F64)
+    t_weight = 2 * torch.randn(v, ht, generator=g, dtype=F64)
     return hidden, weight, t_hidden, t_weight
 
 
@@ -44,7 +45,7 @@ def test_fused_generic_loss_with_extras_and_masked_mean():
     for fused in (False, True):
         h, w = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
         values = L.chunked_loss_from_hidden(h, w, fn, tokens, chunk_size=8, fused=fused)
-        full = torch.zeros(5, 10).masked_scatter(torch.arange(50).reshape(5, 10) < 37, values)  # like the trainer
+        full = torch.zeros(5, 10, dtype=F64).masked_scatter(torch.arange(50).reshape(5, 10) < 37, values)  # like the trainer
         L.reduce_tokens(full, torch.arange(50).reshape(5, 10) < 37, 37).backward()
         out[fused] = (values.detach(), h.grad, w.grad)
     for a, b in zip(out[False], out[True]):
@@ -56,7 +57,7 @@ def test_unequal_weights_are_refused_not_silently_wrong():
     values = L.chunked_dense_divergence(hidden, weight, teacher_hidden=t_hidden, teacher_weight=t_weight,
                                         name="reverse_kl", chunk_size=8, fused=True)
     with pytest.raises(RuntimeError, match="loss.fused=false"):
-        (values * torch.linspace(0, 1, values.shape[0])).sum().backward()
+        (values * torch.linspace(0, 1, values.shape[0], dtype=F64)).sum().backward()
 
 
 def test_fused_without_grad_is_the_plain_path():
