@@ -81,3 +81,29 @@ def test_frozen_weight_gets_no_gradient_and_hidden_still_does():
         assert weight.grad is None
         ref = h.grad if ref is None else ref
         assert torch.allclose(h.grad, ref, atol=1e-12)
+
+
+def test_fused_under_bf16_autocast_is_as_accurate_as_checkpointed():
+    hidden, weight, t_hidden, t_weight = _inputs()
+    out = {}
+    for fused, bf16 in ((False, False), (False, True), (True, True)):
+        h = hidden.detach().float().clone().requires_grad_()
+        w = weight.detach().float().clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            values = L.chunked_dense_divergence(h, w, teacher_hidden=t_hidden.float(), teacher_weight=t_weight.float(),
+                                                name="reverse_kl", chunk_size=8, fused=fused)
+        values.sum().backward()
+        out[fused, bf16] = (values.detach(), h.grad, w.grad)
+    exact = out[False, False]
+    for ref, got, x in zip(out[False, True], out[True, True], exact):
+        assert ref.dtype == got.dtype == torch.float32
+        assert (got - x).abs().max() <= 2 * (ref - x).abs().max() + 1e-6  # bf16 rounding, not a wrong gradient
+        assert (got - x).abs().max() <= 0.05 * x.abs().max()
+
+
+def test_a_loss_that_ignores_the_logits_has_zero_gradient():
+    hidden, weight, _, _ = _inputs()
+    values = L.chunked_loss_from_hidden(hidden, weight, lambda z: z.new_zeros(z.shape[0]) + 1.0, chunk_size=8,
+                                        fused=True)
+    values.sum().backward()
+    assert torch.equal(values, torch.ones(37, dtype=F64)) and hidden.grad.abs().max() == 0

@@ -535,7 +535,7 @@ def test_vllm_backend_without_vllm_is_a_clear_error():
         pytest.skip("vllm is installed here; tests/test_vllm.py covers the backend")
     from protege.server.backends import load_backend
 
-    with pytest.raises(RuntimeError, match=r"needs vllm, which is not installed.*--backend hf"):
+    with pytest.raises(ValueError, match=r"needs vllm, which is not installed.*--backend hf"):
         load_backend("vllm", "some/model")
     assert "vllm" not in sys.modules
 

