@@ -388,7 +388,8 @@ def main() -> None:
     ap.add_argument("--train-problems", type=int, default=50000)
     ap.add_argument("--heldout", type=int, default=300)
     ap.add_argument("--parallel", type=int, default=2, help="runs at a time (one thread each)")
-    ap.add_argument("--work", default=str(ROOT / "outputs" / "bench_quality"))
+    ap.add_argument("--work", default=None, help="folder for models, data and logs (default outputs/bench_quality, "
+                    "outputs/bench_quality_quick with --quick)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality.md"))
     ap.add_argument("--render-only", action="store_true", help="only rewrite --out from <work>/results.json")
     ap.add_argument("--methods", default="", help="only the methods whose names contain one of these comma-separated "
@@ -402,6 +403,8 @@ def main() -> None:
     args.student_steps = sorted(int(x) for x in str(args.student_steps).split(","))
     if args.job_index is not None:
         return job(args)
+    if args.work is None:
+        args.work = str(ROOT / "outputs" / ("bench_quality_quick" if args.quick else "bench_quality"))
     if args.render_only:  # re-render the markdown from an earlier run's results in --work
         saved = json.loads((Path(args.work) / "results.json").read_text())
         Path(args.out).write_text(report(args, saved["info"], saved["results"], saved.get("seconds", 0.0)))
@@ -416,8 +419,11 @@ def main() -> None:
     results = run_jobs(args, work)
     seconds = time.perf_counter() - t0
     previous = work / "results.json"
-    if args.methods and previous.exists():  # keep the earlier run's other rows
-        old = json.loads(previous.read_text())
+    old = json.loads(previous.read_text()) if args.methods and previous.exists() else None
+    if old is not None and old.get("info") != info:
+        print(f"not merging the rows in {previous}: they were made with another teacher or student start", flush=True)
+        old = None
+    if old is not None:  # keep the earlier run's other rows (same teacher and starts)
         done = {(r["method"], r["start"], r["seed"]) for r in results}
         results = [r for r in old["results"] if (r["method"], r["start"], r["seed"]) not in done] + results
         seconds += old.get("seconds", 0.0)

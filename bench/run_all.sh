@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every benchmark, one after the other (they must not share the 2 cores), refreshing bench/results/.
 #
-#   bash bench/run_all.sh            # ~60 min on this 2-core machine
-#   bash bench/run_all.sh --quick    # each benchmark's quick mode, to try the scripts (~10 min)
+#   bash bench/run_all.sh            # ~75 min on this 2-core machine
+#   bash bench/run_all.sh --quick    # each benchmark's quick mode, to try the scripts (~15 min)
 #
 # Needs ./.venv (bash setup.sh). The rollout benchmark (HF vs vLLM engine) runs when ./.venv-vllm
 # exists (bash setup.sh --vllm) and is skipped otherwise, with a message.
