@@ -300,12 +300,9 @@ def machine() -> str:
     import torch
     import transformers
 
-    cpu = "unknown"
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"{platform.platform()}, {cpu}, {os.cpu_count()} cores; torch {torch.__version__}, "
+    from protege.hardware import cpu_model
+
+    return (f"{platform.platform()}, {cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__}, "
             f"transformers {transformers.__version__}")
 
 

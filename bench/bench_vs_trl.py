@@ -566,35 +566,20 @@ def _elapsed(started: float) -> str:
     return f"{s // 60:02d}:{s % 60:02d}"
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _cpu_flags() -> str:
-    try:
-        flags = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return "?"
-    return ", ".join(f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in flags) or "none"
-
-
 def report(args, command, runs, rates, profile, skipped, total_s) -> str:
     import torch
     import transformers
     import trl
+
+    sys.path.insert(0, str(ROOT))
+    from protege.hardware import cpu_flags, cpu_model
 
     sums = {k: [summarize(r) for r in v] for k, v in runs.items() if v}
     M = {k: {f: med([s[f] for s in v]) for f in v[0]} for k, v in sums.items()}
     L = []
     L += ["# protege vs TRL: on-policy distillation throughput on this CPU", "",
           f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
-          f"- machine: {platform.platform()}, CPU {_cpu_model()} ({_cpu_flags()}), {os.cpu_count()} cores, "
+          f"- machine: {platform.platform()}, CPU {cpu_model()} ({cpu_flags()}), {os.cpu_count()} cores, "
           f"torch threads {runs['protege mb8'][0]['threads']} in every child (one thread by default: the machine is "
           "shared and 2-thread OpenMP slowed 5-10x whenever another job ran); load average during runs "
           f"{min(s['load'] for v in sums.values() for s in v):.1f} to {max(s['load'] for v in sums.values() for s in v):.1f})",

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import platform
 import time
+from pathlib import Path
 
 import torch
 
@@ -41,3 +43,23 @@ def use_bf16(precision: str, device_type: str) -> bool:
     if precision == "auto":
         return bf16_is_fast(device_type)
     return precision == "bf16"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), for benchmark and report headers."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> str:
+    """The CPU flags that decide matmul speed (AVX2, FMA, AVX-512, bf16, AMX), comma-separated."""
+    try:
+        flags = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "?"
+    return ", ".join(f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in flags) or "none"
