@@ -254,3 +254,31 @@ def _lookup(metrics: dict[str, float], key: str) -> float | None:
         return None
     value = float(value)
     return value if math.isfinite(value) else None
+
+
+def step_health(buffer, signal, student_rows: torch.Tensor, k: int, monitor: HealthMonitor, step: int) -> dict:
+    """The health signals of one training step at student-visited positions, plus the monitor's new warnings.
+
+    buffer: the step's Rollouts; signal: the teacher's TeacherSignal for it; student_rows (N,) bool:
+    rows the student sampled; k: top-k of the overlap metrics (0 = off). Returns repetition_rate and
+    distinct_2 of the student rows, overlap metrics and entropy_gap when both top-k lists exist, and
+    "warnings" (a list) when the monitor raised any this step.
+    """
+    out = {}
+    ids = [buffer.completion_ids[i, : int(buffer.completion_mask[i].sum())].tolist() for i in range(len(buffer))]
+    student_ids = [x for x, s in zip(ids, student_rows.tolist()) if s]
+    if student_ids:
+        out["repetition_rate"] = repetition_rate(student_ids, n=4)
+        out["distinct_2"] = distinct_n(student_ids, 2)
+    if k and buffer.student_topk_logprobs is not None and signal.topk_ids is not None and student_rows.any():
+        sm = buffer.completion_mask & student_rows[:, None]  # (N, T)
+        out.update(overlap_metrics(buffer.student_topk_ids[..., :k], buffer.student_topk_logprobs[..., :k],
+                                   signal.topk_ids[..., :k], signal.topk_logprobs[..., :k], sm))
+        if signal.entropy is not None and buffer.student_entropy is not None:
+            out["entropy_gap"] = entropy_gap(buffer.student_entropy, signal.entropy, sm)
+    for_monitor = {**out, "length_mean": float(buffer.completion_mask.sum(1).float().mean()),
+                   "truncation_rate": sum(f == "length" for f in buffer.finish_reasons) / len(buffer)}
+    warnings = monitor.update(step, for_monitor)
+    if warnings:
+        out["warnings"] = warnings
+    return out

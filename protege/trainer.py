@@ -291,29 +291,13 @@ class Distiller:
         return m
 
     def _health(self, buffer: Rollouts, signal: TeacherSignal, student_rows: torch.Tensor) -> dict:
-        """Seed 003's OPD health signals at student-visited positions, and warnings when they go bad."""
-        from protege import diagnostics as D
+        """Seed 003's OPD health signals of the step (protege.diagnostics.step_health), warnings logged."""
+        from protege.diagnostics import step_health
 
-        out = {}
-        ids = [buffer.completion_ids[i, : int(buffer.completion_mask[i].sum())].tolist() for i in range(len(buffer))]
-        student_ids = [x for x, s in zip(ids, student_rows.tolist()) if s]
-        if student_ids:
-            out["repetition_rate"] = D.repetition_rate(student_ids, n=4)
-            out["distinct_2"] = D.distinct_n(student_ids, 2)
-        k = self.cfg.output.diagnostics_top_k
-        if k and buffer.student_topk_logprobs is not None and signal.topk_ids is not None and student_rows.any():
-            sm = buffer.completion_mask & student_rows[:, None]  # (N, T)
-            out.update(D.overlap_metrics(buffer.student_topk_ids[..., :k], buffer.student_topk_logprobs[..., :k],
-                                         signal.topk_ids[..., :k], signal.topk_logprobs[..., :k], sm))
-            if signal.entropy is not None and buffer.student_entropy is not None:
-                out["entropy_gap"] = D.entropy_gap(buffer.student_entropy, signal.entropy, sm)
-        metrics_for_monitor = {**out, "length_mean": float(buffer.completion_mask.sum(1).float().mean()),
-                               "truncation_rate": sum(f == "length" for f in buffer.finish_reasons) / len(buffer)}
-        warnings = self.monitor.update(self.state.step, metrics_for_monitor)
-        for w in warnings:
+        out = step_health(buffer, signal, student_rows, self.cfg.output.diagnostics_top_k, self.monitor,
+                          self.state.step)
+        for w in out.get("warnings", []):
             log.warning("health: %s", w)
-        if warnings:
-            out["warnings"] = warnings
         return out
 
     # ------------------------------------------------------------------------------- the loop
