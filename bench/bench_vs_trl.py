@@ -22,8 +22,9 @@ protege run) with torch.profiler, counts its matmul FLOPs per phase from the act
 measures this machine's fp32 (and bf16) matmul rate and memory bandwidth in a child of its own.
 
 Every child runs with --threads torch threads (default 1): the machine has 2 cores shared with other
-jobs, and 2-thread OpenMP slowed down 5-10x whenever another job ran; one thread each keeps the
-comparison fair and repeatable (--threads 0 uses torch's default).
+jobs, and two processes with 2 OpenMP threads each slow each other down (bench/bench_threads.py,
+results/threads.md); one thread each keeps the comparison fair and repeatable (--threads 0 uses
+torch's default).
 
     python bench/bench_vs_trl.py            # everything (< 25 min), writes bench/results/vs_trl.md
     python bench/bench_vs_trl.py --quick    # 1 rep, 1 timed step, no extra rows (~5 min)
@@ -581,7 +582,7 @@ def report(args, command, runs, rates, profile, skipped, total_s) -> str:
           f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
           f"- machine: {platform.platform()}, CPU {cpu_model()} ({cpu_flags()}), {os.cpu_count()} cores, "
           f"torch threads {runs['protege mb8'][0]['threads']} in every child (one thread by default: the machine is "
-          "shared and 2-thread OpenMP slowed 5-10x whenever another job ran); load average during runs "
+          "shared and two 2-thread processes slow each other, bench/results/threads.md); load average during runs "
           f"{min(s['load'] for v in sums.values() for s in v):.1f} to {max(s['load'] for v in sums.values() for s in v):.1f})",
           f"- torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}",
           f"- command: `{command.strip()}` (total {total_s / 60:.1f} min)",

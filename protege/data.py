@@ -6,7 +6,10 @@ Accepted rows (TRL's conventions):
   {"messages": [..., {"role": "assistant", ...}]}      chat; a final assistant turn is the reference
   {"prompt": ..., "completion": "text"}                explicit reference completion
 Empty or malformed rows are skipped and counted (with a warning); a missing column is an error
-listing the columns found. Prompts longer than max_prompt_tokens keep their last tokens (counted).
+listing the columns found; message roles other than system/user/assistant/tool/developer are kept
+and counted (with a warning). Prompts longer than max_prompt_tokens keep their last tokens (counted).
+A JSONL file is read as UTF-8 (a byte-order mark is dropped) and split on "\n" only; a line that
+does not parse (including one nested too deeply for the parser) is one counted bad row.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 
 log = logging.getLogger("protege")
 _BAD = "__protege_bad_row__"
+KNOWN_ROLES = ("system", "user", "assistant", "tool", "developer")
 
 
 @dataclass
@@ -34,6 +38,7 @@ class PromptSet:
     examples: list[Example]
     skipped: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
+    unknown_roles: dict[str, int] = field(default_factory=dict)  # kept rows' messages with an unusual role
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -52,21 +57,18 @@ def load_rows(path: str, split: str = "train") -> list[dict]:
 
     p = Path(path)
     if p.suffix == ".jsonl" and p.exists():  # line by line: one broken line is skipped, not fatal
-        rows = []
-        for n, line in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                row = {_BAD: f"invalid JSON ({e.msg})", "line": n}
-            rows.append(row if isinstance(row, dict) else {_BAD: "a line that is not a JSON object", "line": n})
-        return rows
+        return _jsonl_rows(p)
     kinds = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
     if p.suffix in kinds:
         if not p.exists():
-            raise FileNotFoundError(f"data file {p} does not exist")
-        ds = datasets.load_dataset(kinds[p.suffix], data_files=str(p), split="train")
+            raise FileNotFoundError(f"data file {p} does not exist: set data.path (or data.eval_path) to an existing "
+                                    ".jsonl/.json/.parquet/.csv file, a hub dataset id or builtin:everyday")
+        try:
+            ds = datasets.load_dataset(kinds[p.suffix], data_files=str(p), split="train")
+        except Exception as e:  # corrupt parquet, ragged csv, bad json: say which file
+            cause = e.__cause__ or e.__context__ or e
+            raise ValueError(f"could not read the data file {p} as {p.suffix[1:]} ({type(cause).__name__}: "
+                             f"{str(cause).strip()[:300]}); fix or replace the file") from e
     elif p.exists():
         raise ValueError(f"data path {p}: unsupported file type {p.suffix!r}; use .jsonl, .json, .parquet or .csv")
     else:
@@ -75,6 +77,25 @@ def load_rows(path: str, split: str = "train") -> list[dict]:
         except Exception as e:  # offline, unknown id, bad split: say which
             raise ValueError(f"could not load dataset {path!r} split {split!r}: {e}") from e
     return list(ds)
+
+
+def _jsonl_rows(p: Path) -> list[dict]:
+    """One row per line of a JSONL file. Lines are split on "\\n" only (U+2028, U+0085 and the like are
+    valid inside JSON strings), a UTF-8 byte-order mark is dropped, and a line that is not a JSON object
+    (invalid, nested too deeply for the parser, or another JSON value) becomes a counted bad row."""
+    rows = []
+    text = p.read_bytes().decode("utf-8-sig", errors="replace")
+    for n, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            row = {_BAD: f"invalid JSON ({e.msg})", "line": n}
+        except RecursionError:  # e.g. '[' * 100000: the parser's stack, not the file, gives out
+            row = {_BAD: "a line nested too deeply", "line": n}
+        rows.append(row if isinstance(row, dict) else {_BAD: "a line that is not a JSON object", "line": n})
+    return rows
 
 
 def to_examples(rows: list[dict], *, prompt_column: str = "prompt", messages_column: str = "messages",
@@ -94,9 +115,16 @@ def to_examples(rows: list[dict], *, prompt_column: str = "prompt", messages_col
             continue
         if system_prompt and ex.messages[0].get("role") != "system":
             ex.messages.insert(0, {"role": "system", "content": system_prompt})
+        for m in ex.messages:
+            if m["role"] not in KNOWN_ROLES:
+                out.unknown_roles[m["role"]] = out.unknown_roles.get(m["role"], 0) + 1
         out.examples.append(ex)
     if out.skipped:
         log.warning("skipped %d malformed row(s): %s", out.skipped, out.reasons)
+    if out.unknown_roles:
+        log.warning("messages with roles other than %s (count by role): %s; the chat template may refuse or "
+                    "mangle them: rename them (e.g. human -> user, gpt -> assistant)", "/".join(KNOWN_ROLES),
+                    out.unknown_roles)
     return out
 
 

@@ -123,6 +123,8 @@ def run_demo(*, out: str = "outputs/demo", keep: int = 24, strategy: str = "even
     answers["after"] = _greedy(student, tok, show_prompts, ev)
     seconds = time.time() - t0
     summary = {"before": before, "after": after, "kept_layers": kept, "seconds": seconds,
+               "teacher": Path(teacher_path).name.removesuffix(".gguf"),
+               "teacher_layers": teacher.config.num_hidden_layers,
                "stages": {n: c.model_dump(mode="json") for n, c in stages},
                "showcase": [{"prompt": p, **{k: v[i] for k, v in answers.items()}} for i, p in
                             enumerate(SHOWCASE_PROMPTS)]}

@@ -197,6 +197,19 @@ class HealthMonitor:
             return None
         return sum(seen[: self.baseline_steps]) / self.baseline_steps
 
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps so that a resumed run warns exactly as an uninterrupted one: the warnings
+        so far, the kinds already fired, and each metric's first `baseline_steps` values (all a baseline
+        reads). Plain lists and strings, which torch.load(weights_only=True) reads."""
+        return {"warnings": list(self.warnings), "fired": sorted(self._fired),
+                "history": {k: list(v[: self.baseline_steps]) for k, v in self._history.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state_dict()`'s output."""
+        self.warnings = [str(w) for w in state["warnings"]]
+        self._fired = {str(k) for k in state["fired"]}
+        self._history = {str(k): [float(x) for x in v] for k, v in state["history"].items()}
+
     def update(self, step: int, metrics: dict[str, float]) -> list[str]:
         """Record this step's metrics; return the warnings that fire for the first time now."""
         values = {key: _lookup(metrics, key) for key in _WATCHED}

@@ -19,6 +19,11 @@ cold start is such a recipe:
         train: {max_steps: 40}
 
     protege train recipe.yaml --stages.on_policy.train.max_steps 80
+
+Resume (`--resume true`) applies to every stage, each from its own output.dir/<stage name>/checkpoints:
+a finished stage loads its final checkpoint and is not trained or evaluated again (its student goes on
+to the next stage), the interrupted stage continues from its newest checkpoint (or from step 0 with
+the previous stage's student when it had none yet), and the stages after it run as usual.
 """
 
 from __future__ import annotations

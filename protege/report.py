@@ -25,8 +25,9 @@ def write_report(out_dir: Path, summary: dict, histories: dict[str, list[dict]])
     plots = _plots(out_dir, histories)
     before, after = summary["before"], summary["after"]
     lines = ["# protege distillation report", "",
-             f"Student: SmolLM2-135M-Instruct keeping layers {summary['kept_layers']}; "
-             f"teacher: SmolLM2-135M-Instruct (30 layers). Total time {summary['seconds']:.0f} s.", "",
+             f"Student: {summary['teacher']} keeping layers {summary['kept_layers']} "
+             f"({len(summary['kept_layers'])} of {summary['teacher_layers']}); teacher: {summary['teacher']} "
+             f"({summary['teacher_layers']} layers). Total time {summary['seconds']:.0f} s.", "",
              f"Written {time.strftime('%Y-%m-%d %H:%M')} on {_machine()}.", "",
              "## Held-out metrics", "", "| metric | before | after |", "|---|---|---|"]
     for key, label in METRIC_NAMES.items():

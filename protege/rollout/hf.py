@@ -10,6 +10,14 @@ log_softmax(z_s / temperature) for one step only; at step s+1 it reads the logpr
 sampled at step s from the last column of input_ids. Memory is O(rows x vocab), not
 O(rows x steps x vocab) as with output_logits. The same processor keeps the top-k ids of each step
 (the student's top-k support) when asked.
+
+With top_k > 0 or top_p < 1 the token is drawn from the truncated, renormalised distribution, but
+the recorded logprob (and top-k, entropy) is that of the FULL tempered distribution
+log_softmax(z / temperature): the recorder runs before the top-k/top-p warpers. That is what the
+losses recompute for the student, so sampled_pg's importance ratio is exactly 1 on-policy.
+Greedy (temperature 0) records log_softmax(z) at temperature 1. Finish reason: "stop" when the
+row emitted one of eos_ids (the completion ends with it), else "length" (max_new_tokens tokens).
+(tests/test_sampling_reference.py checks all of this against a plain forward.)
 """
 
 from __future__ import annotations

@@ -12,6 +12,10 @@ Routes (JSON errors {"error": "..."} everywhere, never a dead server):
     POST /v1/completions          vLLM's scoring subset used by TRL 1.16 (prompt_logprobs)
     POST /get_sequence_logprobs/  TRL 1.3-1.8's endpoint (JSON lists or base64 reply)
 
+Every malformed field is a 4xx naming it; a client that goes away mid-request is counted as 499
+(never as a server error); a body that stalls for body_timeout_s gets 408. Connection-level guards
+(request-head deadline, connection cap, accept errors) live in protege.server.connections.
+
 Run it with `protege serve-teacher --model PATH` (protege/server/cli.py), or in-process:
 
     >>> app = create_app(HFBackend(model), max_k=32)
@@ -31,7 +35,7 @@ from dataclasses import dataclass, replace
 import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -60,6 +64,24 @@ class ServerSettings:
     max_body_bytes: int = 64 << 20
     max_request_seqs: int = 4096
     max_request_tokens: int = 1 << 20
+    # connections (protege.server.connections; uvicorn settings where uvicorn has them)
+    header_timeout_s: float = 10.0  # a request head must arrive within this, from connect / first byte
+    body_timeout_s: float = 30.0  # longest wait for the next piece of a request body (then 408)
+    keep_alive_s: float = 5.0  # idle kept-alive connections are closed after this (uvicorn timeout_keep_alive)
+    max_connections: int = 1000  # more closes the oldest one waiting for a head (lowered to the open-file limit)
+    graceful_shutdown_s: float = 5.0  # in-flight requests get this long at shutdown (uvicorn)
+    log_interval_s: float = 60.0  # accept errors / connection-cap warnings: at most one line per interval
+
+    def __post_init__(self):
+        for name in ("header_timeout_s", "body_timeout_s", "keep_alive_s", "max_connections", "graceful_shutdown_s",
+                     "log_interval_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                flag = "--timeout-graceful-shutdown" if name == "graceful_shutdown_s" else "--" + name.replace("_", "-")
+                raise ValueError(f"{name} ({flag}) must be a number > 0, got {value!r}")
+
+
+CLIENT_CLOSED = 499  # nginx's "client closed request": counted in /metrics (the client is gone, hears nothing)
 
 
 def _json(obj, status: int = 200, headers: dict | None = None) -> Response:
@@ -85,20 +107,7 @@ def create_app(backend: Backend, settings: ServerSettings | None = None, *, toke
     vocab, model_name = backend.vocab_size, backend.model_name
 
     async def read_body(request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared is not None:
-            if not declared.isdigit():
-                raise parse.bad(f"Content-Length {declared[:20]!r} is not a number")
-            if int(declared) > limits.max_body_bytes:
-                raise RequestError(413, f"body of {declared} bytes exceeds --max-body-bytes {limits.max_body_bytes}")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limits.max_body_bytes:
-                raise RequestError(413, f"body exceeds --max-body-bytes {limits.max_body_bytes}")
-            chunks.append(chunk)
-        request.state.bytes_in = size
-        return b"".join(chunks)
+        return await _read_body(request, limits.max_body_bytes, settings.body_timeout_s)
 
     async def score(request: Request) -> Response:
         body = await read_body(request)
@@ -159,7 +168,8 @@ def create_app(backend: Backend, settings: ServerSettings | None = None, *, toke
             "max_batch_tokens": settings.max_batch_tokens, "batching": settings.batching})
 
     async def prometheus(request: Request) -> Response:
-        return Response(metrics.render(batcher), media_type="text/plain; version=0.0.4")
+        guard = getattr(request.app.state, "connection_guard", None)
+        return Response(metrics.render(batcher, guard), media_type="text/plain; version=0.0.4")
 
     def route(path: str, handler, methods: list[str], *, auth: bool = True) -> Route:
         name = path.rstrip("/") or "/"
@@ -175,6 +185,9 @@ def create_app(backend: Backend, settings: ServerSettings | None = None, *, toke
                 response = _error(exc.status, exc.message, exc.headers)
             except Overloaded as exc:
                 response = _error(503, str(exc), {"Retry-After": str(math.ceil(exc.retry_after))})
+            except ClientDisconnect:  # the client went away mid-body: nobody to answer, not a server error
+                log.debug("%s: client disconnected before sending the whole body", path)
+                response = _error(CLIENT_CLOSED, "client closed the connection before sending the whole body")
             except Exception as exc:  # noqa: BLE001 - one request's failure never takes the server down
                 log.exception("%s failed", path)
                 response = _error(500, f"internal error: {type(exc).__name__}: {exc}"[:2000])
@@ -209,6 +222,33 @@ def create_app(backend: Backend, settings: ServerSettings | None = None, *, toke
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
     app.state.batcher, app.state.metrics, app.state.settings, app.state.limits = batcher, metrics, settings, limits
     return app
+
+
+async def _read_body(request: Request, max_bytes: int, idle_timeout_s: float) -> bytes:
+    """The whole body: 413 past `max_bytes` (declared or streamed), 408 when no data comes for
+    `idle_timeout_s`; ClientDisconnect when the client goes away first."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise parse.bad(f"Content-Length {declared[:20]!r} is not a number")
+        if int(declared) > max_bytes:
+            raise RequestError(413, f"body of {declared} bytes exceeds --max-body-bytes {max_bytes}")
+    chunks, size = [], 0
+    stream = request.stream()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(anext(stream), idle_timeout_s)
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:
+            raise RequestError(408, f"request body stalled: no data for {idle_timeout_s:g} s after {size} bytes "
+                                    "(--body-timeout-s)", {"Connection": "close"}) from None
+        size += len(chunk)
+        if size > max_bytes:
+            raise RequestError(413, f"body exceeds --max-body-bytes {max_bytes}")
+        chunks.append(chunk)
+    request.state.bytes_in = size
+    return b"".join(chunks)
 
 
 def _check_auth(request: Request, api_key: str) -> None:

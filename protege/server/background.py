@@ -4,6 +4,9 @@
     >>> server.url                                          # 'http://127.0.0.1:41234'
     >>> server.stop()
 
+The server runs under the connection guards of the app's ServerSettings (protege.server.connections:
+request-head deadline, connection cap, rate-limited accept errors), as `protege serve-teacher` does.
+
 `sock` lets a caller reserve the port first: a bound socket that is not listening refuses
 connections until the server starts on it (how the client-retry test simulates a late server).
 """
@@ -14,7 +17,7 @@ import socket
 import threading
 import time
 
-import uvicorn
+from protege.server.connections import build_server
 
 
 def reserve_port(host: str = "127.0.0.1") -> socket.socket:
@@ -31,8 +34,7 @@ class ServerThread:
         self.sock = sock or reserve_port(host)
         host, port = self.sock.getsockname()[:2]
         self.url = f"http://{host}:{port}"
-        config = uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=2)
-        self.server = uvicorn.Server(config)
+        self.server = build_server(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=2)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        name=f"uvicorn-{port}", daemon=True)
         self.thread.start()

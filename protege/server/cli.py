@@ -50,6 +50,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"sequences per request (default: {d.max_request_seqs})")
     parser.add_argument("--max-request-tokens", type=int, default=d.max_request_tokens,
                         help=f"tokens per request (default: {d.max_request_tokens})")
+    parser.add_argument("--header-timeout-s", type=float, default=d.header_timeout_s,
+                        help="close a connection whose request head has not arrived within this many seconds "
+                             f"of connecting (or of its first byte after a response) (default: {d.header_timeout_s:g})")
+    parser.add_argument("--body-timeout-s", type=float, default=d.body_timeout_s,
+                        help=f"answer 408 when a request body stalls this long (default: {d.body_timeout_s:g})")
+    parser.add_argument("--keep-alive-s", type=float, default=d.keep_alive_s,
+                        help=f"close kept-alive connections idle this long (default: {d.keep_alive_s:g})")
+    parser.add_argument("--max-connections", type=int, default=d.max_connections,
+                        help="open connections; one more closes the oldest still waiting for a request head "
+                             f"(lowered to fit the open-file limit) (default: {d.max_connections})")
+    parser.add_argument("--timeout-graceful-shutdown", type=float, default=d.graceful_shutdown_s,
+                        help=f"seconds in-flight requests get at shutdown (default: {d.graceful_shutdown_s:g})")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -58,34 +70,42 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
                           max_batch_tokens=args.max_batch_tokens, batch_wait_ms=args.batch_wait_ms,
                           max_queue=args.max_queue, batching=not args.no_batching, max_k=args.max_k,
                           max_query_ids=args.max_query_ids, max_body_bytes=args.max_body_bytes,
-                          max_request_seqs=args.max_request_seqs, max_request_tokens=args.max_request_tokens)
+                          max_request_seqs=args.max_request_seqs, max_request_tokens=args.max_request_tokens,
+                          header_timeout_s=args.header_timeout_s, body_timeout_s=args.body_timeout_s,
+                          keep_alive_s=args.keep_alive_s, max_connections=args.max_connections,
+                          graceful_shutdown_s=args.timeout_graceful_shutdown)
 
 
 def run(args: argparse.Namespace) -> None:
-    import uvicorn
-
     from protege.server.app import create_app
     from protege.server.backends import load_backend
+    from protege.server.connections import build_server, raise_open_file_limit
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    settings = settings_from_args(args)
+    settings = settings_from_args(args)  # ValueError naming the flag of a bad value, before the model loads
     backend = load_backend(args.backend, args.model, dtype=args.dtype, device=args.device,
                            model_name=args.served_model_name, token_budget=settings.max_batch_tokens)
     logging.getLogger("protege.server").info(
         "serving %s (%s, %s, vocab %d) on http://%s:%d%s", backend.model_name, backend.name, backend.dtype,
         backend.vocab_size, args.host, args.port, " with API key" if settings.api_key else "")
+    raise_open_file_limit()  # room for --max-connections sockets (the soft limit is often 1024)
     app = create_app(backend, settings)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    build_server(app, settings, host=args.host, port=args.port, log_level=args.log_level).run()
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="protege serve-teacher", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    try:
+        settings_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    run(args)
 
 
 if __name__ == "__main__":

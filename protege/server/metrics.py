@@ -46,8 +46,10 @@ class Metrics:
         self.bytes_in += bytes_in
         self.bytes_out += bytes_out
 
-    def render(self, batcher) -> str:
-        """Exposition text; `batcher` is the server's Batcher (its stats are read, not copied)."""
+    def render(self, batcher, guard=None) -> str:
+        """Exposition text; `batcher` is the server's Batcher (its stats are read, not copied), `guard`
+        its protege.server.connections.ConnectionGuard when it runs under one. Status 499 counts
+        clients that went away mid-request (never sent)."""
         s = batcher.stats
         lines = ["# HELP protege_requests_total HTTP requests by route and status.",
                  "# TYPE protege_requests_total counter"]
@@ -78,4 +80,12 @@ class Metrics:
                   f"protege_tokens_per_second {s.tokens_per_second():.3f}",
                   "# TYPE protege_request_bytes_total counter", f"protege_request_bytes_total {self.bytes_in}",
                   "# TYPE protege_response_bytes_total counter", f"protege_response_bytes_total {self.bytes_out}"]
+        if guard is not None:
+            lines += ["# HELP protege_connections_open Client connections open.",
+                      "# TYPE protege_connections_open gauge", f"protege_connections_open {len(guard.open)}",
+                      "# HELP protege_connections_closed_total Connections the server closed, by reason.",
+                      "# TYPE protege_connections_closed_total counter"]
+            lines += [f'protege_connections_closed_total{{reason="{r}"}} {n}' for r, n in sorted(guard.closed.items())]
+            lines += ["# TYPE protege_accept_errors_total counter",
+                      f"protege_accept_errors_total {guard.accept_errors}"]
         return "\n".join(lines) + "\n"

@@ -2,9 +2,10 @@
 
 Every check here runs before anything reaches the engine, so a hostile or broken request costs a
 4xx and nothing else: body size (413), content type (415), JSON shape and types (400), token ids
-inside the vocabulary, 1 <= prompt length < sequence length, k and query width within `--max-k`
-and `--max-query-ids`, finite temperature > 0, sequences/tokens within the request limits (413).
-Token ids are checked vectorised (numpy min/max per row), never id by id in Python.
+inside the vocabulary (integers, not booleans), 1 <= prompt length < sequence length, k and query
+width within `--max-k` and `--max-query-ids`, a finite temperature >= MIN_TEMPERATURE, strings where
+strings are expected, sequences/tokens within the request limits (413). Token ids are checked
+vectorised (numpy min/max per row, a C-level type scan for booleans), never id by id in Python.
 
 /v1/score parsing also yields the `ReplyFormat`: the reply goes out in the wire version the request
 came in (binary or base64-JSON; plain JSON requests may name one with "wire_version", default the
@@ -21,6 +22,9 @@ import orjson
 
 from protege.server.backends import Batch
 from protege.wire import LOGPROB_DTYPES, READ_VERSIONS, VERSION, WireError, read_binary, read_json_dict
+
+
+MIN_TEMPERATURE = 1e-3  # below this logits / T overflow float32 for real models (1e-300 gave NaN logprobs)
 
 
 class RequestError(Exception):
@@ -58,7 +62,7 @@ def get_reply_format(obj: dict, version: int) -> ReplyFormat:
     value = obj.get("logprob_dtype", "float32")
     if value is None:
         value = "float32"
-    if value not in LOGPROB_DTYPES:
+    if not isinstance(value, str) or value not in LOGPROB_DTYPES:
         raise bad(f"logprob_dtype must be one of {', '.join(repr(k) for k in LOGPROB_DTYPES)}, "
                   f"got {str(value)[:40]!r}")
     if value != "float32" and version < 2:
@@ -116,6 +120,9 @@ def get_temperature(obj: dict, key: str = "temperature", *, allow_zero: bool = F
     value = float(value)
     if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         raise bad(f"{key} must be a finite number > 0, got {value}")
+    if 0 < value < MIN_TEMPERATURE:
+        raise bad(f"{key}={value:g} is below the server's floor of {MIN_TEMPERATURE:g} (logits / {key} would "
+                  f"overflow); use a {key} >= {MIN_TEMPERATURE:g}")
     return value
 
 
@@ -131,8 +138,17 @@ def _id_row(row, field: str, vocab: int, ndim: int = 1) -> np.ndarray:
     if arr.ndim != ndim or arr.dtype.kind not in "iu":
         shape = "a list of lists of" if ndim == 2 else "a list of"
         raise bad(f"{field} must be {shape} integer token ids in [0, {vocab}) (got {arr.ndim} levels of {arr.dtype})")
+    if _holds_bool(row, ndim):  # numpy turns [1, true, 3] into integers
+        raise bad(f"{field} holds a boolean (true/false); token ids must be integers in [0, {vocab})")
     check_ids(arr, field, vocab)
     return arr.astype(np.int32)
+
+
+def _holds_bool(row: list, ndim: int) -> bool:
+    """Whether a JSON list (of lists when ndim == 2) holds true/false (map/set run in C, not per id in Python)."""
+    if ndim == 1:
+        return bool in set(map(type, row))
+    return any(bool in set(map(type, r)) for r in row)
 
 
 def check_ids(arr: np.ndarray, field: str, vocab: int) -> None:
@@ -178,12 +194,12 @@ def _prompt_lengths(value) -> list[int]:
     return value
 
 
-def _sequences(value, vocab: int, limits: Limits) -> list[np.ndarray]:
+def _sequences(value, vocab: int, limits: Limits, name: str = "sequences") -> list[np.ndarray]:
     if not isinstance(value, list):
-        raise bad(f"sequences must be a list of token-id lists, got {type(value).__name__}")
+        raise bad(f"{name} must be a list of token-id lists, got {type(value).__name__}")
     if len(value) > limits.max_request_seqs:
         raise RequestError(413, f"{len(value)} sequences exceed the per-request limit of {limits.max_request_seqs}")
-    return [_id_row(row, f"sequences[{i}]", vocab) for i, row in enumerate(value)]
+    return [_id_row(row, f"{name}[{i}]", vocab) for i, row in enumerate(value)]
 
 
 SCORE_FIELDS = {"sequences", "prompt_lengths", "topk", "query_ids", "temperature", "logprob_dtype", "wire_version"}
@@ -193,6 +209,9 @@ def score_batch_from_json(obj: dict, vocab: int, limits: Limits) -> tuple[Batch,
     """/v1/score JSON body: {sequences, prompt_lengths, topk?, query_ids?, temperature?, logprob_dtype?,
     wire_version?}, or the base64 wire form (an object with "protege_wire")."""
     if "protege_wire" in obj:
+        if not isinstance(obj["protege_wire"], int) or isinstance(obj["protege_wire"], bool):
+            raise bad(f"protege_wire must be an integer wire version ({', '.join(map(str, READ_VERSIONS))}), "
+                      f"got {type(obj['protege_wire']).__name__} {str(obj['protege_wire'])[:40]}")
         try:
             version, meta, arrays = read_json_dict(obj)
         except WireError as exc:
@@ -200,7 +219,7 @@ def score_batch_from_json(obj: dict, vocab: int, limits: Limits) -> tuple[Batch,
         return score_batch_from_wire(meta, arrays, vocab, limits, version)
     check_keys(obj, SCORE_FIELDS, "the score request")
     version = obj.get("wire_version", VERSION)
-    if isinstance(version, bool) or version not in READ_VERSIONS:
+    if not isinstance(version, int) or isinstance(version, bool) or version not in READ_VERSIONS:
         raise bad(f"wire_version must be one of {', '.join(map(str, READ_VERSIONS))}, got {str(version)[:40]}")
     reply = get_reply_format(obj, version)
     for key in ("sequences", "prompt_lengths"):
@@ -327,7 +346,7 @@ def openai_batch_from_json(obj: dict, vocab: int, limits: Limits, model_name: st
         raise bad("prompt must be token ids (a list of token-id lists); text prompts are not served")
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
         prompt = [prompt]
-    rows = _sequences(prompt, vocab, limits)
+    rows = _sequences(prompt, vocab, limits, "prompt")
     k = obj.get("prompt_logprobs")
     if k is not None:
         k = get_int(obj, "prompt_logprobs", None, 0, min(limits.max_k, vocab),

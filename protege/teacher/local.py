@@ -57,9 +57,7 @@ def score_rows(model: nn.Module, prompt_ids: list[torch.Tensor], completion_ids:
         flat_tokens = completion_ids[rows, :tb].reshape(-1).to(device)[flat_mask]  # (n_tok,)
         flat_query = query[rows, :tb].reshape(-1, query.shape[-1]).to(device)[flat_mask] if query is not None else None
         tok, ids, lps, qlp, ent = [], [], [], [], []
-        for s in range(0, flat_h.shape[0], chunk_positions):
-            logits = (flat_h[s:s + chunk_positions] @ weight.T).float() / request.temperature  # (c, V)
-            logprobs = torch.log_softmax(logits, dim=-1)  # (c, V)
+        for s, logprobs in _chunk_logprobs(flat_h, weight, request.temperature, chunk_positions):  # (c, V)
             tok.append(logprobs.gather(-1, flat_tokens[s:s + chunk_positions, None]).squeeze(-1))
             if k:
                 v, i = logprobs.topk(k, dim=-1)
@@ -81,6 +79,32 @@ def score_rows(model: nn.Module, prompt_ids: list[torch.Tensor], completion_ids:
     return TeacherSignal(token_logprobs=token_lp, topk_ids=topk_ids, topk_logprobs=topk_lp, query_logprobs=query_lp,
                          entropy=entropy, hidden_states=hidden_out, lm_head=weight.detach() if request.hidden else None,
                          temperature=request.temperature)
+
+
+def _chunk_logprobs(flat_h: torch.Tensor, weight: torch.Tensor, temperature: float, chunk: int):
+    """Yield (start, log_softmax(flat_h[start:start+c] @ weight.T / temperature)) chunk by chunk, (c, V) float32.
+
+    The logits and logprobs live in buffers allocated once per call and reused by every chunk (a
+    view of them is yielded: read it before the next step). A fresh (c, V) tensor per chunk left the
+    process resident set gigabytes larger after one big request: small tensors kept between chunks
+    split the freed 25 MB blocks, so glibc kept taking new ones. Same values bit for bit; the resident
+    memory of both ways is measured by bench/bench_server_memory.py (results/server_memory.md).
+    """
+    n = flat_h.shape[0]
+    if n == 0:
+        return
+    rows = min(chunk, n)
+    logits = torch.empty((rows, weight.shape[0]), dtype=weight.dtype, device=weight.device)  # (c, V)
+    wide = logits if weight.dtype == torch.float32 else torch.empty(logits.shape, dtype=torch.float32,
+                                                                    device=weight.device)  # (c, V) f32
+    out = torch.empty_like(wide)  # (c, V) f32
+    for s in range(0, n, chunk):
+        c = min(chunk, n - s)
+        torch.mm(flat_h[s:s + c], weight.T, out=logits[:c])
+        if wide is not logits:
+            wide[:c].copy_(logits[:c])
+        wide[:c].div_(temperature)
+        yield s, torch.log_softmax(wide[:c], dim=-1, out=out[:c])
 
 
 def _scatter(out: torch.Tensor, rows: list[int], tb: int, place: torch.Tensor, values: torch.Tensor) -> None:

@@ -8,18 +8,31 @@ buffer's (N, T, ...) tensors (numpy views of the body, no Python lists).
 Failures: connection errors, timeouts, 5xx and 429 are retried with exponential backoff
 (0.25 s doubling up to 10 s, or the server's Retry-After), on another replica when there is one,
 until `max_retries` attempts or `max_wait_s` seconds have passed for that chunk (default 600 s:
-long enough for a restarted teacher to load). A 4xx is the caller's mistake: it is raised at once
-as ValueError with the server's message.
+long enough for a restarted teacher to load); then TeacherUnavailable names the URLs and
+teacher.max_wait_s. A 4xx is the caller's mistake: it is raised at once as TeacherRefused (a
+ValueError) with the server's message. A URL without http:// or https:// is refused at once.
+
+Every reply is checked before it is returned (protege.teacher.replies: shapes and lengths as
+asked, logprobs finite or -inf and <= 0, ids inside the vocabulary, top-k mass <= 1, and the wire
+version-3 crc32). A reply that fails is retried like a 5xx, at most `max_invalid_replies` times
+per chunk, then TeacherReplyError (a ValueError naming the URL and the field) stops the caller:
+a wrong reply is never returned, so never trained on.
 
 protocol="protege": binary POST /v1/score (top-k, logprobs at query ids, actual-token logprobs),
-    wire version 2: ids come as uint16 when the teacher's vocabulary fits (lossless), logprobs as
+    wire version 3: ids come as uint16 when the teacher's vocabulary fits (lossless), logprobs as
     float32, or float16 with `logprob_dtype="float16"` (half the logprob bytes, <= 4.9e-4 relative
-    error, max 0.0078 absolute for logprobs in [-30, 0]; see protege.wire). A server that only reads
-    wire version 1 (an older protege) is detected from its 400 and spoken to in version 1 from then on
-    (float32 logprobs only).
-protocol="openai":  POST /v1/completions with prompt_logprobs, what vLLM serves. vLLM must run with
-    `--logprobs-mode processed_logprobs` for temperature to apply, and `--max-logprobs` >= k; it
-    cannot return logprobs at ids the client picks, so query_ids raise a ValueError.
+    error, max 0.0078 absolute for logprobs in [-30, 0]; see protege.wire), the whole body under a
+    crc32. A server that reads only older versions (an older protege) is detected from its 400 and
+    spoken to in version 2 (no checksum), or 1 (float32 logprobs only), from then on.
+protocol="openai":  POST /v1/completions with prompt_logprobs, what vLLM serves (`--max-logprobs` >= k).
+    It cannot return logprobs at ids the client picks, so query_ids raise a ValueError. Its prompt
+    logprobs are log_softmax(logits) whatever the request's temperature (vLLM 0.32, even with
+    `--logprobs-mode processed_logprobs`; tests/test_vllm.py shows it), so a temperature other than 1
+    is refused unless /v1/models says the server is protege's own route ("owned_by": "protege",
+    which applies it). Its /v1/models
+    carries no vocabulary size: `vocab_size` comes from the caller (teacher.vocab_size), else the
+    server's "vocab_size" (protege's own route has one), else the config.json of the model it
+    serves ("root" or "id") when that is a local directory or in the local Hugging Face cache.
 
     >>> teacher = RemoteTeacher(["http://10.0.0.5:8000", "http://10.0.0.6:8000"], api_key="...")
     >>> signal = teacher.score(rollouts, ScoreRequest(topk=16))   # TeacherSignal
@@ -32,6 +45,7 @@ import math
 import random
 import threading
 import time
+import urllib.parse
 
 import httpx
 import numpy as np
@@ -40,72 +54,130 @@ import torch
 
 from protege import wire
 from protege.teacher.base import ScoreRequest
+from protege.teacher.replies import (InvalidReply, TeacherReplyError, check_score_reply, decode_score_reply,
+                                     json_object, local_vocab_size, parse_completions_reply)
 from protege.types import Rollouts, TeacherSignal
+
+__all__ = ["RemoteTeacher", "TeacherRefused", "TeacherReplyError", "TeacherUnavailable"]
 
 
 class TeacherUnavailable(ConnectionError):
-    """No replica answered within the retry budget."""
+    """No replica answered within the retry budget (the message names the URLs and teacher.max_wait_s)."""
+
+
+class TeacherRefused(ValueError):
+    """A teacher server answered 4xx: the request is wrong, retrying cannot help. `status`: the HTTP code."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+def check_url(url: str) -> str:
+    """`url` without a trailing slash; ValueError naming it when it is not http(s)://host[:port][/path]."""
+    if not isinstance(url, str):
+        raise ValueError(f"teacher URL {url!r} must be a string such as 'http://127.0.0.1:8000' (teacher.urls)")
+    parts = urllib.parse.urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        fix = f"write it as 'http://{url.strip()}'" if "://" not in url else "use http:// or https://"
+        raise ValueError(f"teacher URL {url!r} is not an http(s) URL: {fix} (teacher.urls)")
+    return url.strip().rstrip("/")
 
 
 class RemoteTeacher:
     def __init__(self, urls: str | list[str], *, api_key: str | None = None, timeout: float = 300.0,
                  max_retries: int = 100, max_wait_s: float = 600.0, chunk_tokens: int = 32768,
                  concurrency: int = 4, protocol: str = "protege", vocab_size: int | None = None,
-                 model: str | None = None, logprob_dtype: str = "float32"):
+                 model: str | None = None, logprob_dtype: str = "float32", max_invalid_replies: int = 3):
         urls = [urls] if isinstance(urls, str) else list(urls)
         if not urls:
-            raise ValueError("RemoteTeacher needs at least one server URL")
+            raise ValueError("RemoteTeacher needs at least one server URL (teacher.urls)")
         if protocol not in ("protege", "openai"):
             raise ValueError(f"protocol={protocol!r}: use 'protege' (protege serve-teacher) or 'openai' (vLLM)")
-        if chunk_tokens < 1 or concurrency < 1:
-            raise ValueError("chunk_tokens and concurrency must be >= 1")
+        if chunk_tokens < 1 or concurrency < 1 or max_invalid_replies < 0:
+            raise ValueError("chunk_tokens and concurrency must be >= 1, max_invalid_replies >= 0")
+        if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int)
+                                       or vocab_size < 1):
+            raise ValueError(f"vocab_size={vocab_size!r} must be a positive integer (teacher.vocab_size)")
         if logprob_dtype not in wire.LOGPROB_DTYPES:
             raise ValueError(f"logprob_dtype={logprob_dtype!r}: use 'float32' (exact) or 'float16' (half the bytes, "
                              "~1e-3 relative error)")
         if logprob_dtype != "float32" and protocol != "protege":
             raise ValueError(f"logprob_dtype={logprob_dtype!r} applies to protocol='protege' only "
                              "(an OpenAI-compatible server answers JSON text)")
+        self.urls = [check_url(u) for u in urls]
         self.logprob_dtype = logprob_dtype
-        self._wire_version = wire.VERSION  # lowered to 1 when a server turns version 2 down
-        self.urls = [u.rstrip("/") for u in urls]
+        self._wire_version = wire.VERSION  # lowered when a server turns the newer versions down
         self.protocol = protocol
         self.chunk_tokens = chunk_tokens
         self.concurrency = concurrency
         self.max_retries = max_retries
         self.max_wait_s = max_wait_s
+        self.max_invalid_replies = max_invalid_replies
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.Client(headers=headers, timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
                                     limits=httpx.Limits(max_connections=concurrency * len(self.urls) + 4))
         self._busy = [0] * len(self.urls)  # requests in flight per replica
         self._lock = threading.Lock()
         self._next = 0
-        self._vocab_size = vocab_size
+        self._given_vocab = vocab_size
+        self._vocab_size = None
         self._model = model
+        self._model_entry = None
 
     # -- server facts --------------------------------------------------------------------------
 
     @property
     def vocab_size(self) -> int:
-        """The teacher's vocabulary size (from /v1/info, or /v1/models; waits for the server)."""
+        """The teacher's vocabulary size. protocol "protege": the server's /v1/info (which must agree with
+        a given vocab_size). "openai": the given vocab_size, else /v1/models' "vocab_size", else the
+        served model's config.json when readable here; else ValueError naming teacher.vocab_size."""
         if self._vocab_size is None:
-            if self.protocol == "protege":
-                self._vocab_size = int(self._get("/v1/info")["vocab_size"])
-            else:
-                entry = self._get("/v1/models")["data"][0]
-                if "vocab_size" not in entry:
-                    raise ValueError("this OpenAI-compatible server does not report its vocabulary size; "
-                                     "pass RemoteTeacher(..., vocab_size=V)")
-                self._vocab_size = int(entry["vocab_size"])
+            self._vocab_size = self._find_vocab_size()
         return self._vocab_size
+
+    def _find_vocab_size(self) -> int:
+        if self.protocol == "protege":
+            served = self._get("/v1/info").get("vocab_size")
+            if not isinstance(served, int) or isinstance(served, bool) or served < 1:
+                raise ValueError(f"teacher server {self.urls[0]}: /v1/info has no vocab_size ({served!r})")
+            if self._given_vocab is not None and self._given_vocab != served:
+                raise ValueError(f"teacher.vocab_size={self._given_vocab} but the teacher server {self.urls[0]} "
+                                 f"reports vocab_size {served}: remove teacher.vocab_size or correct it")
+            return served
+        if self._given_vocab is not None:
+            return self._given_vocab
+        entry = self._models_entry()
+        served = entry.get("vocab_size")
+        if isinstance(served, int) and not isinstance(served, bool) and served > 0:
+            return served
+        for name in dict.fromkeys(n for n in (entry.get("root"), entry.get("id")) if isinstance(n, str)):
+            found = local_vocab_size(name)
+            if found is not None:
+                return found
+        raise ValueError(
+            f"the OpenAI-compatible teacher server {self.urls[0]} (model {entry.get('id')!r}) does not report its "
+            f"vocabulary size, and no config.json of {entry.get('root') or entry.get('id')!r} is readable here. "
+            "Set teacher.vocab_size to the teacher's vocabulary size (the 'vocab_size' of its config.json, the "
+            "width of its logits), or pass RemoteTeacher(..., vocab_size=V).")
 
     def info(self) -> dict:
         """The server's /v1/info (protege servers only)."""
         return self._get("/v1/info")
 
+    def _models_entry(self) -> dict:
+        """The first model of the server's /v1/models (cached)."""
+        if self._model_entry is None:
+            data = self._get("/v1/models").get("data")
+            if not isinstance(data, list) or not data or not isinstance(data[0], dict) or "id" not in data[0]:
+                raise ValueError(f"teacher server {self.urls[0]}: /v1/models lists no model ({str(data)[:100]})")
+            self._model_entry = data[0]
+        return self._model_entry
+
     @property
     def model(self) -> str:
         if self._model is None:
-            self._model = self._get("/v1/models")["data"][0]["id"]
+            self._model = str(self._models_entry()["id"])
         return self._model
 
     def close(self) -> None:
@@ -120,6 +192,7 @@ class RemoteTeacher:
     # -- scoring -------------------------------------------------------------------------------
 
     def score(self, rollouts: Rollouts, request: ScoreRequest) -> TeacherSignal:
+        """The teacher's signal for every completion position of `rollouts`; each reply checked first."""
         if request.hidden:
             raise ValueError("a remote teacher cannot give hidden states (ScoreRequest.hidden=True); "
                              "use a top-k support (topk=K or query_ids) with a remote teacher, or a LocalTeacher")
@@ -130,11 +203,17 @@ class RemoteTeacher:
                              "student's top-k for reverse KL): a stock vLLM server only gives its own top-k and the "
                              "actual token. Serve the teacher with `protege serve-teacher` and use protocol='protege', "
                              "or use the teacher's top-k support (ScoreRequest(topk=K)).")
+        if (self.protocol == "openai" and request.temperature != 1.0
+                and self._models_entry().get("owned_by") != "protege"):
+            raise ValueError(f"temperature {request.temperature:g} (loss.temperature) with protocol='openai': a stock "
+                             "vLLM server's prompt logprobs ignore the request's temperature and would come back "
+                             "at temperature 1. Use loss.temperature=1, or serve the teacher with `protege "
+                             "serve-teacher` (teacher.protocol=protege).")
         mask = rollouts.completion_mask.bool()
         n, t = mask.shape
         k = request.topk
         query = request.query_ids
-        if query is not None and tuple(query.shape[:2]) != (n, t):
+        if query is not None and (query.dim() != 3 or tuple(query.shape[:2]) != (n, t)):
             raise ValueError(f"query_ids has shape {list(query.shape)}; expected [{n}, {t}, M] (rollouts' "
                              "completion_ids shape plus the number of ids per position)")
         out = TeacherSignal(
@@ -147,6 +226,7 @@ class RemoteTeacher:
         rows = [i for i in range(n) if comp_lens[i] > 0]
         if not rows:
             return out
+        vocab = self.vocab_size  # what every reply's ids are checked against (fetched once)
         sequences = {}
         completion = rollouts.completion_ids.cpu()
         query = query.cpu() if query is not None else None
@@ -155,7 +235,7 @@ class RemoteTeacher:
             sequences[i] = seq.to(torch.int32).numpy()
         chunks = self._chunks(rows, sequences)
         send = self._score_protege if self.protocol == "protege" else self._score_openai
-        jobs = [(chunk, sequences, [len(rollouts.prompt_ids[i]) for i in chunk], comp_lens, query, request)
+        jobs = [(chunk, sequences, [len(rollouts.prompt_ids[i]) for i in chunk], comp_lens, query, request, vocab)
                 for chunk in chunks]
         if len(jobs) == 1:
             results = [send(*jobs[0])]
@@ -184,69 +264,53 @@ class RemoteTeacher:
         chunks.append(current)
         return chunks
 
-    def _score_protege(self, chunk, sequences, prompt_lengths, comp_lens, query, request) -> dict[str, torch.Tensor]:
-        """One chunk (row indices `chunk`, their prompt lengths) via binary /v1/score."""
+    def _score_protege(self, chunk, sequences, prompt_lengths, comp_lens, query, request,
+                       vocab) -> dict[str, torch.Tensor]:
+        """One chunk (row indices `chunk`, their prompt lengths) via binary /v1/score, checked."""
         query_ids = None
         if query is not None:  # (C, M): completion positions of the chunk's rows, in order
             query_ids = torch.cat([query[i, : comp_lens[i]] for i in chunk]).to(torch.int32).numpy()
+        lengths = [comp_lens[i] for i in chunk]
+        m = None if query is None else int(query.shape[2])
         headers = {"Content-Type": wire.BINARY_MEDIA_TYPE, "Accept": wire.BINARY_MEDIA_TYPE}
         while True:
             version = self._wire_version
             body = wire.encode_score_request([sequences[i] for i in chunk], prompt_lengths, topk=request.topk,
                                              temperature=request.temperature, query_ids=query_ids,
                                              logprob_dtype=self.logprob_dtype, version=version)
+
+            def check(response: httpx.Response, version=version) -> dict[str, torch.Tensor]:
+                got, tensors = decode_score_reply(response.content, response.headers.get("content-type", ""))
+                return check_score_reply(got, tensors, asked_version=version, lengths=lengths, k=request.topk,
+                                         m=m, vocab_size=vocab, logprob_dtype=self.logprob_dtype)
+
             try:
-                response = self._post("/v1/score", content=body, headers=headers)
-                break
-            except ValueError as exc:  # an older server: "wire version 2 is not supported; this side speaks 1"
-                if version < 2 or f"wire version {version} is not supported" not in str(exc):
+                return self._request("POST", "/v1/score", check=check, content=body, headers=headers)
+            except TeacherRefused as exc:  # an older server: "wire version 3 is not supported; ..."
+                if exc.status != 400 or version < 2 or f"wire version {version} is not supported" not in str(exc):
                     raise
-                if self.logprob_dtype != "float32":
+                if self.logprob_dtype != "float32" and version <= 2:
                     raise ValueError(f"logprob_dtype={self.logprob_dtype!r} needs a teacher server that reads wire "
                                      f"version 2; this one does not ({exc})") from None
-                self._wire_version = 1
-        _, tensors = wire.decode_score_response(response.content, response.headers.get("content-type", ""))
-        expected = torch.tensor([comp_lens[i] for i in chunk])
-        if not torch.equal(tensors["completion_lengths"], expected):
-            raise RuntimeError(f"teacher server answered completion lengths {tensors['completion_lengths'].tolist()} "
-                               f"for {expected.tolist()}: client and server disagree on the layout")
-        return tensors
+                with self._lock:
+                    self._wire_version = min(self._wire_version, version - 1)
 
-    def _score_openai(self, chunk, sequences, prompt_lengths, comp_lens, query, request) -> dict[str, torch.Tensor]:
-        """One chunk via vLLM's /v1/completions prompt_logprobs (parsed from JSON: Python loops)."""
+    def _score_openai(self, chunk, sequences, prompt_lengths, comp_lens, query, request,
+                      vocab) -> dict[str, torch.Tensor]:
+        """One chunk via vLLM's /v1/completions prompt_logprobs (parsed from JSON: Python loops), checked."""
         k = request.topk
-        payload = {"model": self.model, "prompt": [sequences[i].tolist() for i in chunk], "max_tokens": 1,
+        seqs = [sequences[i] for i in chunk]
+        payload = {"model": self.model, "prompt": [s.tolist() for s in seqs], "max_tokens": 1,
                    "temperature": request.temperature, "prompt_logprobs": k}
-        response = self._post("/v1/completions", content=orjson.dumps(payload),
-                              headers={"Content-Type": "application/json"})
-        choices = orjson.loads(response.content)["choices"]
-        t = max(comp_lens[i] for i in chunk)
-        token_lp = np.zeros((len(chunk), t), np.float32)  # (n, t)
-        topk_ids = np.zeros((len(chunk), t, k), np.int64)  # (n, t, K)
-        topk_lp = np.zeros((len(chunk), t, k), np.float32)
-        for r, (i, choice) in enumerate(zip(chunk, choices)):
-            seq, p = sequences[i], prompt_lengths[r]
-            for pos in range(p, len(seq)):
-                entry = choice["prompt_logprobs"][pos] or {}
-                actual = entry.get(str(int(seq[pos])))
-                token_lp[r, pos - p] = _finite(actual["logprob"]) if actual else -math.inf
-                if k:
-                    best = sorted(entry.items(), key=lambda item: item[1]["rank"])[:k]
-                    topk_ids[r, pos - p, : len(best)] = [int(tid) for tid, _ in best]
-                    topk_lp[r, pos - p, : len(best)] = [_finite(v["logprob"]) for _, v in best]
-                    topk_lp[r, pos - p, len(best):] = -math.inf  # fewer than k returned (vLLM --max-logprobs)
-        out = {"token_logprobs": torch.from_numpy(token_lp)}
-        if k:
-            out["topk_ids"], out["topk_logprobs"] = torch.from_numpy(topk_ids), torch.from_numpy(topk_lp)
-        return out
+        return self._request("POST", "/v1/completions", content=orjson.dumps(payload),
+                             headers={"Content-Type": "application/json"},
+                             check=lambda response: parse_completions_reply(response.content, seqs, prompt_lengths,
+                                                                            k, vocab))
 
     # -- HTTP with retries ---------------------------------------------------------------------
 
     def _get(self, path: str) -> dict:
-        return orjson.loads(self._request("GET", path).content)
-
-    def _post(self, path: str, *, content: bytes, headers: dict) -> httpx.Response:
-        return self._request("POST", path, content=content, headers=headers)
+        return self._request("GET", path, check=lambda response: json_object(response.content))
 
     def _pick(self, avoid: int | None) -> int:
         with self._lock:
@@ -258,43 +322,56 @@ class RemoteTeacher:
             self._next = (j + 1) % len(self.urls)
             return j
 
-    def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
+    def _request(self, method: str, path: str, *, check=None, **kwargs):
+        """check(response) of the first good reply: retried with backoff on network errors, 5xx, 429 and
+        replies that fail `check` (InvalidReply, at most max_invalid_replies times); a 4xx raises at once."""
         start = time.monotonic()
-        failed, attempt, last = None, 0, "no attempt made"
+        failed, attempt, invalid, last = None, 0, 0, "no attempt made"
         while True:
             j = self._pick(failed)
             url = self.urls[j] + path
-            retry_after = None
             try:
-                response = self._client.request(method, url, **kwargs)
-            except httpx.TransportError as exc:  # refused, reset, timed out: the server may be (re)starting
-                last = f"{url}: {type(exc).__name__}: {exc}"
-            else:
-                if response.status_code < 400:
-                    return response
-                message = _error_message(response)
-                if response.status_code >= 500 or response.status_code == 429:
-                    last = f"{url}: HTTP {response.status_code}: {message}"
-                    retry_after = _retry_after(response.headers.get("retry-after"))
-                else:
-                    raise ValueError(f"teacher server refused the request ({url}, HTTP {response.status_code}): "
-                                     f"{message}")
+                ok, result, retry_after = self._attempt(method, url, check, kwargs)
             finally:
                 with self._lock:
                     self._busy[j] -= 1
+            if ok:
+                return result
+            bad_reply = isinstance(result, InvalidReply)
+            invalid += bad_reply
+            last = (f"{url}: invalid reply: {result}" if bad_reply else result).replace("\n", " ")
             failed, attempt = j, attempt + 1
             delay = retry_after if retry_after is not None else min(10.0, 0.25 * 2 ** (attempt - 1))
             delay *= 1.0 if retry_after is not None else random.uniform(0.8, 1.2)
             elapsed = time.monotonic() - start
-            if attempt > self.max_retries or elapsed + delay > self.max_wait_s:
-                raise TeacherUnavailable(f"teacher server unavailable after {attempt} attempts in {elapsed:.1f} s "
-                                         f"(max_retries={self.max_retries}, max_wait_s={self.max_wait_s}); "
-                                         f"last error: {last}")
+            out_of_budget = attempt > self.max_retries or elapsed + delay > self.max_wait_s
+            if bad_reply and (invalid > self.max_invalid_replies or out_of_budget):
+                raise TeacherReplyError(url, result, invalid)
+            if out_of_budget:
+                raise TeacherUnavailable(
+                    f"no answer from the teacher server{'s' if len(self.urls) > 1 else ''} {', '.join(self.urls)} "
+                    f"after {attempt} attempts in {elapsed:.1f} s (last error: {last}). Start the server (protege "
+                    "serve-teacher, or vllm serve) or fix teacher.urls; a run waits for it up to "
+                    f"teacher.max_wait_s={self.max_wait_s:g} s (max_retries={self.max_retries}).")
             time.sleep(delay)
 
-
-def _finite(x) -> float:
-    return -math.inf if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+    def _attempt(self, method: str, url: str, check, kwargs) -> tuple[bool, object, float | None]:
+        """(True, check(response), None), or (False, what went wrong: str or InvalidReply, Retry-After)."""
+        try:
+            response = self._client.request(method, url, **kwargs)
+        except httpx.TransportError as exc:  # refused, reset, timed out: the server may be (re)starting
+            return False, f"{url}: {type(exc).__name__}: {exc}", None
+        status = response.status_code
+        if status >= 500 or status == 429:
+            return False, f"{url}: HTTP {status}: {_error_message(response)}", _retry_after(
+                response.headers.get("retry-after"))
+        if status >= 400:
+            raise TeacherRefused(f"teacher server refused the request ({url}, HTTP {status}): "
+                                 f"{_error_message(response)}", status)
+        try:
+            return True, check(response) if check is not None else response, None
+        except InvalidReply as exc:
+            return False, exc, None
 
 
 def _error_message(response: httpx.Response) -> str:

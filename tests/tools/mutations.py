@@ -1,0 +1,105 @@
+"""The planted bugs of tests/tools/mutate.py: what a careless refactor would do, one per entry.
+
+name: short id; file: the source file; old -> new: one exact replacement (old occurs once);
+tests: the pytest arguments that must fail with the bug in place; why: the bug in words.
+"""
+
+SCORING = "tests/test_scoring_reference.py"
+SAMPLING = "tests/test_sampling_reference.py"
+OBJECTIVES = "tests/test_objectives.py"
+RESUME = "tests/test_resume.py"
+CHECKPOINT = "tests/test_checkpoint.py"
+REPLIES = "tests/test_teacher_replies.py"
+SERVER = "tests/test_server.py"
+HARDENING = "tests/test_server_hardening.py"
+BATCHER = "tests/test_batcher.py"
+DATA = "tests/test_data.py"
+LOSSES = "tests/test_losses.py"
+
+
+def m(name, file, old, new, tests, why):
+    return {"name": name, "file": file, "old": old, "new": new, "tests": tests if isinstance(tests, list) else [tests],
+            "why": why}
+
+
+MUTATIONS = [
+    # ---- teacher scoring
+    m("scoring-temperature-ignored", "protege/teacher/local.py", "wide[:c].div_(temperature)",
+      "wide[:c].div_(1.0)", SCORING, "in-process scoring at T=1 whatever the request says"),
+    m("scoring-position-shift", "protege/forward.py", "torch.arange(p - 1, p - 1 + n, device",
+      "torch.arange(p, p + n, device", SCORING, "teacher hidden states one position late"),
+    m("scoring-topk-of-logits", "protege/teacher/local.py", "v, i = logprobs.topk(k, dim=-1)",
+      "v, i = logits.topk(k, dim=-1)", SCORING, "top-k values are logits, not logprobs"),
+    m("scoring-query-at-token", "protege/teacher/local.py",
+      "qlp.append(logprobs.gather(-1, flat_query[s:s + chunk_positions]))",
+      "qlp.append(logprobs.gather(-1, flat_tokens[s:s + chunk_positions, None].expand(-1, flat_query.shape[1])))",
+      SCORING, "logprobs at the sampled token instead of the caller's ids"),
+    m("client-reorders-rows", "protege/teacher/remote.py", "idx = torch.as_tensor(chunk, dtype=torch.long)",
+      "idx = torch.as_tensor(sorted(chunk, reverse=True), dtype=torch.long)", SCORING,
+      "remote client puts a chunk's rows back in the wrong order"),
+    # ---- sampling
+    m("sampling-logprob-at-T1", "protege/rollout/hf.py", "self.prev = torch.log_softmax(scaled, dim=-1)",
+      "self.prev = torch.log_softmax(scores.float(), dim=-1)", SAMPLING, "sampling logprobs ignore the temperature"),
+    m("sampling-eos-dropped", "protege/rollout/hf.py", "length = int(hits[0]) + 1 if len(hits) else steps",
+      "length = int(hits[0]) if len(hits) else steps", SAMPLING, "EOS cut off the completion it ends"),
+    m("sampling-no-trim", "protege/rollout/hf.py", "hits = is_eos[j].nonzero()", "hits = is_eos[j].nonzero()[:0]",
+      SAMPLING, "tokens after EOS kept, rows never 'stop'"),
+    # ---- losses and objective
+    m("loss-sign-flipped", "protege/objective.py", "return out.masked_scatter(mask, values.float())",
+      "return out.masked_scatter(mask, -values.float())", OBJECTIVES, "the student is pushed away from the teacher"),
+    m("jsd-beta-swapped", "protege/losses/divergences.py",
+      "            log_m = _log_mix(beta, log_p, log_q)  # (..., C)\n            kl_p",
+      "            log_m = _log_mix(1 - beta, log_p, log_q)  # (..., C)\n            kl_p", [LOSSES, OBJECTIVES],
+      "JSD mixture uses 1-beta"),
+    m("pg-advantage-sign", "protege/losses/sampled.py", "advantage = reward_scale * (log_p - log_q_old)",
+      "advantage = reward_scale * (log_q_old - log_p)", OBJECTIVES, "sampled-token reward with the wrong sign"),
+    m("fused-grad-sign", "protege/losses/chunked.py", "grad_h[start: start + chunk_size] = g @ w  # (N_c, H)",
+      "grad_h[start: start + chunk_size] = -(g @ w)  # (N_c, H)", OBJECTIVES, "fused chunk gradient negated"),
+    m("per-microbatch-mean", "protege/trainer.py",
+      "loss = reduce_tokens(per_token, mb.completion_mask.to(acc.device), num_tokens)",
+      "loss = reduce_tokens(per_token, mb.completion_mask.to(acc.device), mb.num_tokens)", OBJECTIVES,
+      "each micro-batch divided by its own token count"),
+    m("gkd-coin-inverted", "protege/trainer.py", "on_policy = [coin.random() < cfg.mix.lmbda for _ in picked]",
+      "on_policy = [coin.random() >= cfg.mix.lmbda for _ in picked]", OBJECTIVES, "lmbda picks off-policy rows"),
+    m("union-logprobs-misaligned", "protege/objective.py",
+      "torch.cat([signal.topk_logprobs[..., :k], signal.query_logprobs], -1)",
+      "torch.cat([signal.query_logprobs, signal.topk_logprobs[..., :k]], -1)", OBJECTIVES,
+      "union support: teacher logprobs not aligned with the ids"),
+    # ---- resume and checkpoints
+    m("resume-scheduler-forgotten", "protege/trainer.py",
+      '            self.scheduler.load_state_dict(state["scheduler"])\n', "", RESUME,
+      "resume restores the optimizer but not the LR schedule's position"),
+    m("resume-rng-rank0-file", "protege/checkpoint.py",
+      '    rng = _torch_file(folder / f"rng-{acc.process_index}.pt")\n', '    rng = _torch_file(folder / "rng-0.pt")\n',
+      [RESUME, "-k", "two_processes"], "every rank restores rank 0's RNG"),
+    m("resume-stream-forgotten", "protege/trainer.py",
+      '        self.stream.load_state_dict(state["stream"])  # a changed dataset: ValueError, no older checkpoint '
+      'helps\n', "", RESUME, "the prompt stream restarts at the beginning"),
+    m("resume-lora-not-reloaded", "protege/checkpoint.py",
+      "    if adapters:\n        from peft import set_peft_model_state_dict\n\n        set_peft_model_state_dict(model, weights)\n",
+      "    if adapters:\n        return\n", [RESUME, "-k", "lora"], "LoRA adapters not restored"),
+    m("checkpoint-unpickles", "protege/checkpoint.py", "return torch.load(path, map_location=\"cpu\", weights_only=True)",
+      "return torch.load(path, map_location=\"cpu\", weights_only=False)", CHECKPOINT,
+      "trainer state loaded with pickle (runs planted code)"),
+    # ---- the wire and the remote client
+    m("wire-checksum-unchecked", "protege/wire_container.py", "        if stored != actual:", "        if False:",
+      ["tests/test_wire.py", REPLIES], "the payload checksum is computed but never compared"),
+    m("replies-logprob-sign-unchecked", "protege/teacher/replies.py", "(x > LOGPROB_TOL)", "(x > LOGPROB_TOL + 1e9)",
+      REPLIES, "positive teacher logprobs accepted"),
+    # ---- the server
+    m("batcher-row-offset", "protege/server/batcher.py", "            row += n\n", "", BATCHER,
+      "every caller of a merged batch gets the first caller's rows"),
+    m("batcher-never-merges", "protege/server/batcher.py", "            while self.batching:", "            while False:",
+      BATCHER, "one engine call per request (batching silently off)"),
+    m("batcher-fails-everyone", "protege/server/batcher.py",
+      "results.extend(self._call([pieces[i]], temperature))", "raise RuntimeError('merged batch failed')", BATCHER,
+      "one poisoned request fails every caller merged with it"),
+    m("auth-off-on-metrics", "protege/server/app.py", 'route("/metrics", prometheus, ["GET"]),',
+      'route("/metrics", prometheus, ["GET"], auth=False),', BATCHER, "a route left without bearer auth"),
+    m("server-temperature-floor-gone", "protege/server/parse.py", "    if 0 < value < MIN_TEMPERATURE:\n",
+      "    if 0 < value < 0.0:\n",
+      HARDENING, "denormal temperatures accepted (NaN logprobs with 200)"),
+    # ---- data
+    m("data-splitlines", "protege/data.py", 'text.split("\\n")', "text.splitlines()", DATA,
+      "JSONL split on U+2028 / U+0085 inside valid rows"),
+]
