@@ -77,6 +77,31 @@ def check_vocabularies(teacher, student) -> None:
                          f"({output_weight(student).shape[0]}): protege needs a shared tokenizer")
 
 
+def build_rollout_engine(cfg: Config, student, *, pad_id: int, bf16: bool, seed: int):
+    """The student's RolloutEngine: HF generate on the live model, or a colocated vLLM engine (rollout.engine)."""
+    from protege.rollout.hf import HFEngine
+
+    r = cfg.rollout
+    if r.engine != "vllm":
+        return HFEngine(student, pad_id=pad_id, batch_tokens=r.batch_tokens, autocast_bf16=bf16)
+    from protege.rollout.vllm_engine import VLLMRolloutEngine
+
+    return VLLMRolloutEngine(cfg.student.path, student_model=student, dtype="bfloat16" if bf16 else cfg.student.dtype,
+                             gpu_memory_utilization=r.vllm_gpu_memory_utilization,
+                             max_model_len=min(cfg.data.max_prompt_tokens + r.max_new_tokens,
+                                               getattr(student.config, "max_position_embeddings", None) or 1 << 30),
+                             seed=seed, enable_sleep_mode=r.vllm_enable_sleep_mode)
+
+
+def build_teacher_engine(cfg: Config, teacher_model, *, pad_id: int):
+    """The engine that samples teacher rows (mix.seq_kd): HF generate on the in-process teacher, or None."""
+    from protege.rollout.hf import HFEngine
+
+    if teacher_model is None:
+        return None
+    return HFEngine(teacher_model, pad_id=pad_id, batch_tokens=cfg.rollout.batch_tokens)
+
+
 def build_optimizer(cfg: Config, student, total_steps: int):
     """(AdamW over the trainable parameters, its LR schedule: warmup then constant / linear / cosine)."""
     params = [p for p in student.parameters() if p.requires_grad]

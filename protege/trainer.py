@@ -27,7 +27,7 @@ import random
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -40,6 +40,7 @@ from protege.hardware import use_bf16
 from protege.forward import HiddenStates, forward_completion_hidden, output_weight
 from protege.losses import reduce_tokens
 from protege.rollout import hf as hf_rollout
+from protege.rollout.base import RolloutEngine, Sampling
 from protege.types import Rollouts, TeacherSignal
 
 log = logging.getLogger("protege")
@@ -91,6 +92,11 @@ class Distiller:
         self.teacher, self.teacher_model = build.build_teacher(cfg, teacher_model, pad_id=self.tok.pad_token_id,
                                                                device=self.acc.device, objective=self.objective)
         build.check_vocabularies(self.teacher, self.student)
+        self.engine: RolloutEngine | None = None  # the student's, see student_engine()
+        self.teacher_engine = build.build_teacher_engine(cfg, self.teacher_model, pad_id=self.tok.pad_token_id)
+        r = cfg.rollout
+        self.sampling = Sampling(max_new_tokens=r.max_new_tokens, eos_ids=tuple(self.eos_ids), temperature=r.temperature,
+                                 top_p=r.top_p, top_k=r.top_k, record_topk=self.objective.rollout_topk)
         self.optimizer, self.scheduler = build.build_optimizer(cfg, self.student, self.max_steps)
         self.model, self.optimizer = self.acc.prepare(HiddenStates(self.student), self.optimizer)
         self.state = RunState()
@@ -119,22 +125,12 @@ class Distiller:
                 student_p_ref = self.prompts.reference_ids(ex, cfg.rollout.max_new_tokens)
                 refs.append((ids, student_p_ref))
         parts = []
-        r = cfg.rollout
         if student_p:
-            kw = dict(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                      eos_ids=self.eos_ids, record_topk=self.objective.rollout_topk, source="student")
-            if r.engine == "vllm":
-                parts.append(self._vllm_engine().generate(student_p, **kw))
-            else:
-                parts.append(hf_rollout.generate(self.student, student_p, pad_id=self.tok.pad_token_id,
-                                                 batch_tokens=r.batch_tokens, autocast_bf16=self.bf16, **kw))
+            parts.append(self.student_engine().generate(student_p, self.sampling, source="student"))
         if off_p:
-            if self.teacher_model is None:
+            if self.teacher_engine is None:
                 raise ValueError("mix.seq_kd needs an in-process teacher (teacher.path) to generate")
-            parts.append(hf_rollout.generate(
-                self.teacher_model, off_p, max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                top_k=r.top_k, eos_ids=self.eos_ids, pad_id=self.tok.pad_token_id, batch_tokens=r.batch_tokens,
-                source="teacher"))
+            parts.append(self.teacher_engine.generate(off_p, replace(self.sampling, record_topk=0), source="teacher"))
         if refs:
             parts.append(hf_rollout.from_references([p for p, _ in refs], [c for _, c in refs]))
         buffer = hf_rollout.concat(parts)
@@ -142,20 +138,12 @@ class Distiller:
             buffer.student_topk_ids = self._student_topk(buffer, self.objective.student_topk)
         return buffer
 
-    def _vllm_engine(self):
-        """The colocated vLLM rollout engine (rollout.engine=vllm), built on first use from the current student."""
-        if getattr(self, "_vllm", None) is None:
-            from protege.rollout.vllm_engine import VLLMRolloutEngine
-
-            r = self.cfg.rollout
-            self._vllm = VLLMRolloutEngine(
-                self.cfg.student.path, student_model=self.student,
-                dtype="bfloat16" if self.bf16 else self.cfg.student.dtype,
-                gpu_memory_utilization=r.vllm_gpu_memory_utilization,
-                max_model_len=min(self.cfg.data.max_prompt_tokens + r.max_new_tokens,
-                                  getattr(self.student.config, "max_position_embeddings", None) or 1 << 30),
-                seed=self.cfg.train.seed + self.acc.process_index, enable_sleep_mode=r.vllm_enable_sleep_mode)
-        return self._vllm
+    def student_engine(self) -> RolloutEngine:
+        """The student's rollout engine, built on first use (a vLLM engine loads the weights the student has then)."""
+        if self.engine is None:
+            self.engine = build.build_rollout_engine(self.cfg, self.student, pad_id=self.tok.pad_token_id,
+                                                     bf16=self.bf16, seed=self.cfg.train.seed + self.acc.process_index)
+        return self.engine
 
     @torch.no_grad()
     def _student_topk(self, buffer: Rollouts, k: int) -> torch.Tensor:
@@ -217,8 +205,8 @@ class Distiller:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if getattr(self, "_vllm", None) is not None:  # rollout.engine=vllm: the next buffer samples the new weights
-            self._vllm.sync_weights(self.student)
+        if self.engine is not None:  # the next buffer samples the new weights (a no-op for the HF engine)
+            self.engine.sync_weights(self.student)
         loss_total = float(acc.reduce(torch.tensor(loss_sum, device=acc.device), reduction="sum"))
         return {"loss": loss_total, "grad_norm": grad_norm, "lr": lr, "num_tokens": num_tokens}
 
