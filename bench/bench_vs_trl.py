@@ -139,26 +139,16 @@ def child_protege(spec: dict) -> dict:
     with tempfile.TemporaryDirectory() as out_dir:
         d = Distiller(_protege_config(spec, out_dir))
         load_s = time.perf_counter() - t0
-        prompt_tokens = []
-        make_buffer = d.make_buffer
-
-        def recording_make_buffer(step):  # only to report the prompt tokens of each step
-            buf = make_buffer(step)
-            prompt_tokens.append(sum(len(p) for p in buf.prompt_ids))
-            return buf
-
-        d.make_buffer = recording_make_buffer
         steps = []
         for i in range(spec["warmup"] + spec["steps"]):
             w0, c0 = time.perf_counter(), time.process_time()
             m = d.train_step()
             wall, cpu = time.perf_counter() - w0, time.process_time() - c0
-            steps.append({"wall": wall, "cpu": cpu, "tokens": m["tokens"], "prompt_tokens": prompt_tokens[-1],
+            steps.append({"wall": wall, "cpu": cpu, "tokens": m["tokens"], "prompt_tokens": m["prompt_tokens"],
                           "gen": m["time_generate"], "teacher": m["time_teacher"], "train": m["time_train"],
                           "trunc": m["truncation_rate"], "loss": m["loss"], "warmup": i < spec["warmup"]})
         out = {"steps": steps, "peak_rss_mb": _rss_mb(), "load_s": load_s, "threads": torch.get_num_threads()}
         if spec.get("profile"):  # one more step, under torch.profiler, after the peak RSS was read
-            d.make_buffer = make_buffer
             out["profile"] = profile_step(d, spec)
     return out
 
@@ -339,35 +329,25 @@ def profile_step(d, spec: dict) -> dict:
     """One protege step under torch.profiler: self CPU time per op, attributed to generate / teacher / train."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    make_buffer, score = d.make_buffer, d.teacher.score
-    captured = {}
+    cpu, wall_s = {}, {}
 
-    cpu = {}
-
-    def mb_wrapped(step):
-        c0 = time.process_time()
-        with record_function("phase::generate"):
-            buf = make_buffer(step)
-        cpu["generate"] = time.process_time() - c0
-        captured["buffer"] = buf
-        return buf
-
-    def score_wrapped(buffer, request):
-        c0 = time.process_time()
-        with record_function("phase::teacher"):
-            out = score(buffer, request)
-        cpu["teacher"] = time.process_time() - c0
+    def phase(name, fn):  # one phase of the step, timed and marked for the profiler
+        c0, w0 = time.process_time(), time.perf_counter()
+        with record_function(f"phase::{name}"):
+            out = fn()
+        cpu[name], wall_s[name] = time.process_time() - c0, time.perf_counter() - w0
         return out
 
-    d.make_buffer, d.teacher.score = mb_wrapped, score_wrapped
     load0 = os.getloadavg()[0]
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         with record_function("phase::step"):
             w0, c0 = time.perf_counter(), time.process_time()
-            m = d.train_step()
+            buffer = phase("generate", lambda: d.collect(d.state.step))
+            signal = phase("teacher", lambda: d.score(buffer))
+            m = d.train_step(buffer, signal)  # the learn phase
             wall, cpu["step"] = time.perf_counter() - w0, time.process_time() - c0
+    m.update(time_generate=wall_s["generate"], time_teacher=wall_s["teacher"])
     cpu["train"] = cpu["step"] - cpu["generate"] - cpu["teacher"]
-    d.make_buffer, d.teacher.score = make_buffer, score
     events = prof.events()
     ranges = {e.name: (e.time_range.start, e.time_range.end) for e in events if e.name.startswith("phase::")}
     span = {p: ranges[f"phase::{p}"] for p in ("generate", "teacher")}
@@ -392,7 +372,7 @@ def profile_step(d, spec: dict) -> dict:
         ph["n_ops"] = len(ops[p])
         ph["cpu_s"] = cpu[p]
     s_cfg, t_cfg = d.student.config, d.teacher_model.config
-    flops = step_flops(captured["buffer"], s_cfg, t_cfg, spec["mb"], gen_rows=len(captured["buffer"]))
+    flops = step_flops(buffer, s_cfg, t_cfg, spec["mb"], gen_rows=len(buffer))
     return {"phases": phases, "flops": flops, "wall": wall, "num_events": len(events),
             "load": (load0 + os.getloadavg()[0]) / 2,
             "metrics": {k: m[k] for k in ("tokens", "time_generate", "time_teacher", "time_train")},

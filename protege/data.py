@@ -174,6 +174,26 @@ def _check_messages(msgs) -> list[dict]:
     return [dict(role=m["role"], content=m["content"]) for m in msgs]
 
 
+def load_prompt_sets(data, *, seed: int) -> tuple[PromptSet, PromptSet | None]:
+    """The training prompts and the held-out ones of a DataConfig (protege.config.DataConfig).
+
+    Held out: data.eval_path when set, else the builtin set's held-out split, else a seeded
+    data.eval_fraction of the training rows (removed from training), else none."""
+    rows = load_rows(data.path, data.split)
+    eval_rows = None
+    if data.eval_path:
+        eval_rows = load_rows(data.eval_path, data.split)
+    elif data.path.startswith("builtin:"):
+        eval_rows = load_rows(data.path, "heldout")
+    elif data.eval_fraction > 0:
+        cut = max(1, int(len(rows) * data.eval_fraction))
+        shuffled = random.Random(seed).sample(rows, len(rows))
+        eval_rows, rows = shuffled[:cut], shuffled[cut:]
+    kw = dict(prompt_column=data.prompt_column, messages_column=data.messages_column,
+              completion_column=data.completion_column, system_prompt=data.system_prompt)
+    return to_examples(rows, **kw), (to_examples(eval_rows, **kw) if eval_rows else None)
+
+
 class PromptTokenizer:
     """Chat-templates prompts and tokenizes references; truncates long prompts from the left."""
 

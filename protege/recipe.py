@@ -100,7 +100,7 @@ def run_recipe(stages: list[tuple[str, Config]], *, student=None, teacher_model=
         d = Distiller(cfg, student=student, teacher_model=teacher_model, tokenizer=tokenizer)
         histories[name] = d.train()
         student = d.student
-        teacher_model = getattr(d, "teacher_model", teacher_model)
+        teacher_model = d.teacher_model if d.teacher_model is not None else teacher_model
         tokenizer = d.tok
         if on_stage_end is not None:
             on_stage_end(name, d)

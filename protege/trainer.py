@@ -22,24 +22,25 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import random
 import shutil
 import time
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 
-from protege import checkpoint, objective
+from protege import build, checkpoint
 from protege.config import Config, check_vocab_bounds
-from protege.data import PromptStream, PromptTokenizer, load_rows, to_examples
+from protege.data import PromptStream, PromptTokenizer, load_prompt_sets
 from protege.hardware import use_bf16
-from protege.forward import HiddenStates, check_supported, forward_completion_hidden, output_weight
+from protege.forward import HiddenStates, forward_completion_hidden, output_weight
 from protege.losses import reduce_tokens
 from protege.rollout import hf as hf_rollout
+from protege.rollout.base import RolloutEngine, Sampling
 from protege.types import Rollouts, TeacherSignal
 
 log = logging.getLogger("protege")
@@ -55,12 +56,11 @@ class Distiller:
     """Holds the models, data and optimizer of a run; `train()` is the loop."""
 
     def __init__(self, cfg: Config, *, student=None, teacher_model=None, tokenizer=None, accelerator=None):
-        from protege.modeling import load_model, load_tokenizer
+        from protege.diagnostics import HealthMonitor
+        from protege.modeling import load_tokenizer
 
         self.cfg = cfg
-        self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(),
-                                              log_with=None if cfg.output.report_to == "none" else cfg.output.report_to,
-                                              project_dir=cfg.output.dir)
+        self.acc = accelerator or build.build_accelerator(cfg)
         if cfg.train.prompts_per_step < self.acc.num_processes:
             raise ValueError(f"train.prompts_per_step={cfg.train.prompts_per_step} is smaller than the number of "
                              f"processes ({self.acc.num_processes}): every process needs at least one prompt per step")
@@ -74,84 +74,38 @@ class Distiller:
             self.tok.pad_token = self.tok.eos_token
         self.eos_ids = _eos_ids(self.tok)
         check_vocab_bounds(cfg, len(self.tok), f"the student's tokenizer {cfg.student.path}")  # before the weights
-
         if cfg.rollout.engine == "vllm":  # a missing vllm fails before minutes of model loading
             from protege.rollout.vllm_engine import require_vllm
 
             require_vllm("rollout.engine=vllm", "rollout.engine=hf")
         # data first: a bad dataset fails before minutes of model loading
         self.prompts = PromptTokenizer(self.tok, cfg.data.max_prompt_tokens)
-        rows = load_rows(cfg.data.path, cfg.data.split)
-        eval_rows = None
-        if cfg.data.eval_path:
-            eval_rows = load_rows(cfg.data.eval_path, cfg.data.split)
-        elif cfg.data.path.startswith("builtin:"):
-            eval_rows = load_rows(cfg.data.path, "heldout")
-        elif cfg.data.eval_fraction > 0:
-            cut = max(1, int(len(rows) * cfg.data.eval_fraction))
-            shuffled = random.Random(cfg.train.seed).sample(rows, len(rows))
-            eval_rows, rows = shuffled[:cut], shuffled[cut:]
-        kw = dict(prompt_column=cfg.data.prompt_column, messages_column=cfg.data.messages_column,
-                  completion_column=cfg.data.completion_column, system_prompt=cfg.data.system_prompt)
-        self.train_set = to_examples(rows, **kw)
-        self.eval_set = to_examples(eval_rows, **kw) if eval_rows else None
+        self.train_set, self.eval_set = load_prompt_sets(cfg.data, seed=cfg.train.seed)
         if cfg.mix.lmbda < 1 and not cfg.mix.seq_kd and not any(e.reference for e in self.train_set.examples):
             raise ValueError("mix.lmbda < 1 without mix.seq_kd uses the dataset's reference completions, but no row "
                              f"has one (columns {cfg.data.completion_column!r} or a final assistant turn in "
                              f"{cfg.data.messages_column!r}). Set mix.seq_kd=true or mix.lmbda=1.")
         self.stream = PromptStream(len(self.train_set), cfg.train.seed)
-        if cfg.train.epochs:
-            cfg.train.max_steps = max(1, math.ceil(cfg.train.epochs * len(self.train_set) / cfg.train.prompts_per_step))
-
-
-        student = student if student is not None else load_model(cfg.student.path, cfg.student.dtype)
-        check_supported(student, "student")
-        if cfg.student.lora.enabled:
-            from peft import LoraConfig, get_peft_model
-
-            lc = cfg.student.lora
-            student = get_peft_model(student, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
-                                                         target_modules=lc.target_modules, task_type="CAUSAL_LM"))
-        if cfg.train.gradient_checkpointing:
-            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.student = student.to(self.acc.device)
-        self.teacher = self._build_teacher(teacher_model)
-        if self.teacher.vocab_size != output_weight(self.student).shape[0]:
-            raise ValueError(f"teacher vocabulary ({self.teacher.vocab_size}) != student vocabulary "
-                             f"({output_weight(self.student).shape[0]}): protege needs a shared tokenizer")
-
-        params = [p for p in self.student.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas,
-                                           weight_decay=cfg.optim.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(cfg))
-        self.model = HiddenStates(self.student)
-        self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
+        self.max_steps = build.max_steps(cfg, len(self.train_set))  # the config is never rewritten
+        self.objective = build.build_objective(cfg)
+        self.student = build.build_student(cfg, student, self.acc.device)
+        self.teacher, self.teacher_model = build.build_teacher(cfg, teacher_model, pad_id=self.tok.pad_token_id,
+                                                               device=self.acc.device, objective=self.objective)
+        build.check_vocabularies(self.teacher, self.student)
+        self.engine: RolloutEngine | None = None  # the student's, see student_engine()
+        self.teacher_engine = build.build_teacher_engine(cfg, self.teacher_model, pad_id=self.tok.pad_token_id)
+        r = cfg.rollout
+        self.sampling = Sampling(max_new_tokens=r.max_new_tokens, eos_ids=tuple(self.eos_ids), temperature=r.temperature,
+                                 top_p=r.top_p, top_k=r.top_k, record_topk=self.objective.rollout_topk)
+        self.optimizer, self.scheduler = build.build_optimizer(cfg, self.student, self.max_steps)
+        self.model, self.optimizer = self.acc.prepare(HiddenStates(self.student), self.optimizer)
         self.state = RunState()
-        from protege.diagnostics import HealthMonitor
-
         self.monitor = HealthMonitor()
         if cfg.output.report_to != "none":
             self.acc.init_trackers("protege", config=_tracker_config(cfg))
 
-    # ----------------------------------------------------------------------------------- setup
-    def _build_teacher(self, teacher_model):
-        from protege.modeling import load_model
-        from protege.teacher.local import LocalTeacher
-
-        cfg = self.cfg.teacher
-        if cfg.urls:
-            from protege.teacher.remote import RemoteTeacher
-
-            return RemoteTeacher(cfg.urls, api_key=cfg.api_key or os.environ.get("PROTEGE_API_KEY"),
-                                 protocol=cfg.protocol, timeout=cfg.timeout_s, max_wait_s=cfg.max_wait_s,
-                                 logprob_dtype=cfg.logprob_dtype, vocab_size=cfg.vocab_size)
-        model = teacher_model if teacher_model is not None else load_model(cfg.path, cfg.dtype)
-        self.teacher_model = model.to(self.acc.device)
-        return LocalTeacher(self.teacher_model, pad_id=self.tok.pad_token_id, token_budget=cfg.batch_tokens,
-                            chunk_positions=self.cfg.loss.chunk_size)
-
     # ------------------------------------------------------------------------------ the buffer
-    def make_buffer(self, step: int) -> Rollouts:
+    def collect(self, step: int) -> Rollouts:
         """This process's rows of the step: student rollouts, dataset references or teacher samples."""
         cfg = self.cfg
         picked = self.stream.take(cfg.train.prompts_per_step)
@@ -171,50 +125,29 @@ class Distiller:
                 student_p_ref = self.prompts.reference_ids(ex, cfg.rollout.max_new_tokens)
                 refs.append((ids, student_p_ref))
         parts = []
-        r = cfg.rollout
         if student_p:
-            need_topk = cfg.loss.top_k if self.cfg.teacher.urls and cfg.loss.support in ("student", "union") else 0
-            need_topk = max(need_topk, cfg.output.diagnostics_top_k)
-            kw = dict(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                      eos_ids=self.eos_ids, record_topk=need_topk, source="student")
-            if r.engine == "vllm":
-                parts.append(self._vllm_engine().generate(student_p, **kw))
-            else:
-                parts.append(hf_rollout.generate(self.student, student_p, pad_id=self.tok.pad_token_id,
-                                                 batch_tokens=r.batch_tokens, autocast_bf16=self.bf16, **kw))
+            parts.append(self.student_engine().generate(student_p, self.sampling, source="student"))
         if off_p:
-            if not hasattr(self, "teacher_model"):
+            if self.teacher_engine is None:
                 raise ValueError("mix.seq_kd needs an in-process teacher (teacher.path) to generate")
-            parts.append(hf_rollout.generate(
-                self.teacher_model, off_p, max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                top_k=r.top_k, eos_ids=self.eos_ids, pad_id=self.tok.pad_token_id, batch_tokens=r.batch_tokens,
-                source="teacher"))
+            parts.append(self.teacher_engine.generate(off_p, replace(self.sampling, record_topk=0), source="teacher"))
         if refs:
             parts.append(hf_rollout.from_references([p for p, _ in refs], [c for _, c in refs]))
         buffer = hf_rollout.concat(parts)
-        if self.cfg.teacher.urls and cfg.loss.support in ("student", "union") and buffer.student_topk_ids is None:
-            buffer.student_topk_ids = self._student_topk(buffer)
+        if self.objective.student_topk and buffer.student_topk_ids is None:  # off-policy rows, remote teacher
+            buffer.student_topk_ids = self._student_topk(buffer, self.objective.student_topk)
         return buffer
 
-    def _vllm_engine(self):
-        """The colocated vLLM rollout engine (rollout.engine=vllm), built on first use from the current student."""
-        if getattr(self, "_vllm", None) is None:
-            from protege.rollout.vllm_engine import VLLMRolloutEngine
-
-            r = self.cfg.rollout
-            self._vllm = VLLMRolloutEngine(
-                self.cfg.student.path, student_model=self.student,
-                dtype="bfloat16" if self.bf16 else self.cfg.student.dtype,
-                gpu_memory_utilization=r.vllm_gpu_memory_utilization,
-                max_model_len=min(self.cfg.data.max_prompt_tokens + r.max_new_tokens,
-                                  getattr(self.student.config, "max_position_embeddings", None) or 1 << 30),
-                seed=self.cfg.train.seed + self.acc.process_index, enable_sleep_mode=r.vllm_enable_sleep_mode)
-        return self._vllm
+    def student_engine(self) -> RolloutEngine:
+        """The student's rollout engine, built on first use (a vLLM engine loads the weights the student has then)."""
+        if self.engine is None:
+            self.engine = build.build_rollout_engine(self.cfg, self.student, pad_id=self.tok.pad_token_id,
+                                                     bf16=self.bf16, seed=self.cfg.train.seed + self.acc.process_index)
+        return self.engine
 
     @torch.no_grad()
-    def _student_topk(self, buffer: Rollouts) -> torch.Tensor:
+    def _student_topk(self, buffer: Rollouts, k: int) -> torch.Tensor:
         """(N, T, k) student top-k ids for rows that were not sampled by the student (remote teachers)."""
-        k = self.cfg.loss.top_k
         out = torch.zeros((*buffer.completion_ids.shape, k), dtype=torch.long)
         weight = output_weight(self.student)
         for s in range(0, len(buffer), self.cfg.train.micro_batch_size):
@@ -226,22 +159,29 @@ class Distiller:
         return out
 
     # -------------------------------------------------------------------------------- one step
-    def train_step(self) -> dict:
-        cfg, acc = self.cfg, self.acc
-        step = self.state.step
+    def train_step(self, buffer: Rollouts | None = None, signal: TeacherSignal | None = None) -> dict:
+        """One optimizer step in three named phases: collect, score, learn. A given `buffer` (and `signal`)
+        replaces the first phase(s): tests train on a fixed buffer, benchmarks time each phase alone."""
         t0 = time.perf_counter()
-        buffer = self.make_buffer(step)
+        buffer = self.collect(self.state.step) if buffer is None else buffer  # Rollouts (CPU)
         t1 = time.perf_counter()
-        request = objective.teacher_request(cfg.loss, local=not cfg.teacher.urls, rollouts=buffer)
-        if cfg.output.diagnostics_top_k and buffer.student_topk_logprobs is not None:
-            request.topk = max(request.topk, cfg.output.diagnostics_top_k)
-            request.entropy = not cfg.teacher.urls
-        signal: TeacherSignal = self.teacher.score(buffer, request)
+        signal = self.score(buffer) if signal is None else signal  # aligned on the buffer's completion positions
         t2 = time.perf_counter()
+        learned = self.learn(buffer, signal)  # loss, grad_norm, lr, num_tokens
+        t3 = time.perf_counter()
+        self.state.step += 1
+        return self._step_metrics(buffer, signal, **learned, t_gen=t1 - t0, t_teacher=t2 - t1, t_train=t3 - t2)
 
-        local_tokens = buffer.num_tokens
-        num_tokens = int(acc.reduce(torch.tensor(local_tokens, device=acc.device), reduction="sum"))
-        weight = output_weight(self.student)
+    def score(self, buffer: Rollouts) -> TeacherSignal:
+        """The teacher's signal for the whole buffer: exactly what the objective asks for."""
+        return self.teacher.score(buffer, self.objective.teacher_request(buffer))
+
+    def learn(self, buffer: Rollouts, signal: TeacherSignal) -> dict:
+        """Micro-batched forward/backward of the objective, then one optimizer step (and the engine sync)."""
+        cfg, acc = self.cfg, self.acc
+        num_tokens = int(acc.reduce(torch.tensor(buffer.num_tokens, device=acc.device), reduction="sum"))
+        weight = output_weight(self.student)  # (V, H)
+        teacher_weight = self.teacher.output_weight if self.objective.teacher_local else None  # (V, H) or None
         order = sorted(range(len(buffer)), key=lambda i: len(buffer.prompt_ids[i]) + int(buffer.completion_mask[i].sum()))
         mbs = [order[s: s + cfg.train.micro_batch_size] for s in range(0, len(order), cfg.train.micro_batch_size)]
         loss_sum = 0.0
@@ -250,12 +190,11 @@ class Distiller:
             mb = buffer.select(rows)
             sig = signal.select(rows, mb.completion_ids.shape[1])
             last = i == len(mbs) - 1
-            with (acc.no_sync(self.model) if not last else _null()), \
+            with (acc.no_sync(self.model) if not last else nullcontext()), \
                     torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 hidden = forward_completion_hidden(self.model, mb.prompt_ids, mb.completion_ids.to(acc.device),
                                                    mb.completion_mask, self.tok.pad_token_id)  # (B, T, H)
-                per_token = objective.per_token_loss(cfg.loss, hidden, weight, mb, sig,
-                                                     sampling_temperature=_sampling_temperature(cfg))  # (B, T)
+                per_token = self.objective.per_token_loss(hidden, weight, mb, sig, teacher_weight)  # (B, T)
                 loss = reduce_tokens(per_token, mb.completion_mask.to(acc.device), num_tokens)
                 acc.backward(loss * acc.num_processes)  # DDP averages over ranks; we want the sum
             loss_sum += float(loss.detach())
@@ -266,20 +205,18 @@ class Distiller:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if getattr(self, "_vllm", None) is not None:  # rollout.engine=vllm: the next buffer samples the new weights
-            self._vllm.sync_weights(self.student)
-        t3 = time.perf_counter()
-
+        if self.engine is not None:  # the next buffer samples the new weights (a no-op for the HF engine)
+            self.engine.sync_weights(self.student)
         loss_total = float(acc.reduce(torch.tensor(loss_sum, device=acc.device), reduction="sum"))
-        self.state.step += 1
-        return self._step_metrics(buffer, signal, loss_total, grad_norm, lr, num_tokens, t1 - t0, t2 - t1, t3 - t2)
+        return {"loss": loss_total, "grad_norm": grad_norm, "lr": lr, "num_tokens": num_tokens}
 
-    def _step_metrics(self, buffer, signal, loss, grad_norm, lr, num_tokens, t_gen, t_teacher, t_train) -> dict:
+    def _step_metrics(self, buffer, signal, *, loss, grad_norm, lr, num_tokens, t_gen, t_teacher, t_train) -> dict:
         mask = buffer.completion_mask
         lengths = mask.sum(1).float()
         student_rows = torch.tensor([s == "student" for s in buffer.sources])
         m = {"step": self.state.step, "loss": loss, "grad_norm": grad_norm, "lr": lr,
-             "tokens": num_tokens, "completion_len_mean": float(lengths.mean()), "completion_len_max": int(lengths.max()),
+             "tokens": num_tokens, "prompt_tokens": sum(len(p) for p in buffer.prompt_ids),
+             "completion_len_mean": float(lengths.mean()), "completion_len_max": int(lengths.max()),
              "truncation_rate": sum(f == "length" for f in buffer.finish_reasons) / max(1, len(buffer)),
              "time_generate": t_gen, "time_teacher": t_teacher, "time_train": t_train,
              "tokens_per_s": num_tokens / max(1e-9, t_gen + t_teacher + t_train),
@@ -305,7 +242,7 @@ class Distiller:
     # ------------------------------------------------------------------------------- the loop
     def train(self) -> list[dict]:
         cfg, acc = self.cfg, self.acc
-        if cfg.resume and self.load_checkpoint() and self.state.step >= cfg.train.max_steps:
+        if cfg.resume and self.load_checkpoint() and self.state.step >= self.max_steps:
             return self._finished()
         self.out.mkdir(parents=True, exist_ok=True)
         metrics_path = self.out / "metrics.jsonl"
@@ -316,8 +253,8 @@ class Distiller:
 
         if self.eval_set and self.state.step == 0:
             self._log_eval(evaluate(self, self.eval_set), metrics_path)
-        bar = _progress(cfg, acc, self.state.step)
-        while self.state.step < cfg.train.max_steps:
+        bar = _progress(cfg, acc, self.state.step, self.max_steps)
+        while self.state.step < self.max_steps:
             m = self.train_step()
             self.state.history.append(m)
             if acc.is_main_process:
@@ -332,9 +269,9 @@ class Distiller:
             elif acc.is_main_process and m["step"] % cfg.output.log_every == 0:
                 log.info(_line(m))
             s = self.state.step
-            if self.eval_set and cfg.output.eval_every and s % cfg.output.eval_every == 0 and s < cfg.train.max_steps:
+            if self.eval_set and cfg.output.eval_every and s % cfg.output.eval_every == 0 and s < self.max_steps:
                 self._log_eval(evaluate(self, self.eval_set), metrics_path)
-            if cfg.output.save_every and s % cfg.output.save_every == 0 and s < cfg.train.max_steps:
+            if cfg.output.save_every and s % cfg.output.save_every == 0 and s < self.max_steps:
                 self.save_checkpoint()
         if bar is not None:
             bar.close()
@@ -395,9 +332,9 @@ class Distiller:
         self.prompts.truncated = state.get("prompts_truncated", 0)
 
     def _finished(self) -> list[dict]:
-        """Resumed at or past train.max_steps: nothing to train, evaluate or log again."""
-        log.info("resume: the run in %s is already at step %d (train.max_steps=%d): nothing to do", self.out,
-                 self.state.step, self.cfg.train.max_steps)
+        """Resumed at or past the run's last step: nothing to train, evaluate or log again."""
+        log.info("resume: the run in %s is already at step %d (of %d): nothing to do", self.out,
+                 self.state.step, self.max_steps)
         if not (self.out / "student").exists():  # killed between the last checkpoint and the final save
             self.save_final()
         self.acc.end_training()
@@ -429,37 +366,12 @@ def _eos_ids(tok) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def _sampling_temperature(cfg: Config) -> float:
-    return cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
-
-
-def _schedule(cfg: Config):
-    total, warm, kind = cfg.train.max_steps, cfg.optim.warmup_steps, cfg.optim.schedule
-
-    def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / (warm + 1)
-        if kind == "constant":
-            return 1.0
-        frac = min(1.0, (step - warm) / max(1, total - warm))
-        return 1.0 - frac if kind == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
-    return f
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-
-def _progress(cfg: Config, acc: Accelerator, start: int):
+def _progress(cfg: Config, acc: Accelerator, start: int, total: int):
     if not (cfg.output.progress and acc.is_main_process):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=cfg.train.max_steps, initial=start, desc="distill", unit="step", dynamic_ncols=True)
+    return tqdm(total=total, initial=start, desc="distill", unit="step", dynamic_ncols=True)
 
 
 def _line(m: dict) -> str:

@@ -2,7 +2,7 @@
 
 For each configuration (loss.support x loss.name, in-process and remote teacher, lmbda mixes,
 seq_kd, sampled_pg, sft, LoRA, bf16) one Distiller builds its first buffer, which is then frozen
-(make_buffer returns it again), and:
+(the step trains on it: train_step(buffer)), and:
 
 1. the first step's reported loss equals OBJ(student before the step), and
 2. OBJ(student after one optimizer step) < OBJ(student before it),
@@ -195,12 +195,11 @@ def test_objective_value_and_descent(tiny_paths, models, request, tmp_path, wher
     cfg = _config(tiny_paths, tmp_path, where, url, overrides)
     d = Distiller(cfg, student=copy.deepcopy(student), teacher_model=teacher if where == "local" else None,
                   tokenizer=tok)
-    buffer = d.make_buffer(0)
+    buffer = d.collect(0)
     assert set(buffer.sources) == sources
-    d.make_buffer = lambda step: buffer  # the step trains on exactly this buffer
     fixed: dict = {}
     before = objective(cfg, d.student, teacher, buffer, fixed)
-    m = d.train_step()
+    m = d.train_step(buffer)  # the step trains on exactly this buffer
     bf16 = cfg.train.precision == "bf16"
     assert m["loss"] == pytest.approx(before, rel=3e-2 if bf16 else 1e-4, abs=1e-6), "first-step loss != reference"
     after = objective(cfg, d.student, teacher, buffer, fixed)

@@ -49,7 +49,7 @@ def test_heldout_kl_falls(tiny_paths, tmp_path):
                                          (["mix.lmbda=0", "mix.seq_kd=true"], "teacher")])
 def test_lmbda_and_seq_kd_choose_the_rows(tiny_paths, tmp_path, mix, source):
     d = Distiller(_cfg(tiny_paths, tmp_path, "train.max_steps=1", *mix))
-    buffer = d.make_buffer(0)
+    buffer = d.collect(0)
     assert set(buffer.sources) == {source}
     if source == "dataset":  # the reference answer plus EOS
         text = d.tok.decode(buffer.completion_ids[0][buffer.completion_mask[0]])
@@ -61,7 +61,7 @@ def test_lmbda_and_seq_kd_choose_the_rows(tiny_paths, tmp_path, mix, source):
 
 def test_mixed_buffer_half_on_policy(tiny_paths, tmp_path):
     d = Distiller(_cfg(tiny_paths, tmp_path, "train.max_steps=1", "mix.lmbda=0.5", "train.prompts_per_step=16"))
-    sources = d.make_buffer(0).sources
+    sources = d.collect(0).sources
     assert {"student", "dataset"} == set(sources)
     d.train_step()
 
@@ -225,8 +225,9 @@ def test_remote_teacher_restarted_mid_run(tiny_paths, tmp_path):
 
 
 def test_epochs_set_the_step_count(tiny_paths, tmp_path):
-    d = Distiller(_cfg(tiny_paths, tmp_path, "train.epochs=0.5"))  # 40 rows, 4 prompts per step
-    assert d.cfg.train.max_steps == 5
+    cfg = _cfg(tiny_paths, tmp_path, "train.epochs=0.5")
+    d = Distiller(cfg)  # 40 rows, 4 prompts per step
+    assert d.max_steps == 5 and cfg.train.max_steps == 50, "epochs set the run's steps, the config is not rewritten"
 
 
 def test_lora_checkpoint_holds_adapters_and_resumes(tiny_paths, tmp_path):

@@ -13,6 +13,7 @@ teacher signal equal to the HF forward) and refuses temperatures != 1, which vLL
 from __future__ import annotations
 
 import importlib
+from dataclasses import replace
 import os
 import signal
 import subprocess
@@ -301,10 +302,10 @@ def test_training_with_the_vllm_engine_lowers_the_sampled_rkl_like_hf(paths, tmp
     assert abs(last_v - last_h) < 0.05 + 0.5 * max(last_v, last_h)  # the two engines land alike
     # the engine the trainer holds samples the trained student: its logprobs are the student's HF forward
     prompts = _prompts(4, seed=3)
-    r = d._vllm.generate(prompts, max_new_tokens=8, eos_ids=d.eos_ids)
+    r = d.engine.generate(prompts, replace(d.sampling, max_new_tokens=8, record_topk=0))
     token, _ = _hf_logprobs(d.student.eval(), prompts, r.completion_ids, r.completion_mask, 1.0)
     assert (r.sampling_logprobs - token)[r.completion_mask].abs().max() < TOL
-    d._vllm.close()
+    d.engine.close()
 
 
 def _healthy(url: str) -> bool:

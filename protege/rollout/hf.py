@@ -27,6 +27,7 @@ from torch import nn
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
 
 from protege.forward import length_batches
+from protege.rollout.base import Sampling
 from protege.types import Rollouts
 
 
@@ -117,6 +118,25 @@ def generate(model: nn.Module, prompt_ids: list[torch.Tensor], *, max_new_tokens
         out.student_topk_logprobs = _pad_like(out.completion_mask, topk_lps, float("-inf"))
         out.student_entropy = _pad_like(out.completion_mask, entropies, 0.0)
     return out
+
+
+class HFEngine:
+    """The RolloutEngine over an HF model in this process: it samples the live weights, so sync is a no-op.
+
+    pad_id, batch_tokens (rows x (prompt + max_new_tokens) per generate call) and bf16 autocast are
+    the engine's own settings; everything about sampling comes in a Sampling per call."""
+
+    def __init__(self, model: nn.Module, *, pad_id: int, batch_tokens: int = 16384, autocast_bf16: bool = False):
+        self.model, self.pad_id, self.batch_tokens, self.autocast_bf16 = model, pad_id, batch_tokens, autocast_bf16
+
+    def generate(self, prompt_ids: list[torch.Tensor], sampling: Sampling, *, source: str = "student") -> Rollouts:
+        return generate(self.model, prompt_ids, max_new_tokens=sampling.max_new_tokens,
+                        temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+                        eos_ids=list(sampling.eos_ids), record_topk=sampling.record_topk, pad_id=self.pad_id,
+                        batch_tokens=self.batch_tokens, autocast_bf16=self.autocast_bf16, source=source)
+
+    def sync_weights(self, model: nn.Module) -> None:
+        """Nothing to do: generation reads the model's current weights."""
 
 
 def _pad_like(mask: torch.Tensor, rows: list[torch.Tensor], fill: float) -> torch.Tensor:

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from protege.rollout.base import Sampling
 from protege.rollout.hf import _pad, _pad_like
 from protege.types import Rollouts
 
@@ -232,14 +233,18 @@ class VLLMRolloutEngine:
             self.asleep = True
 
     # ----------------------------------------------------------------------------- sampling
-    def generate(self, prompt_ids: list[torch.Tensor], *, max_new_tokens: int, temperature: float = 1.0,
-                 top_p: float = 1.0, top_k: int = 0, eos_ids: list[int], record_topk: int = 0,
-                 source: str = "student", **_ignored) -> Rollouts:
-        """One completion per prompt, like protege.rollout.hf.generate (same Rollouts fields).
+    def generate(self, prompt_ids: list[torch.Tensor], sampling: Sampling | None = None, *,
+                 source: str = "student", **fields) -> Rollouts:
+        """One completion per prompt, like protege.rollout.hf.HFEngine (same Rollouts fields).
 
-        Extra keywords of the HF engine (pad_id, batch_tokens, autocast_bf16) are accepted and ignored:
-        vLLM schedules its own batches and runs in the engine's dtype."""
+        `sampling` (protege.rollout.base.Sampling), or its fields as keywords (max_new_tokens=...,
+        eos_ids=...); vLLM schedules its own batches and runs in the engine's dtype."""
         from vllm import SamplingParams
+
+        sampling = sampling if sampling is not None else Sampling(**{**fields, "eos_ids": tuple(fields["eos_ids"])})
+        max_new_tokens, temperature, top_p, top_k = (sampling.max_new_tokens, sampling.temperature, sampling.top_p,
+                                                     sampling.top_k)
+        eos_ids, record_topk = sampling.eos_ids, sampling.record_topk
 
         if record_topk > self.max_logprobs:
             raise ValueError(f"record_topk={record_topk} exceeds the engine's max_logprobs={self.max_logprobs}")

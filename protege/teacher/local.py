@@ -124,7 +124,8 @@ class LocalTeacher:
         self.pad_id = pad_id
         self.token_budget = token_budget
         self.chunk_positions = chunk_positions  # positions per (chunk, V) logits block while scoring
-        self.vocab_size = output_weight(model).shape[0]
+        self.output_weight = output_weight(model).detach()  # (V, H): exact logits from hidden states, on its device
+        self.vocab_size = self.output_weight.shape[0]
 
     def score(self, rollouts: Rollouts, request: ScoreRequest) -> TeacherSignal:
         return score_rows(self.model, rollouts.prompt_ids, rollouts.completion_ids, rollouts.completion_mask,
