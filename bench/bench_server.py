@@ -198,6 +198,8 @@ def payloads(url: str, b: int, prompt: int, completion: int, k: int) -> tuple[li
                                                     "prompt_logprobs": k}).content
     from trl.generation.vllm_client import VLLMClient
 
+    from protege.server import compat
+
     def decode_openai():
         choices = orjson.loads(openai)["choices"]
         return [VLLMClient._format_sequence_logprobs(c, s.tolist(), p, k) for c, s, p in zip(choices, seqs, plens)]
@@ -208,8 +210,8 @@ def payloads(url: str, b: int, prompt: int, completion: int, k: int) -> tuple[li
         ("JSON lists, stdlib json.loads only (what requests' .json() does)", lists, lambda: json.loads(lists)),
         ("vLLM prompt_logprobs JSON (TRL 1.16), TRL's own parse", openai, decode_openai),
         ("TRL base64 binary, TRL 1.3-1.8 client decode (.tolist())", trl_bin, lambda: decode_trl_lists(trl_bin)),
-        ("TRL base64 binary, protege.wire.decode_trl_binary (tensors)", trl_bin,
-         lambda: wire.decode_trl_binary(trl_bin)),
+        ("TRL base64 binary, protege.server.compat.decode_trl_binary (tensors)", trl_bin,
+         lambda: compat.decode_trl_binary(trl_bin)),
         (OURS_V1, ours_v1, lambda: wire.decode_score_response(ours_v1, wire.BINARY_MEDIA_TYPE)),
         (OURS, ours, lambda: wire.decode_score_response(ours, wire.BINARY_MEDIA_TYPE)),
         (OURS_FP16, ours_fp16, lambda: wire.decode_score_response(ours_fp16, wire.BINARY_MEDIA_TYPE)),

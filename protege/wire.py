@@ -3,14 +3,11 @@
 The container (a JSON `meta` plus named little-endian arrays, binary or base64-JSON, wire versions
 1-3, version 3 under a crc32) is documented and implemented in protege.wire_container and re-exported
 here. This module adds the documents built on it: the /v1/score request and reply (`encode_score_request`,
-`encode_score_response`, `read_score_response` ...) and TRL 1.3-1.8's base64 reply of
-`/get_sequence_logprobs/` (`encode_trl_binary` / `decode_trl_binary`).
+`encode_score_response`, `read_score_response` ...). Only protege's own format lives here; the formats
+of others (TRL's base64 reply, vLLM's JSON) are in protege.server.compat.
 """
 
 from __future__ import annotations
-
-import base64
-import math
 
 import numpy as np
 import orjson
@@ -26,7 +23,7 @@ __all__ = [  # the container's names, re-exported, and this module's documents
     "UINT16_VOCAB", "VERSION", "VERSION_DTYPES", "WireError", "decode", "from_json_dict", "pack", "read",
     "read_binary", "read_json_dict", "to_float16", "to_json_dict", "unpack",
     "encode_score_request", "score_response_dtypes", "encode_score_response", "read_score_response",
-    "decode_score_response", "encode_trl_binary", "decode_trl_binary"]
+    "decode_score_response"]
 
 # ---------------------------------------------------------------------------------------------
 # Score documents (POST /v1/score).
@@ -119,54 +116,3 @@ def _widen(array: np.ndarray) -> np.ndarray:
     if array.dtype.itemsize < 4:
         return array.astype(np.float32)
     return array
-
-
-# ---------------------------------------------------------------------------------------------
-# TRL 1.3-1.8 `/get_sequence_logprobs/` reply, response_format="binary".
-# ---------------------------------------------------------------------------------------------
-# {"logprobs_b64": f32 (B, T, K), "token_ids_b64": i32 (B, T, K), "actual_logprobs_b64": f32 (B, T, 1),
-#  "actual_token_ids_b64": i32 (B, T, 1), "shape": [B, T, K], "completion_lengths": [...]}
-# Padding: -inf logprobs and id 0, as TRL's server wrote them.
-
-def encode_trl_binary(topk_logprobs: np.ndarray, topk_ids: np.ndarray, token_logprobs: np.ndarray,
-                      token_ids: np.ndarray, completion_lengths: list[int]) -> bytes:
-    """JSON body of TRL's binary reply from (B, T, K) top-k and (B, T, 1) actual-token arrays."""
-    b, t, k = topk_logprobs.shape
-    b64 = lambda a, dt: base64.b64encode(np.ascontiguousarray(a, dtype=dt).data).decode("ascii")  # noqa: E731
-    return orjson.dumps({
-        "logprobs_b64": b64(topk_logprobs, "<f4"),
-        "token_ids_b64": b64(topk_ids, "<i4"),
-        "actual_logprobs_b64": b64(token_logprobs, "<f4"),
-        "actual_token_ids_b64": b64(token_ids, "<i4"),
-        "shape": [b, t, k],
-        "completion_lengths": [int(n) for n in completion_lengths],
-    })
-
-
-def decode_trl_binary(obj: dict | bytes) -> dict[str, torch.Tensor]:
-    """Tensors from TRL's binary reply: topk_logprobs/topk_ids (B, T, K), token_logprobs/token_ids
-    (B, T) (when the reply has them), completion_lengths (B,). ids are int64."""
-    if isinstance(obj, (bytes, bytearray, memoryview)):
-        obj = orjson.loads(obj)
-    try:
-        shape = [int(d) for d in obj["shape"]]
-        lengths = torch.tensor(obj["completion_lengths"], dtype=torch.long)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise WireError("shape", f"TRL binary reply needs 'shape' and 'completion_lengths' ({exc})") from None
-    if len(shape) != 3 or lengths.shape != (shape[0],):
-        raise WireError("shape", f"expected [B, T, K] and B completion lengths, got {shape} and {len(lengths)}")
-
-    def field(key: str, dtype: str, dims: list[int]) -> torch.Tensor:
-        """float32 as sent (a view); int32 ids widened to int64 in numpy."""
-        raw = bytearray(base64.b64decode(obj[key]))
-        if len(raw) != math.prod(dims) * 4:
-            raise WireError(key, f"holds {len(raw)} bytes, shape {dims} needs {math.prod(dims) * 4}")
-        array = np.frombuffer(raw, dtype="<f4" if dtype == "<f4" else "<i4").reshape(dims)
-        return torch.from_numpy(array if dtype == "<f4" else array.astype(np.int64))
-
-    out = {"topk_logprobs": field("logprobs_b64", "<f4", shape),
-           "topk_ids": field("token_ids_b64", "<i8", shape), "completion_lengths": lengths}
-    if "actual_logprobs_b64" in obj:
-        out["token_logprobs"] = field("actual_logprobs_b64", "<f4", shape[:2] + [1])[..., 0]
-        out["token_ids"] = field("actual_token_ids_b64", "<i8", shape[:2] + [1])[..., 0]
-    return out

@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from protege import wire  # noqa: E402
-from protege.server import HFBackend, create_app  # noqa: E402
+from protege.server import HFBackend, compat, create_app  # noqa: E402
 from protege.server.background import serve_in_thread  # noqa: E402
 from protege.teacher.base import ScoreRequest  # noqa: E402
 from protege.teacher.local import score_rows  # noqa: E402
@@ -288,7 +288,7 @@ def test_trl_legacy_endpoint_json_and_binary(model, client):
     req = {"sequences": [s.tolist() for s in seqs], "prompt_lengths": plens, "top_logprobs": 4, "temperature": 0.9}
     r = client.post("/get_sequence_logprobs/", json={**req, "response_format": "binary"})
     assert r.status_code == 200, r.text
-    out = wire.decode_trl_binary(r.content)
+    out = compat.decode_trl_binary(r.content)
     assert out["completion_lengths"].tolist() == [0] + mask.sum(1).tolist()
     m = torch.cat([torch.zeros(1, mask.shape[1], dtype=torch.bool), mask])[:, : out["topk_ids"].shape[1]]
     torch.testing.assert_close(out["topk_logprobs"][1:][mask], ref.topk_logprobs[mask], atol=ATOL, rtol=0)

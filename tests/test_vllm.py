@@ -223,8 +223,8 @@ def test_bfloat16_engine_takes_float32_weights():
 
 def test_vllm_backend_matches_the_hf_backend(paths):
     from protege.modeling import load_model
-    from protege.server.backends import Batch, HFBackend, VLLMBackend
-    from protege.server.parse import RequestError
+    from protege.server.backends import HFBackend, VLLMBackend
+    from protege.server.batch import Batch, RequestError
 
     v = VLLMBackend(paths["teacher"], gpu_memory_utilization=MEM)
     try:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from protege import wire
+from protege.server import compat
 
 
 def _arrays(rng):
@@ -347,16 +348,16 @@ def test_trl_binary_decode_matches_trl_layout_and_roundtrips():
     topk_ids = rng.integers(0, 50, (2, 3, 4))
     actual_lp, actual_ids = rng.standard_normal((2, 3, 1)), rng.integers(0, 50, (2, 3, 1))
     payload = _trl_server_payload(topk_lp, topk_ids, actual_lp, actual_ids, [3, 1])
-    out = wire.decode_trl_binary(orjson.dumps(payload))
+    out = compat.decode_trl_binary(orjson.dumps(payload))
     np.testing.assert_array_equal(out["topk_logprobs"].numpy(), topk_lp)
     np.testing.assert_array_equal(out["topk_ids"].numpy(), topk_ids)
     np.testing.assert_allclose(out["token_logprobs"].numpy(), actual_lp[..., 0].astype(np.float32))
     np.testing.assert_array_equal(out["token_ids"].numpy(), actual_ids[..., 0])
     assert out["completion_lengths"].tolist() == [3, 1]
-    again = wire.decode_trl_binary(wire.encode_trl_binary(topk_lp, topk_ids, actual_lp, actual_ids, [3, 1]))
+    again = compat.decode_trl_binary(compat.encode_trl_binary(topk_lp, topk_ids, actual_lp, actual_ids, [3, 1]))
     for key in out:
         assert torch.equal(again[key], out[key])
     older = {k: v for k, v in payload.items() if not k.startswith("actual")}  # before actual-token fields
-    assert set(wire.decode_trl_binary(older)) == {"topk_logprobs", "topk_ids", "completion_lengths"}
+    assert set(compat.decode_trl_binary(older)) == {"topk_logprobs", "topk_ids", "completion_lengths"}
     with pytest.raises(wire.WireError):
-        wire.decode_trl_binary({**payload, "shape": [2, 3]})
+        compat.decode_trl_binary({**payload, "shape": [2, 3]})

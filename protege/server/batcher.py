@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from protege.server.backends import Backend, Batch
+from protege.server.backends import Backend
+from protege.server.batch import Batch, ScoreResult
 from protege.server.metrics import BATCH_BUCKETS, TOKEN_BUCKETS, Histogram
 
 
@@ -95,6 +96,11 @@ class Batcher:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="protege-engine")
 
     @property
+    def running(self) -> bool:
+        """Whether the task that drains the queue is alive (started and not stopped or crashed)."""
+        return self._task is not None and not self._task.done()
+
+    @property
     def queue_depth(self) -> int:
         return (self._queue.qsize() if self._queue else 0) + (self._held is not None)
 
@@ -111,11 +117,11 @@ class Batcher:
                 pass
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def score(self, batch: Batch) -> dict[str, np.ndarray]:
+    async def score(self, batch: Batch) -> ScoreResult:
         """Score one request's rows (split into pieces as needed); raises Overloaded when full."""
         if self.in_flight >= self.max_queue:
             raise Overloaded(retry_after=max(1.0, self.stats.engine_seconds / max(self.stats.engine_calls, 1)))
-        if self._task is None or self._task.done():
+        if not self.running:
             raise RuntimeError("batcher is not running (server shutting down?)")
         self.in_flight += 1
         try:
@@ -202,7 +208,7 @@ class Batcher:
                 outcomes[i] = outcome
         return outcomes
 
-    def _call(self, pieces: list[_Piece], temperature: float) -> list[dict]:
+    def _call(self, pieces: list[_Piece], temperature: float) -> list[ScoreResult]:
         """One engine call over `pieces`, split back per piece."""
         batches = [p.batch for p in pieces]
         merged = _merge(batches, temperature)
@@ -241,7 +247,7 @@ def _merge(batches: list[Batch], temperature: float) -> Batch:
                  topk=k, query_ids=query, temperature=temperature)
 
 
-def _slice(result: dict[str, np.ndarray], start: int, stop: int, batch: Batch) -> dict[str, np.ndarray]:
+def _slice(result: ScoreResult, start: int, stop: int, batch: Batch) -> ScoreResult:
     """Rows start:stop of a merged result, trimmed back to what `batch` asked for."""
     lengths = result["completion_lengths"][start:stop]
     t = int(lengths.max()) if len(lengths) else 0
@@ -254,7 +260,7 @@ def _slice(result: dict[str, np.ndarray], start: int, stop: int, batch: Batch) -
     return out
 
 
-def _concat(results: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+def _concat(results: list[ScoreResult]) -> ScoreResult:
     """Row-wise concatenation of piece results, re-padded to the longest completion."""
     t = max(r["token_logprobs"].shape[1] for r in results)
     out = {}

@@ -1,5 +1,6 @@
 """Replies in the formats TRL already speaks: vLLM's /v1/completions prompt_logprobs, and TRL 1.3-1.8's
-/get_sequence_logprobs/ (nested JSON lists, or base64 arrays).
+/get_sequence_logprobs/ (nested JSON lists, or base64 arrays: `encode_trl_binary` / `decode_trl_binary`).
+protege's own wire format is protege.wire; the formats of others live here.
 
 vLLM's prompt_logprobs, which TRL 1.16's VLLMClient.get_sequence_logprobs parses: one entry per
 prompt position, None for the first, else {"<token id>": {"logprob", "rank", "decoded_token"}}
@@ -11,13 +12,17 @@ are clamped at -9999.0 as vLLM does (JSON has no -inf).
 
 from __future__ import annotations
 
+import base64
+import math
 import time
 import uuid
 
 import numpy as np
+import orjson
+import torch
 
-from protege.server.backends import Batch
-from protege.wire import encode_trl_binary
+from protege.server.batch import Batch, ScoreResult
+from protege.wire import WireError
 
 JSON_FLOOR = -9999.0
 
@@ -54,7 +59,7 @@ class Decoder:
         return self.cache
 
 
-def openai_completion(result: dict[str, np.ndarray], batch: Batch, k: int | None, model_name: str,
+def openai_completion(result: ScoreResult, batch: Batch, k: int | None, model_name: str,
                       decoder: Decoder) -> dict:
     """The /v1/completions reply for a batch built by parse.openai_batch_from_json (prompt length 1
     and one dummy position at the end, whose top-1 is the generated token)."""
@@ -89,7 +94,7 @@ def openai_completion(result: dict[str, np.ndarray], batch: Batch, k: int | None
                       "total_tokens": prompt_tokens + len(choices)}}
 
 
-def trl_lists(result: dict[str, np.ndarray], batch: Batch) -> dict:
+def trl_lists(result: ScoreResult, batch: Batch) -> dict:
     """TRL's response_format="json": per position the top-k sorted by rank, plus the actual token
     last when it is outside the top-k (as vLLM returned it)."""
     lengths = result["completion_lengths"].tolist()
@@ -111,7 +116,7 @@ def trl_lists(result: dict[str, np.ndarray], batch: Batch) -> dict:
     return {"logprobs": all_lps, "logprob_token_ids": all_ids}
 
 
-def trl_binary(result: dict[str, np.ndarray], batch: Batch) -> bytes:
+def trl_binary(result: ScoreResult, batch: Batch) -> bytes:
     """TRL's response_format="binary" body (-inf / id 0 padding)."""
     lengths = result["completion_lengths"]
     n, t = result["token_logprobs"].shape
@@ -122,3 +127,54 @@ def trl_binary(result: dict[str, np.ndarray], batch: Batch) -> bytes:
     token_lp = np.where(valid, result["token_logprobs"], -np.inf)
     return encode_trl_binary(topk_lp, topk_ids, token_lp[..., None], _actual_ids(batch, t)[..., None],
                              lengths.tolist())
+
+
+# ---------------------------------------------------------------------------------------------
+# TRL 1.3-1.8 `/get_sequence_logprobs/` reply, response_format="binary".
+# ---------------------------------------------------------------------------------------------
+# {"logprobs_b64": f32 (B, T, K), "token_ids_b64": i32 (B, T, K), "actual_logprobs_b64": f32 (B, T, 1),
+#  "actual_token_ids_b64": i32 (B, T, 1), "shape": [B, T, K], "completion_lengths": [...]}
+# Padding: -inf logprobs and id 0, as TRL's server wrote them.
+
+def encode_trl_binary(topk_logprobs: np.ndarray, topk_ids: np.ndarray, token_logprobs: np.ndarray,
+                      token_ids: np.ndarray, completion_lengths: list[int]) -> bytes:
+    """JSON body of TRL's binary reply from (B, T, K) top-k and (B, T, 1) actual-token arrays."""
+    b, t, k = topk_logprobs.shape
+    b64 = lambda a, dt: base64.b64encode(np.ascontiguousarray(a, dtype=dt).data).decode("ascii")  # noqa: E731
+    return orjson.dumps({
+        "logprobs_b64": b64(topk_logprobs, "<f4"),
+        "token_ids_b64": b64(topk_ids, "<i4"),
+        "actual_logprobs_b64": b64(token_logprobs, "<f4"),
+        "actual_token_ids_b64": b64(token_ids, "<i4"),
+        "shape": [b, t, k],
+        "completion_lengths": [int(n) for n in completion_lengths],
+    })
+
+
+def decode_trl_binary(obj: dict | bytes) -> dict[str, torch.Tensor]:
+    """Tensors from TRL's binary reply: topk_logprobs/topk_ids (B, T, K), token_logprobs/token_ids
+    (B, T) (when the reply has them), completion_lengths (B,). ids are int64."""
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        obj = orjson.loads(obj)
+    try:
+        shape = [int(d) for d in obj["shape"]]
+        lengths = torch.tensor(obj["completion_lengths"], dtype=torch.long)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise WireError("shape", f"TRL binary reply needs 'shape' and 'completion_lengths' ({exc})") from None
+    if len(shape) != 3 or lengths.shape != (shape[0],):
+        raise WireError("shape", f"expected [B, T, K] and B completion lengths, got {shape} and {len(lengths)}")
+
+    def field(key: str, dtype: str, dims: list[int]) -> torch.Tensor:
+        """float32 as sent (a view); int32 ids widened to int64 in numpy."""
+        raw = bytearray(base64.b64decode(obj[key]))
+        if len(raw) != math.prod(dims) * 4:
+            raise WireError(key, f"holds {len(raw)} bytes, shape {dims} needs {math.prod(dims) * 4}")
+        array = np.frombuffer(raw, dtype="<f4" if dtype == "<f4" else "<i4").reshape(dims)
+        return torch.from_numpy(array if dtype == "<f4" else array.astype(np.int64))
+
+    out = {"topk_logprobs": field("logprobs_b64", "<f4", shape),
+           "topk_ids": field("token_ids_b64", "<i8", shape), "completion_lengths": lengths}
+    if "actual_logprobs_b64" in obj:
+        out["token_logprobs"] = field("actual_logprobs_b64", "<f4", shape[:2] + [1])[..., 0]
+        out["token_ids"] = field("actual_token_ids_b64", "<i8", shape[:2] + [1])[..., 0]
+    return out

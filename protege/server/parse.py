@@ -20,21 +20,11 @@ from dataclasses import dataclass
 import numpy as np
 import orjson
 
-from protege.server.backends import Batch
+from protege.server.batch import Batch, RequestError
 from protege.wire import LOGPROB_DTYPES, READ_VERSIONS, VERSION, WireError, read_binary, read_json_dict
 
 
 MIN_TEMPERATURE = 1e-3  # below this logits / T overflow float32 for real models (1e-300 gave NaN logprobs)
-
-
-class RequestError(Exception):
-    """A request the server refuses: HTTP `status` and a message for people (names field and fix)."""
-
-    def __init__(self, status: int, message: str, headers: dict | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers or {}
 
 
 @dataclass
