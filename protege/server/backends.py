@@ -127,13 +127,14 @@ class VLLMBackend:
     def __init__(self, model: str, *, dtype: str = "float32", model_name: str | None = None,
                  gpu_memory_utilization: float | None = None, max_model_len: int | None = None,
                  max_logprobs: int = 128, temperature: float = 1.0, seed: int = 0, **llm_kwargs):
-        from protege.rollout.vllm_engine import require_vllm
+        from protege.vllm_settings import require_vllm
 
         require_vllm("serve-teacher --backend vllm", "--backend hf")
         from vllm import LLM
 
-        from protege.rollout.vllm_engine import (_eager, _in_process, _quiet_chat_template_warmup, memory_kwargs,
-                                                 save_for_vllm)
+        from protege.rollout.vllm_engine import save_for_vllm
+        from protege.vllm_settings import eager_mode as _eager, in_process as _in_process, memory_kwargs
+        from protege.vllm_settings import quiet_chat_template_warmup as _quiet_chat_template_warmup
 
         _in_process()
         self._tmp = None
