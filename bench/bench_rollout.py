@@ -37,14 +37,13 @@ sys.path.insert(0, str(ROOT))
 def load(threads: int):
     import torch
 
-    from protege.modeling import find_smollm2, load_model, load_tokenizer
-    from protege.trainer import _eos_ids
+    from protege.modeling import eos_ids, find_smollm2, load_model, load_tokenizer
 
     torch.set_num_threads(threads)
     path = find_smollm2()
     model = load_model(path, "float32").eval()
     tok = load_tokenizer(path)
-    return model, tok, _eos_ids(tok)
+    return model, tok, eos_ids(tok)
 
 
 def prompts_of(tok, n: int):

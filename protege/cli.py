@@ -3,6 +3,7 @@
     protege train config.yaml --train.max_steps 20 --loss.name jsd --loss.beta 0.5
     protege demo                       # the embedded SmolLM2 distillation, with a report
     protege prune --model M --keep 24 --out student/
+    protege eval --student student/ --teacher smollm2   # held-out KL and greedy-answer metrics
     protege serve-teacher --model M --port 8000
     protege config                     # every config field with its default
 """
@@ -10,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -34,51 +36,7 @@ USER_ERRORS = (ValueError, OSError)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="protege", description="On-policy distillation of language models.",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or PROTEGE_DEBUG=1); "
-                        "may also follow the command")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    p = sub.add_parser("train", help="distil a student from a teacher (YAML config + overrides)",
-                       description="Distil a student from a teacher on its own samples.", epilog=EPILOG_TRAIN,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config", nargs="?", help="YAML config file (optional if every required field is overridden)")
-    p.set_defaults(func=_train)
-
-    p = sub.add_parser("config", help="list every config field with its default",
-                       description="Every config field with its default and meaning.")
-    p.set_defaults(func=_config)
-
-    p = sub.add_parser("prune", help="make a smaller student by dropping decoder layers",
-                       description="Make a student from a llama/qwen-style model by dropping decoder layers.",
-                       epilog="example:\n  protege prune --model teacher/ --keep 24 --strategy similarity --out student/",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="HF hub id, HF folder or .gguf file")
-    p.add_argument("--keep", type=int, required=True, help="number of decoder layers to keep")
-    p.add_argument("--strategy", choices=["even", "similarity"], default="even",
-                   help="evenly spaced layers, or the layers that change their input most on sample prompts")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--out", required=True, help="folder for the pruned HF checkpoint")
-    p.set_defaults(func=_prune)
-
-    try:
-        from protege.server import cli as server_cli
-    except ImportError:  # pragma: no cover - the server is part of the package; keep the CLI usable regardless
-        server_cli = None
-    if server_cli is not None:
-        p = sub.add_parser("serve-teacher", help="serve a teacher's logprobs over HTTP (batched, binary top-k)",
-                           description="Serve teacher logprobs over HTTP with request batching.")
-        server_cli.add_arguments(p)
-        p.set_defaults(func=lambda a, rest: server_cli.run(a))
-
-    try:
-        from protege import demo
-    except ImportError:  # pragma: no cover
-        demo = None
-    if demo is not None:
-        demo.add_parsers(sub)
-
+    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("PROTEGE_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
     argv, rest = _split_overrides([a for a in argv if a != "--debug"])
@@ -97,6 +55,75 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"protege {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `protege` parser: each command's arguments, with `func(args, rest)` to run it."""
+    parser = argparse.ArgumentParser(prog="protege", description="On-policy distillation of language models.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or PROTEGE_DEBUG=1); "
+                        "may also follow the command")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="distil a student from a teacher (YAML config + overrides)",
+                       description="Distil a student from a teacher on its own samples.", epilog=EPILOG_TRAIN,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", nargs="?", help="YAML config file (optional if every required field is overridden)")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("config", help="list every config field with its default",
+                       description="Every config field with its default and meaning.")
+    p.set_defaults(func=_config)
+    _add_prune(sub)
+    _add_eval(sub)
+
+    try:
+        from protege.server import cli as server_cli
+    except ImportError:  # pragma: no cover - the server is part of the package; keep the CLI usable regardless
+        server_cli = None
+    if server_cli is not None:
+        p = sub.add_parser("serve-teacher", help="serve a teacher's logprobs over HTTP (batched, binary top-k)",
+                           description="Serve teacher logprobs over HTTP with request batching.")
+        server_cli.add_arguments(p)
+        p.set_defaults(func=lambda a, rest: server_cli.run(a))
+
+    try:
+        from protege import demo
+    except ImportError:  # pragma: no cover
+        demo = None
+    if demo is not None:
+        demo.add_parser(sub)
+    return parser
+
+
+def _add_prune(sub) -> None:
+    p = sub.add_parser("prune", help="make a smaller student by dropping decoder layers",
+                       description="Make a student from a llama/qwen-style model by dropping decoder layers.",
+                       epilog="examples:\n  protege prune --model teacher/ --keep 24 --strategy similarity --out student/"
+                       "\n  protege prune --model smollm2 --keep 24 --out student/",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="HF hub id, HF folder, .gguf file, or smollm2 (embedded)")
+    p.add_argument("--keep", type=int, required=True, help="number of decoder layers to keep")
+    p.add_argument("--strategy", choices=["even", "similarity"], default="even",
+                   help="evenly spaced layers, or the layers that change their input most on sample prompts")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--out", required=True, help="folder for the pruned HF checkpoint")
+    p.set_defaults(func=_prune)
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="held-out metrics of a student against an in-process teacher",
+                       description="Student vs teacher on held-out prompts: reverse KL on student samples, forward "
+                       "KL on teacher samples, teacher NLL / distinct-2 / length / EOS rate of greedy answers.",
+                       epilog="example:\n  protege eval --student outputs/demo/student --teacher smollm2",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--student", required=True, help="student: HF folder, hub id, .gguf, or 'smollm2'")
+    p.add_argument("--teacher", required=True, help="teacher: HF folder, hub id, .gguf, or 'smollm2'")
+    p.add_argument("--prompts", default="builtin:everyday", help="held-out prompts (file or builtin:everyday)")
+    p.add_argument("--n", type=int, default=16, help="number of prompts")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for generation")
+    p.set_defaults(func=_eval)
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -142,6 +169,15 @@ def _prune(args, rest) -> int:
 
     summary = prune_checkpoint(args.model, args.out, args.keep, strategy=args.strategy, dtype=args.dtype)
     print(summary)
+    return 0
+
+
+def _eval(args, rest) -> int:
+    from protege.eval import evaluate_paths
+
+    metrics = evaluate_paths(args.student, args.teacher, prompts=args.prompts, n=args.n,
+                             max_new_tokens=args.max_new_tokens, bf16=args.bf16)
+    print(json.dumps(metrics, indent=2))
     return 0
 
 

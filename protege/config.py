@@ -27,13 +27,14 @@ class LoraConfig(_Section):
 
 
 class StudentConfig(_Section):
-    path: str = Field(..., description="Student model: HF hub id, local HF dir, or a .gguf file.")
+    path: str = Field(..., description="Student model: HF hub id, local HF dir, a .gguf file, or smollm2 (embedded).")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Weights dtype of the trained student.")
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
 
 class TeacherConfig(_Section):
-    path: str | None = Field(None, description="In-process teacher: HF hub id, local HF dir, or a .gguf file.")
+    path: str | None = Field(None, description="In-process teacher: HF hub id, local HF dir, a .gguf file, or "
+                             "smollm2 (embedded).")
     urls: list[str] = Field(default_factory=list, description="Remote teacher server URL(s) (protege serve-teacher "
                             "or an OpenAI-compatible vLLM server). Several URLs are load-balanced.")
     api_key: str | None = Field(None, description="Bearer token for the teacher server (or env PROTEGE_API_KEY).")
@@ -215,9 +216,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Config from an optional YAML file, then `section.key=value` / `--section.key value` overrides."""
     data: dict[str, Any] = copy.deepcopy(base or {})
     if path is not None:
-        _merge(data, read_yaml(path))
+        merge_dicts(data, read_yaml(path))
     for key, value in parse_overrides(overrides or []):
-        _set(data, key, value)
+        set_dotted(data, key, value)
     try:
         return Config.model_validate(data)
     except ValidationError as e:
@@ -265,15 +266,17 @@ def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
-def _merge(dst: dict, src: dict) -> None:
+def merge_dicts(dst: dict, src: dict) -> None:
+    """Merge `src` into `dst` in place: nested mappings key by key, any other value replaced."""
     for k, v in src.items():
         if isinstance(v, dict) and isinstance(dst.get(k), dict):
-            _merge(dst[k], v)
+            merge_dicts(dst[k], v)
         else:
             dst[k] = v
 
 
-def _set(data: dict, dotted: str, value: Any) -> None:
+def set_dotted(data: dict, dotted: str, value: Any) -> None:
+    """data["a"]["b"]["c"] = value for dotted "a.b.c", creating missing sections; ConfigError past a non-section."""
     parts = dotted.split(".")
     node = data
     for part in parts[:-1]:

@@ -1,4 +1,4 @@
-"""`protege demo` and `protege eval`: the embedded SmolLM2 distillation, end to end, with a report.
+"""`protege demo`: the embedded SmolLM2 distillation, end to end, with a report.
 
     protege demo                                   # ~10 min on 2 CPU cores
     protege demo --out outputs/demo --keep 24 --stages.on_policy.train.max_steps 80
@@ -23,7 +23,7 @@ from pathlib import Path
 log = logging.getLogger("protege")
 
 
-def add_parsers(sub) -> None:
+def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="distil SmolLM2-135M-Instruct into a pruned student and write a report",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="outputs/demo", help="output folder (report.md, plots, student)")
@@ -31,43 +31,6 @@ def add_parsers(sub) -> None:
     p.add_argument("--strategy", choices=["even", "similarity"], default="even", help="which layers to keep")
     p.add_argument("--eval-prompts", type=int, default=16, help="held-out prompts for the before/after metrics")
     p.set_defaults(func=lambda a, rest: _demo(a, rest))
-
-    p = sub.add_parser("eval", help="held-out metrics of a student against an in-process teacher",
-                       description="Student vs teacher on held-out prompts: reverse KL on student samples, forward "
-                       "KL on teacher samples, teacher NLL / distinct-2 / length / EOS rate of greedy answers.",
-                       epilog="example:\n  protege eval --student outputs/demo/student --teacher smollm2",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--student", required=True, help="student: HF folder, hub id or .gguf")
-    p.add_argument("--teacher", required=True, help="teacher: HF folder, hub id, .gguf, or 'smollm2'")
-    p.add_argument("--prompts", default="builtin:everyday", help="held-out prompts (file or builtin:everyday)")
-    p.add_argument("--n", type=int, default=16, help="number of prompts")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast for generation")
-    p.set_defaults(func=lambda a, rest: _eval(a))
-
-
-def _resolve(path: str) -> str:
-    from protege.modeling import find_smollm2
-
-    return str(find_smollm2()) if path == "smollm2" else path
-
-
-def _eval(a) -> int:
-    from protege.data import PromptTokenizer, load_rows, to_examples
-    from protege.heldout import evaluate_models
-    from protege.modeling import load_model, load_tokenizer
-    from protege.trainer import _eos_ids
-
-    tok = load_tokenizer(_resolve(a.student))
-    student = load_model(_resolve(a.student))
-    teacher = load_model(_resolve(a.teacher))
-    split = "heldout" if a.prompts.startswith("builtin:") else "train"
-    examples = to_examples(load_rows(a.prompts, split)).examples[: a.n]
-    pt = PromptTokenizer(tok, 512)
-    metrics = evaluate_models(student, teacher, tok, [pt.prompt_ids(e) for e in examples],
-                              max_new_tokens=a.max_new_tokens, eos_ids=_eos_ids(tok), bf16=a.bf16)
-    print(json.dumps(metrics, indent=2))
-    return 0
 
 
 def _demo(a, rest: list[str]) -> int:
@@ -82,20 +45,19 @@ def _demo(a, rest: list[str]) -> int:
 def run_demo(*, out: str = "outputs/demo", keep: int = 24, strategy: str = "even", eval_prompts: int = 16,
              overrides: list[str] | None = None, teacher_path: str | None = None) -> dict:
     from protege.data import PromptTokenizer, load_rows, to_examples
+    from protege.eval import evaluate_models
     from protege.hardware import use_bf16
-    from protege.heldout import evaluate_models
-    from protege.modeling import find_smollm2, load_model, load_tokenizer
+    from protege.modeling import eos_ids, load_model, load_tokenizer, resolve_model
     from protege.prompts import SHOWCASE_PROMPTS
     from protege.prune import prune_layers
     from protege.recipe import load_recipe, run_recipe
     from protege.recipes import recipe_path
     from protege.report import write_report
-    from protege.trainer import _eos_ids
 
     t0 = time.time()
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    teacher_path = teacher_path or str(find_smollm2())
+    teacher_path = resolve_model(teacher_path or "smollm2")
     log.info("loading the teacher %s", teacher_path)
     tok = load_tokenizer(teacher_path)
     teacher = load_model(teacher_path, "float32")
@@ -110,7 +72,7 @@ def run_demo(*, out: str = "outputs/demo", keep: int = 24, strategy: str = "even
     cfg0 = stages[0][1]
     pt = PromptTokenizer(tok, cfg0.data.max_prompt_tokens)
     heldout = [pt.prompt_ids(e) for e in to_examples(load_rows("builtin:everyday", "heldout")).examples[:eval_prompts]]
-    ev = dict(max_new_tokens=cfg0.rollout.max_new_tokens, eos_ids=_eos_ids(tok), bf16=use_bf16(cfg0.train.precision, "cpu"))
+    ev = dict(max_new_tokens=cfg0.rollout.max_new_tokens, eos_ids=eos_ids(tok), bf16=use_bf16(cfg0.train.precision, "cpu"))
     log.info("evaluating the pruned student before training")
     teacher_cache: dict = {}
     before = evaluate_models(student, teacher, tok, heldout, teacher_cache=teacher_cache, **ev)

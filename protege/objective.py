@@ -32,7 +32,7 @@ import torch
 from protege import losses as L
 from protege.config import LossConfig
 from protege.teacher.base import ScoreRequest
-from protege.types import Rollouts, TeacherSignal
+from protege.records import Rollouts, TeacherSignal
 
 
 class Support(str, Enum):

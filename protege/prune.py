@@ -175,7 +175,7 @@ def prune_checkpoint(
     dtype: str = "float32",
     num_sample_prompts: int = 32,
 ) -> dict:
-    """Load `src` (hub id, HF folder or GGUF), prune it to `keep` layers, save model and tokenizer to `dst`.
+    """Load `src` (hub id, HF folder, GGUF or "smollm2"), prune it to `keep` layers, save model and tokenizer to `dst`.
 
     Returns (and writes to dst/protege_prune.json) a summary: kept layers, layer and parameter
     counts before and after, and the measured layer similarities for the "similarity" strategy.

@@ -33,7 +33,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from protege.config import Config, ConfigError, _merge, load_config, parse_overrides, read_yaml
+from protege.config import (Config, ConfigError, load_config, merge_dicts, parse_overrides, read_yaml,
+                            set_dotted)
 
 log = logging.getLogger("protege")
 
@@ -45,13 +46,13 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None,
     Overrides `stages.<name>.<section>.<key>=v` reach one stage; others reach every stage."""
     data: dict[str, Any] = copy.deepcopy(base or {})
     if path is not None:
-        _merge(data, read_yaml(path))
+        merge_dicts(data, read_yaml(path))
     stages = data.pop("stages", None)
     pairs = parse_overrides(overrides or [])
     common = [(k, v) for k, v in pairs if not k.startswith("stages.")]
     if not stages:
         for k, v in common:
-            _set_dotted(data, k, v)
+            set_dotted(data, k, v)
         return [("main", load_config(None, base=data))]
     if not isinstance(stages, list) or not all(isinstance(s, dict) and s.get("name") for s in stages):
         raise ConfigError("stages: expected a list of mappings, each with a name")
@@ -64,29 +65,22 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None,
             _, name, rest = k.split(".", 2)
             if name not in per_stage:
                 raise ConfigError(f"override {k}: no stage named {name!r} (stages: {', '.join(names)})")
-            _set_dotted(per_stage[name], rest, v)
+            set_dotted(per_stage[name], rest, v)
     out = []
     out_dir = Path(dict(common).get("output.dir") or data.get("output", {}).get("dir", "outputs/run"))
     for stage in stages:
         merged = copy.deepcopy(data)
         body = {k: v for k, v in stage.items() if k != "name"}
-        _merge(merged, body)
+        merge_dicts(merged, body)
         for k, v in common:
-            _set_dotted(merged, k, v)
-        _merge(merged, per_stage[stage["name"]])
+            set_dotted(merged, k, v)
+        merge_dicts(merged, per_stage[stage["name"]])
         merged.setdefault("output", {})["dir"] = str(out_dir / stage["name"])
         try:
             out.append((stage["name"], load_config(None, base=merged)))
         except ConfigError as e:
             raise ConfigError(f"stage {stage['name']!r}: {e}") from None
     return out
-
-
-def _set_dotted(d: dict, dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    for p in parts[:-1]:
-        d = d.setdefault(p, {})
-    d[parts[-1]] = value
 
 
 def run_recipe(stages: list[tuple[str, Config]], *, student=None, teacher_model=None, tokenizer=None,

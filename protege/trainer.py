@@ -41,7 +41,7 @@ from protege.forward import HiddenStates, forward_completion_hidden, output_weig
 from protege.losses import reduce_tokens
 from protege.rollout import hf as hf_rollout
 from protege.rollout.base import RolloutEngine, Sampling
-from protege.types import Rollouts, TeacherSignal
+from protege.records import Rollouts, TeacherSignal
 
 log = logging.getLogger("protege")
 
@@ -57,7 +57,7 @@ class Distiller:
 
     def __init__(self, cfg: Config, *, student=None, teacher_model=None, tokenizer=None, accelerator=None):
         from protege.diagnostics import HealthMonitor
-        from protege.modeling import load_tokenizer
+        from protege.modeling import eos_ids, load_tokenizer
 
         self.cfg = cfg
         self.acc = accelerator or build.build_accelerator(cfg)
@@ -72,7 +72,7 @@ class Distiller:
         self.tok = tokenizer or load_tokenizer(cfg.student.path)
         if self.tok.pad_token_id is None:
             self.tok.pad_token = self.tok.eos_token
-        self.eos_ids = _eos_ids(self.tok)
+        self.eos_ids = eos_ids(self.tok)
         check_vocab_bounds(cfg, len(self.tok), f"the student's tokenizer {cfg.student.path}")  # before the weights
         if cfg.rollout.engine == "vllm":  # a missing vllm fails before minutes of model loading
             from protege.rollout.vllm_engine import require_vllm
@@ -249,10 +249,8 @@ class Distiller:
         if self.state.step == 0 and acc.is_main_process:
             metrics_path.write_text("")
             (self.out / "config.yaml").write_text(_yaml(cfg))
-        from protege.heldout import evaluate
-
         if self.eval_set and self.state.step == 0:
-            self._log_eval(evaluate(self, self.eval_set), metrics_path)
+            self._log_eval(self._evaluate(), metrics_path)
         bar = _progress(cfg, acc, self.state.step, self.max_steps)
         while self.state.step < self.max_steps:
             m = self.train_step()
@@ -270,17 +268,28 @@ class Distiller:
                 log.info(_line(m))
             s = self.state.step
             if self.eval_set and cfg.output.eval_every and s % cfg.output.eval_every == 0 and s < self.max_steps:
-                self._log_eval(evaluate(self, self.eval_set), metrics_path)
+                self._log_eval(self._evaluate(), metrics_path)
             if cfg.output.save_every and s % cfg.output.save_every == 0 and s < self.max_steps:
                 self.save_checkpoint()
         if bar is not None:
             bar.close()
         if self.eval_set:
-            self._log_eval(evaluate(self, self.eval_set), metrics_path)
+            self._log_eval(self._evaluate(), metrics_path)
         self.save_checkpoint()
         self.save_final()
         acc.end_training()
         return self.state.history
+
+    def _evaluate(self) -> dict:
+        """Held-out metrics of the current student (protege.eval.evaluate); {} without held-out prompts."""
+        from protege.eval import evaluate
+
+        cfg, r = self.cfg, self.cfg.rollout
+        examples = self.eval_set.examples[: cfg.data.eval_prompts] if self.eval_set else []
+        return evaluate(self.student, self.teacher, [self.prompts.prompt_ids(e) for e in examples],
+                        teacher_local=not cfg.teacher.urls, pad_id=self.tok.pad_token_id, eos_ids=self.eos_ids,
+                        max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                        batch_tokens=r.batch_tokens, micro_batch_size=cfg.train.micro_batch_size, bf16=self.bf16)
 
     def _log_eval(self, result: dict, path: Path) -> None:
         if not result:
@@ -357,15 +366,6 @@ def train(cfg: Config, **kwargs) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------ helpers
-def _eos_ids(tok) -> list[int]:
-    ids = {tok.eos_token_id}
-    for t in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<end_of_turn>"):
-        i = tok.convert_tokens_to_ids(t) if t in tok.get_vocab() else None
-        if i is not None:
-            ids.add(i)
-    return sorted(i for i in ids if i is not None)
-
-
 def _progress(cfg: Config, acc: Accelerator, start: int, total: int):
     if not (cfg.output.progress and acc.is_main_process):
         return None

@@ -28,7 +28,7 @@ from protege.server import HFBackend, create_app  # noqa: E402
 from protege.server.background import reserve_port, serve_in_thread  # noqa: E402
 from protege.teacher.base import ScoreRequest  # noqa: E402
 from protege.teacher.remote import RemoteTeacher, TeacherUnavailable  # noqa: E402
-from protege.types import Rollouts  # noqa: E402
+from protege.records import Rollouts  # noqa: E402
 
 VOCAB, K, TEMP = 160, 4, 0.8
 

@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from protege.types import Rollouts
+from protege.records import Rollouts
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,8 @@ from torch import nn
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
 
 from protege.forward import length_batches
+from protege.records import Rollouts
 from protege.rollout.base import Sampling
-from protege.types import Rollouts
 
 
 class _Recorder(LogitsProcessor):
@@ -113,11 +113,10 @@ def generate(model: nn.Module, prompt_ids: list[torch.Tensor], *, max_new_tokens
             if tks is not None:
                 topk_ids[i], topk_lps[i], entropies[i] = tks[j, :length], tlp[j, :length], ent[j, :length]
     model.train(was_training)
-    out = _pad(prompt_ids, completions, logprobs, topk_ids if record_topk else None, finish, source)
-    if record_topk:
-        out.student_topk_logprobs = _pad_like(out.completion_mask, topk_lps, float("-inf"))
-        out.student_entropy = _pad_like(out.completion_mask, entropies, 0.0)
-    return out
+    if not record_topk:
+        return Rollouts.from_samples(prompt_ids, completions, logprobs, finish, source)
+    return Rollouts.from_samples(prompt_ids, completions, logprobs, finish, source, topk_ids=topk_ids,
+                                 topk_logprobs=topk_lps, entropies=entropies)
 
 
 class HFEngine:
@@ -139,32 +138,6 @@ class HFEngine:
         """Nothing to do: generation reads the model's current weights."""
 
 
-def _pad_like(mask: torch.Tensor, rows: list[torch.Tensor], fill: float) -> torch.Tensor:
-    """(N, T, ...) from per-row tensors of each row's completion length."""
-    out = torch.full((*mask.shape, *rows[0].shape[1:]), fill, dtype=torch.float32)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = r
-    return out
-
-
-def _pad(prompt_ids, completions, logprobs, topk_ids, finish, source) -> Rollouts:
-    n = len(completions)
-    t = max([len(c) for c in completions] + [1])
-    ids = torch.zeros((n, t), dtype=torch.long)  # (N, T)
-    mask = torch.zeros((n, t), dtype=torch.bool)  # (N, T)
-    lps = torch.zeros((n, t), dtype=torch.float32)  # (N, T)
-    tk = torch.zeros((n, t, topk_ids[0].shape[-1]), dtype=torch.long) if topk_ids else None  # (N, T, k)
-    for i, c in enumerate(completions):
-        ids[i, : len(c)] = c
-        mask[i, : len(c)] = True
-        lps[i, : len(c)] = logprobs[i]
-        if tk is not None:
-            tk[i, : len(c)] = topk_ids[i]
-    return Rollouts(prompt_ids=list(prompt_ids), completion_ids=ids, completion_mask=mask, sampling_logprobs=lps,
-                    student_topk_ids=tk, finish_reasons=list(finish), sources=[source] * n,
-                    prompt_index=list(range(n)))
-
-
 def from_references(prompt_ids: list[torch.Tensor], references: list[torch.Tensor], source: str = "dataset") -> Rollouts:
     """Off-policy rows from given completions (dataset references)."""
     n = len(references)
@@ -175,7 +148,7 @@ def from_references(prompt_ids: list[torch.Tensor], references: list[torch.Tenso
         ids[i, : len(r)] = r
         mask[i, : len(r)] = True
     return Rollouts(prompt_ids=list(prompt_ids), completion_ids=ids, completion_mask=mask, sampling_logprobs=None,
-                    finish_reasons=["reference"] * n, sources=[source] * n, prompt_index=list(range(n)))
+                    finish_reasons=["reference"] * n, sources=[source] * n)
 
 
 def concat(parts: list[Rollouts]) -> Rollouts:
@@ -205,5 +178,4 @@ def concat(parts: list[Rollouts]) -> Rollouts:
         student_entropy=torch.cat([pad(p.student_entropy, t) for p in parts]) if any_tlp else None,
         finish_reasons=[x for p in parts for x in p.finish_reasons],
         sources=[x for p in parts for x in p.sources],
-        prompt_index=[x for p in parts for x in p.prompt_index],
     )

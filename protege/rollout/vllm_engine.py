@@ -34,9 +34,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from protege.records import Rollouts
 from protege.rollout.base import Sampling
-from protege.rollout.hf import _pad, _pad_like
-from protege.types import Rollouts
 from protege.vllm_settings import eager, in_process, memory_kwargs, quiet_chat_template_warmup, require_vllm
 
 log = logging.getLogger("protege")
@@ -233,11 +232,10 @@ class VLLMRolloutEngine:
                 topk_ids.append(torch.from_numpy(tk[:length, 1:].copy()))
                 topk_lps.append(top_lp)
                 entropies.append(_topk_entropy(top_lp))
-        rollouts = _pad(prompt_ids, completions, logprobs, topk_ids if k else None, finish, source)
-        if k:
-            rollouts.student_topk_logprobs = _pad_like(rollouts.completion_mask, topk_lps, float("-inf"))
-            rollouts.student_entropy = _pad_like(rollouts.completion_mask, entropies, 0.0)
-        return rollouts
+        if not k:
+            return Rollouts.from_samples(prompt_ids, completions, logprobs, finish, source)
+        return Rollouts.from_samples(prompt_ids, completions, logprobs, finish, source, topk_ids=topk_ids,
+                                     topk_logprobs=topk_lps, entropies=entropies)
 
     def close(self) -> None:
         """Free the engine and its temporary weights folder."""

@@ -18,7 +18,7 @@ from protege.server.app import ServerSettings
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = ServerSettings()
-    parser.add_argument("--model", required=True, help="HF hub id, local HF folder, or .gguf file of the teacher")
+    parser.add_argument("--model", required=True, help="teacher: HF hub id, local HF folder, .gguf file, or smollm2 (embedded)")
     parser.add_argument("--backend", choices=["hf", "vllm"], default="hf", help="scoring engine (default: hf)")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")

@@ -7,7 +7,7 @@ from typing import Protocol
 
 import torch
 
-from protege.types import Rollouts, TeacherSignal
+from protege.records import Rollouts, TeacherSignal
 
 
 @dataclass

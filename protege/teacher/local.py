@@ -18,7 +18,7 @@ from torch import nn
 
 from protege.forward import HiddenStates, check_supported, completion_hidden, length_batches, output_weight, pack_rows
 from protege.teacher.base import ScoreRequest
-from protege.types import Rollouts, TeacherSignal
+from protege.records import Rollouts, TeacherSignal
 
 
 @torch.no_grad()
@@ -77,8 +77,7 @@ def score_rows(model: nn.Module, prompt_ids: list[torch.Tensor], completion_ids:
         if flat_query is not None:
             _scatter(query_lp, rows, tb, place, torch.cat(qlp).cpu())
     return TeacherSignal(token_logprobs=token_lp, topk_ids=topk_ids, topk_logprobs=topk_lp, query_logprobs=query_lp,
-                         entropy=entropy, hidden_states=hidden_out, lm_head=weight.detach() if request.hidden else None,
-                         temperature=request.temperature)
+                         entropy=entropy, hidden_states=hidden_out, lm_head=weight.detach() if request.hidden else None)
 
 
 def _chunk_logprobs(flat_h: torch.Tensor, weight: torch.Tensor, temperature: float, chunk: int):

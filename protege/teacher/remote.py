@@ -56,7 +56,7 @@ from protege import wire
 from protege.teacher.base import ScoreRequest
 from protege.teacher.replies import (InvalidReply, TeacherReplyError, check_score_reply, decode_score_reply,
                                      json_object, local_vocab_size, parse_completions_reply)
-from protege.types import Rollouts, TeacherSignal
+from protege.records import Rollouts, TeacherSignal
 
 __all__ = ["RemoteTeacher", "TeacherRefused", "TeacherReplyError", "TeacherUnavailable"]
 
@@ -220,8 +220,7 @@ class RemoteTeacher:
             token_logprobs=torch.zeros((n, t), dtype=torch.float32),  # (N, T)
             topk_ids=torch.zeros((n, t, k), dtype=torch.long) if k else None,  # (N, T, K)
             topk_logprobs=torch.zeros((n, t, k), dtype=torch.float32) if k else None,  # (N, T, K)
-            query_logprobs=torch.zeros((n, t, query.shape[2]), dtype=torch.float32) if query is not None else None,
-            temperature=request.temperature)
+            query_logprobs=torch.zeros((n, t, query.shape[2]), dtype=torch.float32) if query is not None else None)
         comp_lens = mask.sum(1).tolist()
         rows = [i for i in range(n) if comp_lens[i] > 0]
         if not rows:

@@ -26,7 +26,6 @@ class Rollouts:
     student_entropy:   (N, T) float32 entropy of the sampling policy at each position, or None.
     finish_reasons:    "stop" (EOS emitted) or "length" (hit max_new_tokens), or "reference".
     sources:           where each row came from: "student", "dataset" or "teacher".
-    prompt_index:      index of the prompt (within the step) that produced each row.
     """
 
     prompt_ids: list[torch.Tensor]
@@ -38,7 +37,6 @@ class Rollouts:
     student_entropy: torch.Tensor | None = None
     finish_reasons: list[str] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
-    prompt_index: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -46,6 +44,31 @@ class Rollouts:
     @property
     def num_tokens(self) -> int:
         return int(self.completion_mask.sum())
+
+    @classmethod
+    def from_samples(cls, prompt_ids: list[torch.Tensor], completions: list[torch.Tensor],
+                     logprobs: list[torch.Tensor], finish_reasons: list[str], source: str, *,
+                     topk_ids: list[torch.Tensor] | None = None, topk_logprobs: list[torch.Tensor] | None = None,
+                     entropies: list[torch.Tensor] | None = None) -> "Rollouts":
+        """A buffer from per-row samples of a rollout engine (each row's tensors of its completion length):
+        completions (t,), logprobs (t,), and optionally topk_ids / topk_logprobs (t, k) and entropies (t,)."""
+        n = len(completions)
+        t = max([len(c) for c in completions] + [1])
+        ids = torch.zeros((n, t), dtype=torch.long)  # (N, T)
+        mask = torch.zeros((n, t), dtype=torch.bool)  # (N, T)
+        lps = torch.zeros((n, t), dtype=torch.float32)  # (N, T)
+        tk = torch.zeros((n, t, topk_ids[0].shape[-1]), dtype=torch.long) if topk_ids else None  # (N, T, k)
+        for i, c in enumerate(completions):
+            ids[i, : len(c)] = c
+            mask[i, : len(c)] = True
+            lps[i, : len(c)] = logprobs[i]
+            if tk is not None:
+                tk[i, : len(c)] = topk_ids[i]
+        tk_lps = None if topk_logprobs is None else _pad_rows(mask, topk_logprobs, float("-inf"))  # (N, T, k)
+        entropy = None if entropies is None else _pad_rows(mask, entropies, 0.0)  # (N, T)
+        return cls(prompt_ids=list(prompt_ids), completion_ids=ids, completion_mask=mask, sampling_logprobs=lps,
+                   student_topk_ids=tk, student_topk_logprobs=tk_lps, student_entropy=entropy,
+                   finish_reasons=list(finish_reasons), sources=[source] * n)
 
     def select(self, rows: list[int]) -> "Rollouts":
         """Rows `rows` as a new Rollouts, re-padded to their own longest completion."""
@@ -63,7 +86,6 @@ class Rollouts:
             student_entropy=cut(self.student_entropy),
             finish_reasons=[self.finish_reasons[i] for i in rows] if self.finish_reasons else [],
             sources=[self.sources[i] for i in rows] if self.sources else [],
-            prompt_index=[self.prompt_index[i] for i in rows] if self.prompt_index else [],
         )
 
 
@@ -80,7 +102,6 @@ class TeacherSignal:
     hidden_states:  (N, T, H) final hidden states of an in-process teacher (the position that
                     predicts each completion token), or None. With `lm_head` (V, H) they give
                     exact full-vocabulary teacher logits chunk by chunk, without storing (N, T, V).
-    temperature:    the temperature the logprobs were computed at.
     """
 
     token_logprobs: torch.Tensor
@@ -90,7 +111,6 @@ class TeacherSignal:
     entropy: torch.Tensor | None = None
     hidden_states: torch.Tensor | None = None
     lm_head: torch.Tensor | None = None
-    temperature: float = 1.0
 
     def select(self, rows: list[int], t: int) -> "TeacherSignal":
         idx = torch.as_tensor(rows, dtype=torch.long)
@@ -103,5 +123,12 @@ class TeacherSignal:
             entropy=cut(self.entropy),
             hidden_states=cut(self.hidden_states),
             lm_head=self.lm_head,
-            temperature=self.temperature,
         )
+
+
+def _pad_rows(mask: torch.Tensor, rows: list[torch.Tensor], fill: float) -> torch.Tensor:
+    """(N, T, ...) float32 from per-row tensors of each row's completion length, `fill` past the end."""
+    out = torch.full((*mask.shape, *rows[0].shape[1:]), fill, dtype=torch.float32)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
