@@ -121,3 +121,18 @@ def lr_schedule(cfg: Config, total: int):
         frac = min(1.0, (step - warm) / max(1, total - warm))
         return 1.0 - frac if kind == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
     return f
+
+
+def tracker_config(cfg: Config) -> dict:
+    """The config as flat {"section.key": int | float | str | bool}: tensorboard's hparams take nothing else
+    (no nested sections, lists or None); wandb shows dotted keys as well."""
+    flat = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[prefix + key] = value if isinstance(value, (bool, int, float, str)) else str(value)
+    walk(cfg.model_dump(mode="json"), "")
+    return flat

@@ -102,7 +102,7 @@ class Distiller:
         self.state = RunState()
         self.monitor = HealthMonitor()
         if cfg.output.report_to != "none":
-            self.acc.init_trackers("protege", config=_tracker_config(cfg))
+            self.acc.init_trackers("protege", config=build.tracker_config(cfg))
 
     # ------------------------------------------------------------------------------ the buffer
     def collect(self, step: int) -> Rollouts:
@@ -385,18 +385,3 @@ def _yaml(cfg: Config) -> str:
     import yaml
 
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-
-
-def _tracker_config(cfg: Config) -> dict:
-    """The config as flat {"section.key": int | float | str | bool}: tensorboard's hparams take nothing else
-    (no nested sections, lists or None); wandb shows dotted keys as well."""
-    flat = {}
-
-    def walk(node: dict, prefix: str) -> None:
-        for key, value in node.items():
-            if isinstance(value, dict):
-                walk(value, f"{prefix}{key}.")
-            else:
-                flat[prefix + key] = value if isinstance(value, (bool, int, float, str)) else str(value)
-    walk(cfg.model_dump(mode="json"), "")
-    return flat
