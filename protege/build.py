@@ -15,6 +15,7 @@ from accelerate import Accelerator
 from protege.config import Config
 from protege.forward import check_supported, output_weight
 from protege.objective import Objective
+from protege.teacher.base import Teacher
 
 
 def build_accelerator(cfg: Config) -> Accelerator:
@@ -54,7 +55,7 @@ def build_student(cfg: Config, student, device):
     return student.to(device)
 
 
-def build_teacher(cfg: Config, teacher_model, *, pad_id: int, device, objective: Objective):
+def build_teacher(cfg: Config, teacher_model, *, pad_id: int, device, objective: Objective) -> tuple[Teacher, object]:
     """(teacher, in-process teacher model or None): a RemoteTeacher for teacher.urls, else a LocalTeacher."""
     t = cfg.teacher
     if t.urls:

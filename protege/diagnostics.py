@@ -77,6 +77,22 @@ def entropy(logits_or_logprobs: torch.Tensor) -> torch.Tensor:
     return -torch.where(probs > 0, probs * logprobs, torch.zeros_like(probs)).sum(-1)
 
 
+def entropy_from_logprobs(logprobs: torch.Tensor) -> torch.Tensor:
+    """(...,) entropy -sum p log p of normalised logprobs (..., V); -inf entries (p = 0) add exactly 0."""
+    return -(logprobs.exp() * logprobs.clamp_min(-1e30)).sum(-1)
+
+
+def sampled_rkl(sampling_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, mask: torch.Tensor) -> float:
+    """Per-token reverse KL estimated on the student's own samples: mean of log q(y) - log p(y) over `mask`
+    (unbiased for KL(q||p) when the rows were sampled from q)."""
+    return float((sampling_logprobs - teacher_logprobs)[mask].mean())
+
+
+def truncation_rate(finish_reasons: Sequence[str]) -> float:
+    """Share of rows that hit max_new_tokens (finish reason "length"); 0 for no rows."""
+    return sum(r == "length" for r in finish_reasons) / max(1, len(finish_reasons))
+
+
 def entropy_gap(student_entropy: torch.Tensor, teacher_entropy: torch.Tensor, mask: torch.Tensor) -> float:
     """Mean over masked positions of H(q) - H(p); negative means the student is more peaked."""
     return masked_mean(student_entropy.float() - teacher_entropy.float(), mask)
@@ -146,7 +162,7 @@ def sequence_metrics(
                 f"finish_reasons has {len(finish_reasons)} entries but completion_ids has {len(token_lists)} rows; "
                 "pass one finish reason per row"
             )
-        metrics["truncation_rate"] = sum(r == "length" for r in finish_reasons) / len(finish_reasons)
+        metrics["truncation_rate"] = truncation_rate(finish_reasons)
     if eos_id is not None:
         eos_ids = {int(eos_id)} if isinstance(eos_id, int) else {int(i) for i in eos_id}
         has_eos = [any(t in eos_ids for t in tokens) for tokens in token_lists]
@@ -290,7 +306,7 @@ def step_health(buffer, signal, student_rows: torch.Tensor, k: int, monitor: Hea
         if signal.entropy is not None and buffer.student_entropy is not None:
             out["entropy_gap"] = entropy_gap(buffer.student_entropy, signal.entropy, sm)
     for_monitor = {**out, "length_mean": float(buffer.completion_mask.sum(1).float().mean()),
-                   "truncation_rate": sum(f == "length" for f in buffer.finish_reasons) / len(buffer)}
+                   "truncation_rate": truncation_rate(buffer.finish_reasons)}
     warnings = monitor.update(step, for_monitor)
     if warnings:
         out["warnings"] = warnings

@@ -24,7 +24,7 @@ import torch
 
 from protege import modeling
 from protege.data import PromptTokenizer, load_rows, to_examples
-from protege.diagnostics import distinct_n, repetition_rate
+from protege.diagnostics import distinct_n, repetition_rate, sampled_rkl
 from protege.forward import HiddenStates, forward_completion_hidden, output_weight
 from protege.losses import chunked_dense_divergence
 from protege.records import Rollouts
@@ -51,10 +51,10 @@ def evaluate(student, teacher, prompts: list[torch.Tensor], *, teacher_local: bo
     mask = rollouts.completion_mask
     out = {"teacher_nll": float(-signal.token_logprobs[mask].mean())}
     if teacher_local:
-        out["rkl"] = exact_divergence(student, rollouts, signal.hidden_states, signal.lm_head, "reverse_kl",
+        out["rkl"] = exact_divergence(student, rollouts, signal.hidden_states, teacher.output_weight, "reverse_kl",
                                       pad_id=pad_id, batch=micro_batch_size)
     else:
-        out["rkl"] = float((rollouts.sampling_logprobs - signal.token_logprobs)[mask].mean())
+        out["rkl"] = sampled_rkl(rollouts.sampling_logprobs, signal.token_logprobs, mask)
     return {**out, **text_metrics(rollouts)}
 
 
@@ -82,7 +82,8 @@ def evaluate_models(student, teacher, tok, prompts: list[torch.Tensor], *, max_n
     s_greedy = hf_rollout.generate(student, prompts, temperature=0, **kw)
     for name, rollouts, sig, key in (("reverse_kl", s_samples, _score(teacher, s_samples, tok), "rkl"),
                                      ("forward_kl", cache["samples"], cache["signal"], "fkl")):
-        out[key] = exact_divergence(student, rollouts, sig.hidden_states, sig.lm_head, name, pad_id=tok.pad_token_id)
+        out[key] = exact_divergence(student, rollouts, sig.hidden_states, output_weight(teacher), name,
+                                    pad_id=tok.pad_token_id)
     t_greedy = cache["greedy"]
     sig = score_rows(teacher, s_greedy.prompt_ids, s_greedy.completion_ids, s_greedy.completion_mask, ScoreRequest(),
                      pad_id=tok.pad_token_id)

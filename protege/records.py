@@ -70,6 +70,50 @@ class Rollouts:
                    student_topk_ids=tk, student_topk_logprobs=tk_lps, student_entropy=entropy,
                    finish_reasons=list(finish_reasons), sources=[source] * n)
 
+    @classmethod
+    def from_references(cls, prompt_ids: list[torch.Tensor], references: list[torch.Tensor],
+                        source: str = "dataset") -> "Rollouts":
+        """Off-policy rows from given completions (dataset references)."""
+        n = len(references)
+        t = max([len(r) for r in references] + [1])
+        ids = torch.zeros((n, t), dtype=torch.long)
+        mask = torch.zeros((n, t), dtype=torch.bool)
+        for i, r in enumerate(references):
+            ids[i, : len(r)] = r
+            mask[i, : len(r)] = True
+        return cls(prompt_ids=list(prompt_ids), completion_ids=ids, completion_mask=mask, sampling_logprobs=None,
+                   finish_reasons=["reference"] * n, sources=[source] * n)
+
+    @classmethod
+    def concat(cls, parts: list["Rollouts"]) -> "Rollouts":
+        """One Rollouts from several (re-padded to the longest completion)."""
+        parts = [p for p in parts if len(p)]
+        t = max(p.completion_ids.shape[1] for p in parts)
+
+        def pad(x: torch.Tensor | None, n: int, fill=0) -> torch.Tensor | None:
+            if x is None:
+                return None
+            out = torch.full((x.shape[0], t, *x.shape[2:]), fill, dtype=x.dtype)
+            out[:, : x.shape[1]] = x
+            return out
+
+        any_lp = any(p.sampling_logprobs is not None for p in parts)
+        any_tk = all(p.student_topk_ids is not None for p in parts)
+        any_tlp = all(p.student_topk_logprobs is not None for p in parts)
+        return cls(
+            prompt_ids=[x for p in parts for x in p.prompt_ids],
+            completion_ids=torch.cat([pad(p.completion_ids, t) for p in parts]),
+            completion_mask=torch.cat([pad(p.completion_mask, t, False) for p in parts]),
+            sampling_logprobs=torch.cat([pad(p.sampling_logprobs if p.sampling_logprobs is not None else
+                                             torch.zeros(p.completion_ids.shape), t) for p in parts]) if any_lp else None,
+            student_topk_ids=torch.cat([pad(p.student_topk_ids, t) for p in parts]) if any_tk else None,
+            student_topk_logprobs=torch.cat([pad(p.student_topk_logprobs, t, float("-inf")) for p in parts])
+            if any_tlp else None,
+            student_entropy=torch.cat([pad(p.student_entropy, t) for p in parts]) if any_tlp else None,
+            finish_reasons=[x for p in parts for x in p.finish_reasons],
+            sources=[x for p in parts for x in p.sources],
+        )
+
     def select(self, rows: list[int]) -> "Rollouts":
         """Rows `rows` as a new Rollouts, re-padded to their own longest completion."""
         idx = torch.as_tensor(rows, dtype=torch.long)
@@ -100,8 +144,9 @@ class TeacherSignal:
                     (e.g. the student's top-k), or None.
     entropy:        (N, T) float32 entropy of the teacher's distribution, or None.
     hidden_states:  (N, T, H) final hidden states of an in-process teacher (the position that
-                    predicts each completion token), or None. With `lm_head` (V, H) they give
-                    exact full-vocabulary teacher logits chunk by chunk, without storing (N, T, V).
+                    predicts each completion token), or None. With the teacher's own output
+                    projection (LocalTeacher.output_weight, (V, H)) they give exact full-vocabulary
+                    teacher logits chunk by chunk, without storing (N, T, V). Plain data: no weights.
     """
 
     token_logprobs: torch.Tensor
@@ -110,7 +155,6 @@ class TeacherSignal:
     query_logprobs: torch.Tensor | None = None
     entropy: torch.Tensor | None = None
     hidden_states: torch.Tensor | None = None
-    lm_head: torch.Tensor | None = None
 
     def select(self, rows: list[int], t: int) -> "TeacherSignal":
         idx = torch.as_tensor(rows, dtype=torch.long)
@@ -122,7 +166,6 @@ class TeacherSignal:
             query_logprobs=cut(self.query_logprobs),
             entropy=cut(self.entropy),
             hidden_states=cut(self.hidden_states),
-            lm_head=self.lm_head,
         )
 
 

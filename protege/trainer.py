@@ -36,12 +36,13 @@ from accelerate import Accelerator
 from protege import build, checkpoint
 from protege.config import Config, check_vocab_bounds
 from protege.data import PromptStream, PromptTokenizer, load_prompt_sets
+from protege.diagnostics import HealthMonitor, sampled_rkl, step_health, truncation_rate
 from protege.hardware import use_bf16
 from protege.forward import HiddenStates, forward_completion_hidden, output_weight
 from protege.losses import reduce_tokens
-from protege.rollout import hf as hf_rollout
 from protege.rollout.base import RolloutEngine, Sampling
 from protege.records import Rollouts, TeacherSignal
+from protege.teacher.base import Teacher
 
 log = logging.getLogger("protege")
 
@@ -56,7 +57,6 @@ class Distiller:
     """Holds the models, data and optimizer of a run; `train()` is the loop."""
 
     def __init__(self, cfg: Config, *, student=None, teacher_model=None, tokenizer=None, accelerator=None):
-        from protege.diagnostics import HealthMonitor
         from protege.modeling import eos_ids, load_tokenizer
 
         self.cfg = cfg
@@ -89,6 +89,7 @@ class Distiller:
         self.max_steps = build.max_steps(cfg, len(self.train_set))  # the config is never rewritten
         self.objective = build.build_objective(cfg)
         self.student = build.build_student(cfg, student, self.acc.device)
+        self.teacher: Teacher
         self.teacher, self.teacher_model = build.build_teacher(cfg, teacher_model, pad_id=self.tok.pad_token_id,
                                                                device=self.acc.device, objective=self.objective)
         build.check_vocabularies(self.teacher, self.student)
@@ -132,8 +133,8 @@ class Distiller:
                 raise ValueError("mix.seq_kd needs an in-process teacher (teacher.path) to generate")
             parts.append(self.teacher_engine.generate(off_p, replace(self.sampling, record_topk=0), source="teacher"))
         if refs:
-            parts.append(hf_rollout.from_references([p for p, _ in refs], [c for _, c in refs]))
-        buffer = hf_rollout.concat(parts)
+            parts.append(Rollouts.from_references([p for p, _ in refs], [c for _, c in refs]))
+        buffer = Rollouts.concat(parts)
         if self.objective.student_topk and buffer.student_topk_ids is None:  # off-policy rows, remote teacher
             buffer.student_topk_ids = self._student_topk(buffer, self.objective.student_topk)
         return buffer
@@ -217,22 +218,20 @@ class Distiller:
         m = {"step": self.state.step, "loss": loss, "grad_norm": grad_norm, "lr": lr,
              "tokens": num_tokens, "prompt_tokens": sum(len(p) for p in buffer.prompt_ids),
              "completion_len_mean": float(lengths.mean()), "completion_len_max": int(lengths.max()),
-             "truncation_rate": sum(f == "length" for f in buffer.finish_reasons) / max(1, len(buffer)),
+             "truncation_rate": truncation_rate(buffer.finish_reasons),
              "time_generate": t_gen, "time_teacher": t_teacher, "time_train": t_train,
              "tokens_per_s": num_tokens / max(1e-9, t_gen + t_teacher + t_train),
              "train_tokens_per_s": num_tokens / max(1e-9, t_train)}
         if buffer.sampling_logprobs is not None and student_rows.any():
             # unbiased sample estimate of the per-token reverse KL on the student's own samples
             sm = mask & student_rows[:, None]
-            m["sampled_rkl"] = float((buffer.sampling_logprobs - signal.token_logprobs)[sm].mean())
+            m["sampled_rkl"] = sampled_rkl(buffer.sampling_logprobs, signal.token_logprobs, sm)
         m["teacher_nll"] = float(-signal.token_logprobs[mask].mean())
         m.update(self._health(buffer, signal, student_rows))
         return m
 
     def _health(self, buffer: Rollouts, signal: TeacherSignal, student_rows: torch.Tensor) -> dict:
         """Seed 003's OPD health signals of the step (protege.diagnostics.step_health), warnings logged."""
-        from protege.diagnostics import step_health
-
         out = step_health(buffer, signal, student_rows, self.cfg.output.diagnostics_top_k, self.monitor,
                           self.state.step)
         for w in out.get("warnings", []):

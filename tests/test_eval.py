@@ -29,7 +29,8 @@ def test_exact_divergence_matches_full_logits():
     torch.manual_seed(0)
     r = generate(student, _prompts(tok), max_new_tokens=6, eos_ids=[1], pad_id=0)
     sig = score_rows(teacher, r.prompt_ids, r.completion_ids, r.completion_mask, ScoreRequest(hidden=True), pad_id=0)
-    got = exact_divergence(student, r, sig.hidden_states, sig.lm_head, "reverse_kl", pad_id=0, batch=3)
+    got = exact_divergence(student, r, sig.hidden_states, teacher.get_output_embeddings().weight, "reverse_kl",
+                           pad_id=0, batch=3)
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(len(r)):  # brute force: one full forward per row, float64 KL over the vocabulary

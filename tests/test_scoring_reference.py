@@ -102,11 +102,11 @@ def test_local_teacher_matches_plain_forward(model, rows, temperature, token_bud
                                                hidden=True))
     check_against_reference(model, rollouts, query, temperature, sig.token_logprobs, sig.topk_ids,
                             sig.topk_logprobs, sig.query_logprobs)
-    for i in range(len(rollouts)):  # entropy, and the hidden states + lm_head that exact losses rebuild logits from
+    for i in range(len(rollouts)):  # entropy, and the hidden states + weight that exact losses rebuild logits from
         n = int(rollouts.completion_mask[i].sum())
         ref = reference(model, rollouts.prompt_ids[i], rollouts.completion_ids[i, :n], temperature)  # (n, V)
         torch.testing.assert_close(sig.entropy[i, :n].double(), -(ref.exp() * ref).sum(-1), atol=1e-4, rtol=0)
-        rebuilt = torch.log_softmax((sig.hidden_states[i, :n] @ sig.lm_head.T).double() / temperature, -1)
+        rebuilt = torch.log_softmax((sig.hidden_states[i, :n] @ teacher.output_weight.T).double() / temperature, -1)
         torch.testing.assert_close(rebuilt, ref, atol=ATOL, rtol=0, msg=f"hidden states, row {i}")
 
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
 
+from protege.diagnostics import entropy_from_logprobs
 from protege.forward import length_batches
 from protege.records import Rollouts
 from protege.rollout.base import Sampling
@@ -51,7 +52,7 @@ class _Recorder(LogitsProcessor):
             top = self.prev.topk(self.topk, dim=-1)
             self.topk_ids.append(top.indices)
             self.topk_logprobs.append(top.values)
-            self.entropy.append(-(self.prev.exp() * self.prev.clamp_min(-1e30)).sum(-1))
+            self.entropy.append(entropy_from_logprobs(self.prev))
         return scaled
 
     def flush(self, sampled: torch.Tensor) -> None:
@@ -136,46 +137,3 @@ class HFEngine:
 
     def sync_weights(self, model: nn.Module) -> None:
         """Nothing to do: generation reads the model's current weights."""
-
-
-def from_references(prompt_ids: list[torch.Tensor], references: list[torch.Tensor], source: str = "dataset") -> Rollouts:
-    """Off-policy rows from given completions (dataset references)."""
-    n = len(references)
-    t = max([len(r) for r in references] + [1])
-    ids = torch.zeros((n, t), dtype=torch.long)
-    mask = torch.zeros((n, t), dtype=torch.bool)
-    for i, r in enumerate(references):
-        ids[i, : len(r)] = r
-        mask[i, : len(r)] = True
-    return Rollouts(prompt_ids=list(prompt_ids), completion_ids=ids, completion_mask=mask, sampling_logprobs=None,
-                    finish_reasons=["reference"] * n, sources=[source] * n)
-
-
-def concat(parts: list[Rollouts]) -> Rollouts:
-    """One Rollouts from several (re-padded to the longest completion)."""
-    parts = [p for p in parts if len(p)]
-    t = max(p.completion_ids.shape[1] for p in parts)
-
-    def pad(x: torch.Tensor | None, n: int, fill=0) -> torch.Tensor | None:
-        if x is None:
-            return None
-        out = torch.full((x.shape[0], t, *x.shape[2:]), fill, dtype=x.dtype)
-        out[:, : x.shape[1]] = x
-        return out
-
-    any_lp = any(p.sampling_logprobs is not None for p in parts)
-    any_tk = all(p.student_topk_ids is not None for p in parts)
-    any_tlp = all(p.student_topk_logprobs is not None for p in parts)
-    return Rollouts(
-        prompt_ids=[x for p in parts for x in p.prompt_ids],
-        completion_ids=torch.cat([pad(p.completion_ids, t) for p in parts]),
-        completion_mask=torch.cat([pad(p.completion_mask, t, False) for p in parts]),
-        sampling_logprobs=torch.cat([pad(p.sampling_logprobs if p.sampling_logprobs is not None else
-                                         torch.zeros(p.completion_ids.shape), t) for p in parts]) if any_lp else None,
-        student_topk_ids=torch.cat([pad(p.student_topk_ids, t) for p in parts]) if any_tk else None,
-        student_topk_logprobs=torch.cat([pad(p.student_topk_logprobs, t, float("-inf")) for p in parts])
-        if any_tlp else None,
-        student_entropy=torch.cat([pad(p.student_entropy, t) for p in parts]) if any_tlp else None,
-        finish_reasons=[x for p in parts for x in p.finish_reasons],
-        sources=[x for p in parts for x in p.sources],
-    )

@@ -16,7 +16,7 @@ class ScoreRequest:
 
     topk:        return the teacher's own top-k ids and logprobs per position (0: don't).
     query_ids:   (N, T, M) ids at which to return teacher logprobs (e.g. the student's top-k), or None.
-    hidden:      return final hidden states + lm_head for exact chunked full-vocabulary losses
+    hidden:      return final hidden states (with the teacher's output_weight: exact chunked full-vocabulary losses)
                  (in-process teachers only).
     temperature: teacher logprobs are log_softmax(logits / temperature).
     entropy:     return the teacher's entropy per position (health diagnostics).
@@ -30,6 +30,15 @@ class ScoreRequest:
 
 
 class Teacher(Protocol):
+    """What the trainer needs of any teacher (in-process, remote, and the kinds to come).
+
+    vocab_size: the width of its logits (checked against the student's at build time).
+    score(rollouts, request): one TeacherSignal for the whole buffer, aligned on the student's
+        completion positions, holding exactly what `request` asks for. How the teacher sees a row
+        (its own prompt or context, its own tokenizer) is its business; the alignment is not.
+    An in-process teacher that answers `request.hidden` also has `output_weight` (V, H), its output
+    projection on its own device, from which the loss rebuilds exact logits chunk by chunk."""
+
     vocab_size: int
 
     def score(self, rollouts: Rollouts, request: ScoreRequest) -> TeacherSignal: ...

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from protege.diagnostics import entropy_from_logprobs
 from protege.forward import HiddenStates, check_supported, completion_hidden, length_batches, output_weight, pack_rows
 from protege.teacher.base import ScoreRequest
 from protege.records import Rollouts, TeacherSignal
@@ -64,7 +65,7 @@ def score_rows(model: nn.Module, prompt_ids: list[torch.Tensor], completion_ids:
                 lps.append(v)
                 ids.append(i)
             if entropy is not None:
-                ent.append(-(logprobs.exp() * logprobs.clamp_min(-1e30)).sum(-1))
+                ent.append(entropy_from_logprobs(logprobs))
             if flat_query is not None:
                 qlp.append(logprobs.gather(-1, flat_query[s:s + chunk_positions]))
         place = mask[:, :tb]  # (b, tb) bool, where flat values go back
@@ -77,7 +78,7 @@ def score_rows(model: nn.Module, prompt_ids: list[torch.Tensor], completion_ids:
         if flat_query is not None:
             _scatter(query_lp, rows, tb, place, torch.cat(qlp).cpu())
     return TeacherSignal(token_logprobs=token_lp, topk_ids=topk_ids, topk_logprobs=topk_lp, query_logprobs=query_lp,
-                         entropy=entropy, hidden_states=hidden_out, lm_head=weight.detach() if request.hidden else None)
+                         entropy=entropy, hidden_states=hidden_out)
 
 
 def _chunk_logprobs(flat_h: torch.Tensor, weight: torch.Tensor, temperature: float, chunk: int):
