@@ -10,7 +10,7 @@ import time  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from tiny import make_plain_model  # noqa: E402
 
 from protege import wire  # noqa: E402
 from protege.server import HFBackend, create_app, parse  # noqa: E402
@@ -26,10 +26,7 @@ ATOL = 1e-5
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512)
-    return LlamaForCausalLM(cfg).eval()
+    return make_plain_model(VOCAB)
 
 
 @pytest.fixture(scope="module")

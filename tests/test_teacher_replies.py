@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 import orjson  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from tiny import make_plain_model  # noqa: E402
 
 from protege import wire  # noqa: E402
 from protege.server import HFBackend, create_app  # noqa: E402
@@ -117,10 +117,7 @@ BINARY_CORRUPTIONS = {  # id: (corrupt, word the final error must name)
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512)
-    return LlamaForCausalLM(cfg).eval()
+    return make_plain_model(VOCAB)
 
 
 @pytest.fixture(scope="module")

@@ -37,6 +37,14 @@ def make_model(layers: int, seed: int, hidden: int = 48, vocab: int = 128) -> Ll
     return model
 
 
+def make_plain_model(vocab: int, seed: int = 0) -> LlamaForCausalLM:
+    """A 2-layer, hidden-32 Llama at its default init, in eval mode: the server and client tests' teacher."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512)
+    return LlamaForCausalLM(cfg).eval()
+
+
 def write_models(root: Path) -> dict[str, str]:
     tok = make_tokenizer()
     paths = {}
