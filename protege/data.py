@@ -31,6 +31,7 @@ KNOWN_ROLES = ("system", "user", "assistant", "tool", "developer")
 class Example:
     messages: list[dict]  # chat prompt (no final assistant turn)
     reference: str | None = None  # reference completion text, if the row has one
+    columns: dict = field(default_factory=dict)  # the row's other columns (privileged context, teacher key, ...)
 
 
 @dataclass
@@ -133,6 +134,14 @@ class _BadRow(Exception):
 
 
 def _row_to_example(row: dict, pcol: str, mcol: str, ccol: str) -> Example:
+    """One row as an Example; the columns other than the prompt, messages and completion are kept as they are
+    in `Example.columns` (teachers read theirs from there: privileged context, a routing key, ...)."""
+    ex = _row_messages(row, pcol, mcol, ccol)
+    ex.columns = {k: v for k, v in row.items() if k not in (pcol, mcol, ccol)}
+    return ex
+
+
+def _row_messages(row: dict, pcol: str, mcol: str, ccol: str) -> Example:
     if _BAD in row:
         raise _BadRow(row[_BAD])
     prompt = row.get(pcol)

@@ -26,6 +26,9 @@ class Rollouts:
     student_entropy:   (N, T) float32 entropy of the sampling policy at each position, or None.
     finish_reasons:    "stop" (EOS emitted) or "length" (hit max_new_tokens), or "reference".
     sources:           where each row came from: "student", "dataset" or "teacher".
+    examples:          the data row (protege.data.Example) each sequence was made from, or None. A teacher
+                       that sees a row differently from the student (its own prompt, context or tokenizer)
+                       renders its view from here; the completion ids are the same for every teacher.
     """
 
     prompt_ids: list[torch.Tensor]
@@ -37,6 +40,7 @@ class Rollouts:
     student_entropy: torch.Tensor | None = None
     finish_reasons: list[str] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
+    examples: list | None = None
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -112,6 +116,7 @@ class Rollouts:
             student_entropy=torch.cat([pad(p.student_entropy, t) for p in parts]) if any_tlp else None,
             finish_reasons=[x for p in parts for x in p.finish_reasons],
             sources=[x for p in parts for x in p.sources],
+            examples=[x for p in parts for x in p.examples] if all(p.examples is not None for p in parts) else None,
         )
 
     def select(self, rows: list[int]) -> "Rollouts":
@@ -130,6 +135,7 @@ class Rollouts:
             student_entropy=cut(self.student_entropy),
             finish_reasons=[self.finish_reasons[i] for i in rows] if self.finish_reasons else [],
             sources=[self.sources[i] for i in rows] if self.sources else [],
+            examples=None if self.examples is None else [self.examples[i] for i in rows],
         )
 
 

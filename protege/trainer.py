@@ -115,25 +115,32 @@ class Distiller:
         on_policy = [coin.random() < cfg.mix.lmbda for _ in picked][self.acc.process_index:: self.acc.num_processes]
         g = cfg.rollout.num_generations
         student_p, off_p, refs = [], [], []
+        student_ex, off_ex, ref_ex = [], [], []  # the data row of each sequence, in the same order
         for idx, on in zip(mine, on_policy):
             ex = self.train_set.examples[idx]
             ids = self.prompts.prompt_ids(ex)
             if on:
                 student_p += [ids] * g
+                student_ex += [ex] * g
             elif cfg.mix.seq_kd or not ex.reference:
                 off_p += [ids] * g
+                off_ex += [ex] * g
             else:
                 student_p_ref = self.prompts.reference_ids(ex, cfg.rollout.max_new_tokens)
                 refs.append((ids, student_p_ref))
+                ref_ex.append(ex)
         parts = []
         if student_p:
             parts.append(self.student_engine().generate(student_p, self.sampling, source="student"))
+            parts[-1].examples = student_ex
         if off_p:
             if self.teacher_engine is None:
                 raise ValueError("mix.seq_kd needs an in-process teacher (teacher.path) to generate")
             parts.append(self.teacher_engine.generate(off_p, replace(self.sampling, record_topk=0), source="teacher"))
+            parts[-1].examples = off_ex
         if refs:
             parts.append(Rollouts.from_references([p for p, _ in refs], [c for _, c in refs]))
+            parts[-1].examples = ref_ex
         buffer = Rollouts.concat(parts)
         if self.objective.student_topk and buffer.student_topk_ids is None:  # off-policy rows, remote teacher
             buffer.student_topk_ids = self._student_topk(buffer, self.objective.student_topk)
