@@ -179,6 +179,10 @@ class OutputConfig(_Section):
     progress: bool = Field(True, description="Show a progress bar with ETA.")
     diagnostics_top_k: int = Field(16, ge=0, description="k of the OPD health diagnostics (top-k overlap, entropy "
                                    "gap) at student-visited positions; 0 = off.")
+    probe_every: int = Field(0, ge=0, description="Greedy probe interval in steps (0 = off): greedy answers to "
+                             "output.probe_prompts held-out prompts, up to 2 x rollout.max_new_tokens, checked against "
+                             "the teacher's (repetition, EOS, distinct-2; protege.probe). Also runs at the start and end.")
+    probe_prompts: int = Field(4, ge=1, description="How many held-out prompts the greedy probe answers.")
 
 
 class Config(_Section):

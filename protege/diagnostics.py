@@ -203,6 +203,8 @@ class HealthMonitor:
     peaked than the teacher: mode collapse)."""
     warnings: list[str] = field(default_factory=list, init=False)
     """Every warning emitted so far, in order."""
+    probe_reference: dict[str, float] = field(default_factory=dict, init=False)
+    """The greedy probe's reference values (protege.probe: the teacher's, or the student's first probe)."""
     _history: dict[str, list[float]] = field(default_factory=dict, init=False, repr=False)
     _fired: set[str] = field(default_factory=set, init=False, repr=False)
 
@@ -218,13 +220,23 @@ class HealthMonitor:
         so far, the kinds already fired, and each metric's first `baseline_steps` values (all a baseline
         reads). Plain lists and strings, which torch.load(weights_only=True) reads."""
         return {"warnings": list(self.warnings), "fired": sorted(self._fired),
-                "history": {k: list(v[: self.baseline_steps]) for k, v in self._history.items()}}
+                "history": {k: list(v[: self.baseline_steps]) for k, v in self._history.items()},
+                "probe_reference": dict(self.probe_reference)}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state_dict()`'s output."""
         self.warnings = [str(w) for w in state["warnings"]]
         self._fired = {str(k) for k in state["fired"]}
         self._history = {str(k): [float(x) for x in v] for k, v in state["history"].items()}
+        self.probe_reference = {str(k): float(v) for k, v in state.get("probe_reference", {}).items()}
+
+    def fire(self, step: int, found: dict[str, str]) -> list[str]:
+        """Warnings found elsewhere ({kind: message}, e.g. protege.probe.check), each kind once per run;
+        returns those that fire for the first time now."""
+        new = [f"step {step}: {message}" for kind, message in found.items() if kind not in self._fired]
+        self._fired.update(found)
+        self.warnings.extend(new)
+        return new
 
     def update(self, step: int, metrics: dict[str, float]) -> list[str]:
         """Record this step's metrics; return the warnings that fire for the first time now."""

@@ -61,14 +61,16 @@ def evaluate(student, teacher, prompts: list[torch.Tensor], *, teacher_local: bo
 @torch.no_grad()
 def evaluate_models(student, teacher, tok, prompts: list[torch.Tensor], *, max_new_tokens: int, eos_ids: list[int],
                     temperature: float = 1.0, batch_tokens: int = 16384, bf16: bool = False, seed: int = 1234,
-                    teacher_cache: dict | None = None) -> dict:
+                    teacher_cache: dict | None = None, greedy_max_new_tokens: int | None = None) -> dict:
     """Student vs an in-process teacher on held-out prompts (token ids):
-    rkl on student samples, fkl on teacher samples, and for greedy answers of the student:
-    teacher_nll, distinct_2, length, eos_rate; plus the teacher's own greedy distinct_2/length.
+    rkl on student samples, fkl on teacher samples (max_new_tokens each), and for greedy answers
+    (greedy_max_new_tokens each, default max_new_tokens) of the student: teacher_nll, distinct_2, length,
+    eos_rate, truncation_rate, repetition_rate; the teacher's own greedy values as teacher_greedy_*.
     Pass the same `teacher_cache` dict to several calls to generate and score the teacher's side once."""
     cache = teacher_cache if teacher_cache is not None else {}
     kw = dict(max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=tok.pad_token_id, batch_tokens=batch_tokens,
               autocast_bf16=bf16)
+    greedy_kw = {**kw, "max_new_tokens": greedy_max_new_tokens or max_new_tokens}
     out = {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -77,9 +79,9 @@ def evaluate_models(student, teacher, tok, prompts: list[torch.Tensor], *, max_n
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 1)
             cache["samples"] = hf_rollout.generate(teacher, prompts, temperature=temperature, **kw)
-        cache["greedy"] = hf_rollout.generate(teacher, prompts, temperature=0, **kw)
+        cache["greedy"] = hf_rollout.generate(teacher, prompts, temperature=0, **greedy_kw)
         cache["signal"] = _score(teacher, cache["samples"], tok)
-    s_greedy = hf_rollout.generate(student, prompts, temperature=0, **kw)
+    s_greedy = hf_rollout.generate(student, prompts, temperature=0, **greedy_kw)
     for name, rollouts, sig, key in (("reverse_kl", s_samples, _score(teacher, s_samples, tok), "rkl"),
                                      ("forward_kl", cache["samples"], cache["signal"], "fkl")):
         out[key] = exact_divergence(student, rollouts, sig.hidden_states, output_weight(teacher), name,

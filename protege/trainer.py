@@ -257,6 +257,9 @@ class Distiller:
             (self.out / "config.yaml").write_text(_yaml(cfg))
         if self.eval_set and self.state.step == 0:
             self._log_eval(self._evaluate(), metrics_path)
+        probing = bool(self.eval_set and cfg.output.probe_every)
+        if probing and self.state.step == 0:
+            self._log_eval(self._probe(), metrics_path, "probe")
         bar = _progress(cfg, acc, self.state.step, self.max_steps)
         while self.state.step < self.max_steps:
             m = self.train_step()
@@ -275,12 +278,16 @@ class Distiller:
             s = self.state.step
             if self.eval_set and cfg.output.eval_every and s % cfg.output.eval_every == 0 and s < self.max_steps:
                 self._log_eval(self._evaluate(), metrics_path)
+            if probing and s % cfg.output.probe_every == 0 and s < self.max_steps:
+                self._log_eval(self._probe(), metrics_path, "probe")
             if cfg.output.save_every and s % cfg.output.save_every == 0 and s < self.max_steps:
                 self.save_checkpoint()
         if bar is not None:
             bar.close()
         if self.eval_set:
             self._log_eval(self._evaluate(), metrics_path)
+        if probing:
+            self._log_eval(self._probe(), metrics_path, "probe")
         self.save_checkpoint()
         self.save_final()
         acc.end_training()
@@ -297,17 +304,29 @@ class Distiller:
                         max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                         batch_tokens=r.batch_tokens, micro_batch_size=cfg.train.micro_batch_size, bf16=self.bf16)
 
-    def _log_eval(self, result: dict, path: Path) -> None:
+    def _probe(self) -> dict:
+        """The greedy probe (protege.probe) of the current student as probe/* metrics; warnings go to the log."""
+        from protege.probe import GreedyProbe, probe_step
+
+        examples = self.eval_set.examples[: self.cfg.output.probe_prompts]
+        probe = GreedyProbe([self.prompts.prompt_ids(e) for e in examples], 2 * self.cfg.rollout.max_new_tokens,
+                            self.eos_ids, self.tok.pad_token_id, bf16=self.bf16)
+        values, warnings = probe_step(self.monitor, probe, self.student, self.teacher_model, self.state.step)
+        for w in warnings:
+            log.warning("health: %s", w)
+        return {**values, "warnings": warnings} if warnings else values
+
+    def _log_eval(self, result: dict, path: Path, prefix: str = "eval") -> None:
         if not result:
             return
-        result = {"step": self.state.step, **{f"eval/{k}": v for k, v in result.items()}}
+        result = {"step": self.state.step, **{k if k == "warnings" else f"{prefix}/{k}": v for k, v in result.items()}}
         self.state.history.append(result)
         if self.acc.is_main_process:
             with path.open("a") as f:
                 f.write(json.dumps(result) + "\n")
-            log.info("eval @ step %d: %s", self.state.step,
-                     ", ".join(f"{k[5:]}={v:.4g}" for k, v in result.items() if k.startswith("eval/")
-                               and isinstance(v, float)))
+            log.info("%s @ step %d: %s", prefix, self.state.step,
+                     ", ".join(f"{k[len(prefix) + 1:]}={v:.4g}" for k, v in result.items()
+                               if k.startswith(prefix + "/") and isinstance(v, float)))
 
     # --------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
