@@ -128,7 +128,8 @@ class Objective:
         tokens = mb.completion_ids.to(h.device)[mask]  # (n,)
         flat = lambda x: None if x is None else x.to(h.device)[mask]  # noqa: E731  (B, T, ...) -> (n, ...)
         out = torch.zeros(mask.shape, dtype=torch.float32, device=h.device)  # (B, T)
-        chunk, fused = cfg.chunk_size, cfg.fused  # fused: values summed with one weight
+        # fused: values summed with one weight; a token clip weights clipped tokens by 0, so it needs the unfused path
+        chunk, fused = cfg.chunk_size, cfg.fused and cfg.token_clip is None
 
         if self.name is LossName.SFT:
             values = -L.chunked_loss_from_hidden(h, student_weight, _token_logprob(1.0), tokens, chunk_size=chunk,
@@ -145,6 +146,7 @@ class Objective:
             ids, lps, smask = self._remote_support(signal, mb)
             values = L.chunked_loss_from_hidden(h, student_weight, self._topk_fn(), flat(ids), flat(lps), flat(smask),
                                                 chunk_size=chunk, fused=fused)
+        values = clip_token_loss(values, cfg.token_clip) if cfg.token_clip is not None else values
         return out.masked_scatter(mask, values.float())
 
     def _sampled_pg(self, h, student_weight, tokens, mask, mb: Rollouts, signal: TeacherSignal) -> torch.Tensor:
@@ -204,6 +206,19 @@ class Objective:
             return mb.student_topk_ids[..., :k], signal.query_logprobs, None
         ids, smask = L.union_support(signal.topk_ids[..., :k], mb.student_topk_ids[..., :k])  # union
         return ids, torch.cat([signal.topk_logprobs[..., :k], signal.query_logprobs], -1), smask
+
+
+def clip_token_loss(values: torch.Tensor, clip: float) -> torch.Tensor:
+    """loss.token_clip: each token's loss l_t becomes clamp(l_t, 0, clip).
+
+    Per token, not per vocabulary entry: a divergence sum_v f(p_v, q_v) is >= 0 as a whole, but its
+    entries are not (p_v log(p_v / q_v) < 0 where q_v > p_v), so capping the entries before the sum (OPSD's
+    0.05 clip) can make a token's loss negative and push the student away from the teacher (OPSD #24).
+    Clamping the sum keeps every token's loss in [0, clip]. Gradient: d clamp(l_t)/d theta = 1[0 <= l_t <= clip]
+    * d l_t/d theta, so a token whose loss exceeds the clip gives no gradient at all (as PPO's clipped
+    ratio): the step follows the tokens where student and teacher are already within `clip` nats, and
+    the outliers (e.g. style tokens the privileged teacher is sure about) are left out, not scaled down."""
+    return values.clamp(min=0.0, max=clip)
 
 
 def _token_logprob(temperature: float):
