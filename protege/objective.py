@@ -89,6 +89,12 @@ class Objective:
         return max(self.student_topk, self.diagnostics_top_k)
 
     @property
+    def fused(self) -> bool:
+        """loss.fused, unless loss.token_clip is set: fused gradients assume every token's value enters the loss
+        with one weight, and a clipped token's weight is 0 (the unfused path recomputes each chunk instead)."""
+        return self.loss.fused and self.loss.token_clip is None
+
+    @property
     def scoring_chunk(self) -> int:
         """Positions per (chunk, vocab) logits block when an in-process teacher scores."""
         return self.loss.chunk_size
@@ -128,8 +134,7 @@ class Objective:
         tokens = mb.completion_ids.to(h.device)[mask]  # (n,)
         flat = lambda x: None if x is None else x.to(h.device)[mask]  # noqa: E731  (B, T, ...) -> (n, ...)
         out = torch.zeros(mask.shape, dtype=torch.float32, device=h.device)  # (B, T)
-        # fused: values summed with one weight; a token clip weights clipped tokens by 0, so it needs the unfused path
-        chunk, fused = cfg.chunk_size, cfg.fused and cfg.token_clip is None
+        chunk, fused = cfg.chunk_size, self.fused
 
         if self.name is LossName.SFT:
             values = -L.chunked_loss_from_hidden(h, student_weight, _token_logprob(1.0), tokens, chunk_size=chunk,
@@ -167,9 +172,9 @@ class Objective:
                                               teacher_weight=t_weight, name=cfg.name, beta=cfg.beta, alpha=cfg.alpha,
                                               temperature=cfg.temperature,
                                               scale_by_temperature_squared=cfg.scale_temperature_squared,
-                                              chunk_size=cfg.chunk_size, fused=cfg.fused)
+                                              chunk_size=cfg.chunk_size, fused=self.fused)
         return L.chunked_loss_from_hidden(h, student_weight, self._local_topk_fn(t_weight), t_hidden, tokens,
-                                          chunk_size=cfg.chunk_size, fused=cfg.fused)
+                                          chunk_size=cfg.chunk_size, fused=self.fused)
 
     def _topk_fn(self):
         cfg = self.loss
