@@ -16,6 +16,7 @@ from protege.config import Config
 from protege.forward import check_supported, output_weight
 from protege.objective import Objective
 from protege.teacher.base import Teacher
+from protege.teacher.privileged import check_data  # noqa: F401  (the trainer's start-up check of the rows)
 
 
 def build_accelerator(cfg: Config) -> Accelerator:
@@ -55,9 +56,37 @@ def build_student(cfg: Config, student, device):
     return student.to(device)
 
 
-def build_teacher(cfg: Config, teacher_model, *, pad_id: int, device, objective: Objective) -> tuple[Teacher, object]:
-    """(teacher, in-process teacher model or None): a RemoteTeacher for teacher.urls, else a LocalTeacher."""
+def build_teacher(cfg: Config, teacher_model, *, pad_id: int, device, objective: Objective, student=None,
+                  tokenizer=None, data_columns: frozenset[str] | None = None) -> tuple[Teacher, object]:
+    """(teacher, in-process teacher model or None) for cfg.teacher: the scorer (_teacher_source: a RemoteTeacher,
+    a LocalTeacher, or the student itself for teacher.self), wrapped in a PrivilegedTeacher when the teacher
+    sees its own view of each row (protege.teacher.privileged.uses_privileged: teacher.system_prompt, a
+    privileged data key, or a privileged column among `data_columns`, the training rows' columns).
+
+    student: the (unwrapped, LoRA-applied) student model, needed by teacher.self. tokenizer: the student's,
+    which renders the privileged view unless the teacher is loaded from teacher.path (its own tokenizer)."""
+    from protege.teacher.privileged import PrivilegedTeacher, uses_privileged
+
+    teacher, model = _teacher_source(cfg, teacher_model, pad_id=pad_id, device=device, objective=objective,
+                                     student=student)
+    if not uses_privileged(cfg, data_columns):
+        return teacher, model
+    if cfg.teacher.path and teacher_model is None:
+        from protege.modeling import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.teacher.path)
+    if tokenizer is None:
+        raise ValueError("a privileged-context teacher needs a tokenizer to render its prompts: pass tokenizer=")
+    return PrivilegedTeacher(teacher, cfg, tokenizer), model
+
+
+def _teacher_source(cfg: Config, teacher_model, *, pad_id: int, device, objective: Objective, student):
     t = cfg.teacher
+    if t.self is not None:  # the student itself: no model of its own (mix.seq_kd is refused by the config)
+        from protege.teacher.self_teacher import build_self_teacher
+
+        return build_self_teacher(t.self, student, pad_id=pad_id, token_budget=t.batch_tokens,
+                                  chunk_positions=objective.scoring_chunk, ema_rate=t.ema_rate), None
     if t.urls:
         from protege.teacher.remote import RemoteTeacher
 

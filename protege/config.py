@@ -51,11 +51,20 @@ class TeacherConfig(_Section):
                                    "config.json 'vocab_size'), for an OpenAI-compatible server that does not report "
                                    "it (stock vllm serve). None: the server's own figure, else the config.json of "
                                    "the model it serves when readable here.")
+    self: Literal["base", "ema", "live"] | None = Field(
+        None, description="The student as its own teacher (self-distillation; usually with privileged context, "
+        "docs/teachers.md): base = the starting weights (with LoRA: the adapter disabled, no second copy), ema = an "
+        "exponential moving average of the student (teacher.ema_rate), live = the current weights without gradient.")
+    ema_rate: float = Field(0.05, gt=0, le=1, description="teacher.self=ema: after each optimizer step "
+                            "theta_T <- (1 - rate) * theta_T + rate * theta_S (TRL SDFT's 0.05; 1 = live weights).")
+    system_prompt: str | None = Field(None, description="A system message only the teacher sees (joined before the "
+                                      "row's own system message, if any): context distillation.")
 
     @model_validator(mode="after")
     def _one_source(self):
-        if (self.path is None) == (not self.urls):
-            raise ValueError("set exactly one of teacher.path (in-process) or teacher.urls (server)")
+        if sum([self.path is not None, bool(self.urls), self.self is not None]) != 1:
+            raise ValueError("set exactly one of teacher.path (in-process), teacher.urls (server) or teacher.self "
+                             "(the student itself: base, ema or live)")
         return self
 
 
@@ -72,6 +81,30 @@ class DataConfig(_Section):
     eval_prompts: int = Field(16, ge=0, description="How many held-out prompts each evaluation uses.")
     max_prompt_tokens: int = Field(512, ge=8, description="Longer prompts are truncated from the left (counted).")
     system_prompt: str | None = Field(None, description="Optional system message prepended to chat prompts.")
+    privileged_context_column: str = Field("privileged_context", description="Column with text only the teacher "
+                                           "sees (a solution, a demonstration, feedback), put into the last user "
+                                           "turn by data.privileged_template (docs/teachers.md).")
+    teacher_prompt_column: str = Field("teacher_prompt", description="Column with the teacher's own last user turn "
+                                       "(a string or chat messages); it replaces the student's last user turn.")
+    privileged_template: str = Field("{prompt}\n\n{privileged_context}", description="The teacher's last user "
+                                     "turn: {prompt} = the student's last user turn, {privileged_context} = the "
+                                     "row's privileged context.")
+    max_teacher_prompt_tokens: int | None = Field(None, ge=8, description="Token budget of the teacher's prompt "
+                                                  "(its own: never cut to data.max_prompt_tokens); longer ones keep "
+                                                  "their last tokens (counted). None: no limit.")
+
+    @model_validator(mode="after")
+    def _template(self):
+        try:
+            self.privileged_template.format(prompt="", privileged_context="")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"data.privileged_template={self.privileged_template!r} is not a valid template "
+                             f"({type(e).__name__}: {e}): use the fields {{prompt}} and {{privileged_context}}, "
+                             "and write a literal brace as {{ or }}") from None
+        if "{privileged_context}" not in self.privileged_template:
+            raise ValueError(f"data.privileged_template={self.privileged_template!r} lacks {{privileged_context}}: "
+                             "the teacher would never see the context")
+        return self
 
 
 class MixConfig(_Section):
@@ -102,6 +135,8 @@ class LossConfig(_Section):
     ratio_clip: float | None = Field(None, gt=0, description="sampled_pg: truncate the importance ratio at this value.")
     discount: float | None = Field(None, ge=0, le=1, description="sampled_pg: reward-to-go discount (MiniLLM); "
                                    "None = per-token advantage.")
+    token_clip: float | None = Field(None, gt=0, description="Clamp each token's loss to [0, token_clip] (a token "
+                                     "above it gives no gradient; docs/teachers.md); None = off. Not for sampled_pg.")
     chunk_size: int = Field(1024, ge=16, description="Positions per chunk of the vocabulary projection (in the "
                             "loss and in in-process teacher scoring): smaller = less memory (a chunk's logits are "
                             "chunk_size x vocab floats), more, smaller matmuls.")
@@ -209,6 +244,12 @@ class Config(_Section):
         if self.train.micro_batch_size > self.train.prompts_per_step * self.rollout.num_generations:
             raise ValueError("train.micro_batch_size is larger than the buffer (train.prompts_per_step x "
                              "rollout.num_generations)")
+        if self.teacher.self is not None and self.mix.seq_kd:
+            raise ValueError(f"mix.seq_kd samples from an in-process teacher model; teacher.self={self.teacher.self} "
+                             "has none of its own: set mix.seq_kd=false")
+        if loss.token_clip is not None and loss.name == "sampled_pg":
+            raise ValueError("loss.token_clip clamps a divergence at [0, clip]; sampled_pg's per-token surrogate "
+                             "-rho*A is signed by design: use loss.ratio_clip instead, or unset loss.token_clip")
         if self.teacher.protocol == "openai" and loss.support in ("student", "union"):
             raise ValueError("teacher.protocol=openai cannot return logprobs at the student's ids: use "
                              "loss.support=teacher|sampled, or protege serve-teacher")
@@ -299,7 +340,8 @@ def _explain(err: ValidationError) -> str:
             known = ", ".join(section.model_fields) if section else ""
             lines.append(f"{field}: unknown key (known keys here: {known})")
         elif e["type"] == "missing":
-            hint = {"teacher": " (set teacher.path or teacher.urls)", "student": " (set student.path)"}.get(field, "")
+            hint = {"teacher": " (set teacher.path or teacher.urls, or teacher.self)",
+                    "student": " (set student.path)"}.get(field, "")
             lines.append(f"{field}: required, not set{hint}")
         elif e["type"] == "value_error":  # our own validators: the message names the fields and the fix
             lines.append(str(e["ctx"]["error"]) if "ctx" in e else f"{field}: {e['msg']}")

@@ -323,3 +323,35 @@ def step_health(buffer, signal, student_rows: torch.Tensor, k: int, monitor: Hea
     if warnings:
         out["warnings"] = warnings
     return out
+
+
+# --------------------------------------------------------------------------- privileged context
+def privileged_leak(completion_ids: torch.Tensor, mask: torch.Tensor, teacher_logprobs: torch.Tensor,
+                    teacher_prompts: Sequence[torch.Tensor], student_prompts: Sequence[torch.Tensor], *, n: int = 4,
+                    threshold: float = 0.5) -> float:
+    """How much privileged text a teacher pushes into the student's answers (a leak signal, 0..1).
+
+    completion_ids (N, T), mask (N, T) bool (the tokens to count, e.g. student rows), teacher_logprobs
+    (N, T) log p_T(y_t) of each completion token, teacher_prompts / student_prompts: each row's prompt ids.
+    Row i's privileged n-grams are L_i = ngrams_n(teacher prompt) minus ngrams_n(student prompt): token
+    sequences the teacher saw and the student did not. A completion token y_t is a copy when the
+    n-gram of the completion ending at it, (y_{t-n+1}, ..., y_t), is in L_i and the teacher is confident
+    in it, p_T(y_t) > threshold. Result: copies / tokens in `mask` (NaN when the mask is empty); tokens
+    before position n-1 are never copies. A rising value means the teacher rewards reproducing its
+    context (e.g. "as the solution says ...") that the student cannot know at test time."""
+    total = int(mask.sum())
+    if total == 0:
+        return math.nan
+    confident = teacher_logprobs > math.log(threshold)  # (N, T)
+    copies = 0
+    for i in range(completion_ids.shape[0]):
+        length = int(mask[i].nonzero().max()) + 1 if bool(mask[i].any()) else 0
+        if length < n:
+            continue
+        leaked = set(ngrams(teacher_prompts[i].tolist(), n)) - set(ngrams(student_prompts[i].tolist(), n))
+        if not leaked:
+            continue
+        tokens = completion_ids[i, :length].tolist()
+        copies += sum(1 for t in range(n - 1, length) if mask[i, t] and confident[i, t]
+                      and tuple(tokens[t - n + 1: t + 1]) in leaked)
+    return copies / total

@@ -42,7 +42,7 @@ from protege.forward import HiddenStates, forward_completion_hidden, output_weig
 from protege.losses import reduce_tokens
 from protege.rollout.base import RolloutEngine, Sampling
 from protege.records import Rollouts, TeacherSignal
-from protege.teacher.base import Teacher
+from protege.teacher.base import Teacher, optional
 
 log = logging.getLogger("protege")
 
@@ -81,6 +81,7 @@ class Distiller:
         # data first: a bad dataset fails before minutes of model loading
         self.prompts = PromptTokenizer(self.tok, cfg.data.max_prompt_tokens)
         self.train_set, self.eval_set = load_prompt_sets(cfg.data, seed=cfg.train.seed)
+        columns = build.check_data(cfg, self.train_set.examples)  # a privileged column named but absent: fails here
         if cfg.mix.lmbda < 1 and not cfg.mix.seq_kd and not any(e.reference for e in self.train_set.examples):
             raise ValueError("mix.lmbda < 1 without mix.seq_kd uses the dataset's reference completions, but no row "
                              f"has one (columns {cfg.data.completion_column!r} or a final assistant turn in "
@@ -90,8 +91,9 @@ class Distiller:
         self.objective = build.build_objective(cfg)
         self.student = build.build_student(cfg, student, self.acc.device)
         self.teacher: Teacher
-        self.teacher, self.teacher_model = build.build_teacher(cfg, teacher_model, pad_id=self.tok.pad_token_id,
-                                                               device=self.acc.device, objective=self.objective)
+        self.teacher, self.teacher_model = build.build_teacher(
+            cfg, teacher_model, pad_id=self.tok.pad_token_id, device=self.acc.device, objective=self.objective,
+            student=self.student, tokenizer=self.tok, data_columns=columns)
         build.check_vocabularies(self.teacher, self.student)
         self.engine: RolloutEngine | None = None  # the student's, see student_engine()
         self.teacher_engine = build.build_teacher_engine(cfg, self.teacher_model, pad_id=self.tok.pad_token_id)
@@ -213,6 +215,7 @@ class Distiller:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        optional(self.teacher, "after_step", self.student)  # e.g. an EMA self-teacher follows the new weights
         if self.engine is not None:  # the next buffer samples the new weights (a no-op for the HF engine)
             self.engine.sync_weights(self.student)
         loss_total = float(acc.reduce(torch.tensor(loss_sum, device=acc.device), reduction="sum"))
@@ -235,6 +238,7 @@ class Distiller:
             m["sampled_rkl"] = sampled_rkl(buffer.sampling_logprobs, signal.token_logprobs, sm)
         m["teacher_nll"] = float(-signal.token_logprobs[mask].mean())
         m.update(self._health(buffer, signal, student_rows))
+        m.update(optional(self.teacher, "step_metrics", default={}))  # e.g. privileged_leak
         return m
 
     def _health(self, buffer: Rollouts, signal: TeacherSignal, student_rows: torch.Tensor) -> dict:
@@ -299,7 +303,7 @@ class Distiller:
 
         cfg, r = self.cfg, self.cfg.rollout
         examples = self.eval_set.examples[: cfg.data.eval_prompts] if self.eval_set else []
-        return evaluate(self.student, self.teacher, [self.prompts.prompt_ids(e) for e in examples],
+        return evaluate(self.student, self.teacher, [self.prompts.prompt_ids(e) for e in examples], examples=examples,
                         teacher_local=not cfg.teacher.urls, pad_id=self.tok.pad_token_id, eos_ids=self.eos_ids,
                         max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                         batch_tokens=r.batch_tokens, micro_batch_size=cfg.train.micro_batch_size, bf16=self.bf16)
@@ -333,7 +337,8 @@ class Distiller:
         """output/checkpoints/step-N (see protege/checkpoint.py): complete or absent, never half-written."""
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "stream": self.stream.state_dict(), "step": self.state.step,
-                 "prompts_truncated": self.prompts.truncated, "monitor": self.monitor.state_dict()}
+                 "prompts_truncated": self.prompts.truncated, "monitor": self.monitor.state_dict(),
+                 "teacher": optional(self.teacher, "state_dict", default={})}
         return checkpoint.save(self.acc, self.out / "checkpoints" / f"step-{self.state.step:07d}",
                                student=self.acc.unwrap_model(self.model).model, state=state,
                                keep_last=self.cfg.output.keep_last)
@@ -359,9 +364,10 @@ class Distiller:
             self.scheduler.load_state_dict(state["scheduler"])
             if "monitor" in state:  # health warnings fire once per run, not again after each resume
                 self.monitor.load_state_dict(state["monitor"])
+            optional(self.teacher, "load_state_dict", state.get("teacher", {}))  # an EMA teacher's weights
         except (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError) as e:
-            raise checkpoint.CheckpointError(f"its optimizer, scheduler or health-monitor state does not fit this "
-                                             f"run ({type(e).__name__}: {e})") from None
+            raise checkpoint.CheckpointError(f"its optimizer, scheduler, health-monitor or teacher state does not fit "
+                                             f"this run ({type(e).__name__}: {e})") from None
         self.state.step = state["step"]
         self.prompts.truncated = state.get("prompts_truncated", 0)
 
