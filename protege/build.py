@@ -12,7 +12,7 @@ import os
 import torch
 from accelerate import Accelerator
 
-from protege.config import Config
+from protege.config import Config, teacher_configs
 from protege.forward import check_supported, output_weight
 from protege.objective import Objective
 from protege.teacher.base import Teacher
@@ -34,7 +34,7 @@ def max_steps(cfg: Config, num_prompts: int) -> int:
 
 def build_objective(cfg: Config) -> Objective:
     """The loss (protege.objective), told where the teacher runs and what the diagnostics read."""
-    return Objective.build(cfg.loss, teacher_local=not cfg.teacher.urls,
+    return Objective.build(cfg.loss, teacher_local=not any(t.urls for t in teacher_configs(cfg)),
                            diagnostics_top_k=cfg.output.diagnostics_top_k, sampling_temperature=cfg.rollout.temperature)
 
 
@@ -56,7 +56,13 @@ def build_student(cfg: Config, student, device):
 
 
 def build_teacher(cfg: Config, teacher_model, *, pad_id: int, device, objective: Objective) -> tuple[Teacher, object]:
-    """(teacher, in-process teacher model or None): a RemoteTeacher for teacher.urls, else a LocalTeacher."""
+    """(teacher, in-process teacher model or None): a RemoteTeacher for teacher.urls, else a LocalTeacher;
+    for `teachers:` a RoutedTeacher over one of these per name (protege.teacher.several; model None)."""
+    if cfg.teachers:
+        from protege.teacher.several import build_routed_teacher
+
+        return build_routed_teacher(cfg, teacher_model, lambda one, model, dev: build_teacher(
+            one, model, pad_id=pad_id, device=dev, objective=objective), device), None
     t = cfg.teacher
     if t.urls:
         from protege.teacher.remote import RemoteTeacher
