@@ -197,3 +197,58 @@ def test_teacher_set_changes_are_named():
     check_teacher_set(single, teacher_set(load_config(None, ["student.path=s", "teacher.path=/other"])))
     with pytest.raises(ResumeMismatch, match="mode single -> mixture"):
         check_teacher_set(None, saved)
+
+
+# ------------------------------------------------------------------------------- end to end
+def test_two_steps_routed_in_process_and_server_then_resume_with_other_set(models, tmp_path):
+    """Teacher a in process (offloaded between passes), teacher b behind the real server app on 127.0.0.1;
+    2 steps log teacher/<name>/ metrics; resuming with another set stops with a message naming the change."""
+    from protege.server import HFBackend, create_app
+    from protege.server.background import serve_in_thread
+
+    tok = make_tokenizer()
+    data = write_rows(tmp_path / "rows.jsonl", ["a", "b"] * 4)
+    with serve_in_thread(create_app(HFBackend(models["b"], model_name="tiny-b"), max_k=16)) as server:
+        teachers = [{"name": "a", "path": "in-memory-a", "offload": True}, {"name": "b", "urls": [server.url]}]
+        cfg = cfg_of(tmp_path, data, "loss.support=teacher", "loss.top_k=4", "output.diagnostics_top_k=4",
+                     "train.max_steps=2", teachers=teachers)
+        d = Distiller(cfg, student=make_model(1, seed=13, hidden=32), teacher_model={"a": models["a"]}, tokenizer=tok)
+        history = d.train()
+    steps = [m for m in history if "loss" in m]
+    assert len(steps) == 2
+    for m in steps:
+        for name in ("a", "b"):
+            for key in ("rows", "loss", "sampled_rkl", "teacher_nll", "completion_len_mean", "overlap_ratio"):
+                assert f"teacher/{name}/{key}" in m, (name, key, sorted(m))
+        assert m["teacher/a/rows"] + m["teacher/b/rows"] == 4
+        # the step loss is the token-weighted sum of the per-teacher losses
+        tokens = {n: m[f"teacher/{n}/completion_len_mean"] * m[f"teacher/{n}/rows"] for n in "ab"}
+        joint = sum(m[f"teacher/{n}/loss"] * tokens[n] for n in "ab") / sum(tokens.values())
+        assert joint == pytest.approx(m["loss"], rel=1e-4)
+    assert d.teacher.teachers["a"].passes_on == ["cpu", "cpu"]  # one pass per step, on the device (the CPU here)
+    logged = [json.loads(x) for x in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    assert any("teacher/b/sampled_rkl" in x for x in logged)
+    other = [{"name": "a", "path": "in-memory-a"}, {"name": "c", "path": "in-memory-c"}]
+    cfg2 = cfg_of(tmp_path, write_rows(tmp_path / "rows2.jsonl", ["a", "c"] * 4), "loss.support=teacher",
+                  "loss.top_k=4", "output.diagnostics_top_k=4", "train.max_steps=3", "resume=true", teachers=other)
+    d2 = Distiller(cfg2, student=make_model(1, seed=13, hidden=32), teacher_model={"a": models["a"], "c": models["b"]},
+                   tokenizer=tok)
+    with pytest.raises(ResumeMismatch, match=r"teachers no longer here: \['b'\]; new teachers: \['c'\]"):
+        d2.train()
+
+
+def test_mixture_run_with_held_out_evaluation(models, tmp_path):
+    """Mixture of two in-process teachers, full-vocabulary reverse KL, held-out eval through the routed teacher."""
+    tok = make_tokenizer()
+    data = write_rows(tmp_path / "rows.jsonl", ["a", "b"] * 5, with_column=False)  # mixture: no column needed
+    teachers = [{"name": "a", "path": "in-memory-a", "weight": 3}, {"name": "b", "path": "in-memory-b"}]
+    cfg = cfg_of(tmp_path, data, "teachers_mode=mixture", "train.max_steps=2", "data.eval_fraction=0.2",
+                 "data.eval_prompts=2", teachers=teachers)
+    d = Distiller(cfg, student=make_model(1, seed=13, hidden=32), teacher_model={"a": models["a"], "b": models["b"]},
+                  tokenizer=tok)
+    history = d.train()
+    evals = [m for m in history if "eval/rkl" in m]
+    assert len(evals) == 2 and all(m["eval/rkl"] >= 0 for m in evals)  # exact KL to the normalised mixture
+    steps = [m for m in history if "loss" in m]
+    assert all(f"teacher/{n}/sampled_rkl" in m and f"teacher/{n}/overlap_ratio" in m for m in steps for n in "ab")
+    assert d.teacher.weights == {"a": 0.75, "b": 0.25}
