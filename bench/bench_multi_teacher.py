@@ -3,7 +3,7 @@
     nice -n 5 python bench/bench_multi_teacher.py          # writes bench/results/multi_teacher.md
     python bench/bench_multi_teacher.py --quick            # a smaller version, for trying the script
 
-Task (bench/bench_quality.py's, plus subtraction): 3-digit a+b and a-b (a >= b) with worked answers,
+Task (bench/bench_quality.py's, plus subtraction): a+b and a-b (a >= b, --digits digits) with worked answers,
 one column at a time from the right, e.g.
 
     347+589=   7+9=16|4+8+1=13|3+5+1=9|936
@@ -48,6 +48,7 @@ import bench_quality as bq  # noqa: E402  (the task, training loop helpers and r
 CHARS = list("0123456789+=|-")
 OPS = ("add", "sub")
 METHODS = ("routed", "add only", "sub only", "mixture")
+MAX_NEW = 40  # new tokens at most (a 3-digit worked answer is ~27 characters + EOS)
 
 
 # ----------------------------------------------------------------------------------------- task
@@ -76,11 +77,12 @@ def result_of(op: str, a: int, b: int) -> int:
     return a + b if op == "add" else a - b
 
 
-def op_problems(n: int, seed: int, exclude: set | None = None) -> list[tuple[int, int]]:
-    """n distinct pairs (a, b), a >= b (so a-b >= 0), from 100..999, none in `exclude`."""
+def op_problems(n: int, seed: int, digits: int, exclude: set | None = None) -> list[tuple[int, int]]:
+    """n distinct pairs (a, b), a >= b (so a-b >= 0), of `digits` digits each, none in `exclude`."""
     rng, out, seen = random.Random(seed), [], set(exclude or ())
+    lo, hi = 10 ** (digits - 1), 10 ** digits - 1
     while len(out) < n:
-        x, y = rng.randint(100, 999), rng.randint(100, 999)
+        x, y = rng.randint(lo, hi), rng.randint(lo, hi)
         p = (max(x, y), min(x, y))
         if p not in seen:
             seen.add(p)
@@ -124,7 +126,7 @@ def exact_match(model, tok, op: str, probs: list[tuple[int, int]]) -> float:
 
     pt = PromptTokenizer(tok, 64)
     ids = [pt.prompt_ids(Example(messages=[{"role": "user", "content": prompt_of(op, a, b)}])) for a, b in probs]
-    r = hf_rollout.generate(model, ids, max_new_tokens=40, temperature=0.0, eos_ids=[tok.eos_token_id],
+    r = hf_rollout.generate(model, ids, max_new_tokens=MAX_NEW, temperature=0.0, eos_ids=[tok.eos_token_id],
                             pad_id=tok.pad_token_id, source="student")
     right = 0
     for i, (a, b) in enumerate(probs):
@@ -150,7 +152,7 @@ def distiller(student, teachers: dict, tok, data: Path, out: Path, overrides: li
         names, models = [f"teachers={json.dumps(entries)}", f"teachers_mode={mode or 'routed'}"], teachers
     cfg = load_config(None, ["student.path=in-memory", *names, f"data.path={data}", "data.eval_prompts=0",
                              "output.diagnostics_top_k=0", "output.report_to=none", f"output.dir={out}",
-                             "output.save_every=0", "train.num_threads=1", "rollout.max_new_tokens=40",
+                             "output.save_every=0", "train.num_threads=1", f"rollout.max_new_tokens={MAX_NEW}",
                              "optim.max_grad_norm=1.0", *overrides])
     return Distiller(cfg, student=student, teacher_model=models, tokenizer=tok)
 
@@ -171,7 +173,7 @@ def prepare_teacher(args) -> None:
     work, tok = Path(args.work), make_tokenizer()
     held = {op: [tuple(p) for p in v] for op, v in json.loads((work / "heldout.json").read_text()).items()}
     t, model = time.perf_counter(), make_model(args.teacher_layers, args.teacher_hidden, seed=0)
-    sft(model, tok, work / f"train_{args.op}.jsonl", work / f"teacher_{args.op}_run", args.teacher_steps, 2e-3,
+    sft(model, tok, work / f"train_{args.op}.jsonl", work / f"teacher_{args.op}_run", args.teacher_steps, args.teacher_lr,
         f"{args.op} teacher SFT")
     model.save_pretrained(work / f"teacher_{args.op}")
     info = {"params": sum(p.numel() for p in model.parameters()), "exact_match": per_op(model, tok, held),
@@ -187,12 +189,12 @@ def prepare(args, work: Path) -> dict:
     torch.set_num_threads(1)
     saved = work / "prepared.json"
     key = {k: getattr(args, k) for k in ("teacher_steps", "teacher_layers", "teacher_hidden", "student_steps",
-                                         "train_problems", "heldout")}
+                                         "train_problems", "heldout", "digits", "teacher_lr")}
     if saved.exists() and json.loads(saved.read_text()).get("key") == key:
         print(f"reusing the teachers and the student start in {work} (same settings)", flush=True)
         return json.loads(saved.read_text())["info"]
-    held = {op: op_problems(args.heldout, seed=12345 + i) for i, op in enumerate(OPS)}
-    train = {op: op_problems(args.train_problems, seed=1 + i, exclude=set(held[op])) for i, op in enumerate(OPS)}
+    held = {op: op_problems(args.heldout, 12345 + i, args.digits) for i, op in enumerate(OPS)}
+    train = {op: op_problems(args.train_problems, 1 + i, args.digits, exclude=set(held[op])) for i, op in enumerate(OPS)}
     (work / "heldout.json").write_text(json.dumps(held))
     for op in OPS:
         write_rows(work / f"train_{op}.jsonl", [(op, a, b) for a, b in train[op]])
@@ -246,7 +248,8 @@ def job(args) -> None:
 
 def _shared_args(args) -> list[str]:
     return ["--work", str(args.work), "--steps", str(args.steps), "--prompts-per-step", str(args.prompts_per_step),
-            "--lr", str(args.lr), "--teacher-steps", str(args.teacher_steps), "--teacher-layers",
+            "--lr", str(args.lr), "--teacher-steps", str(args.teacher_steps), "--teacher-lr", str(args.teacher_lr),
+            "--digits", str(args.digits), "--teacher-layers",
             str(args.teacher_layers), "--teacher-hidden", str(args.teacher_hidden)]
 
 
@@ -292,15 +295,15 @@ def report(args, info: dict, results: list[dict], seconds: float) -> str:
         f"- machine: {bq.machine()} (shared with other jobs while it ran: times are not speed measurements)",
         f"- command: `nice -n 5 python bench/bench_multi_teacher.py{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}`"
         f" (total {seconds / 60:.1f} min)",
-        f"- task: 3-digit a+b and a-b (a >= b), worked answers column by column (`347+589=` -> `{bq.worked(347, 589)}`,"
-        f" `834-589=` -> `{worked_sub(834, 589)}`); {args.train_problems} training problems per operation, "
+        f"- task: {args.digits}-digit a+b and a-b (a >= b), worked answers column by column (`347+589=` -> "
+        f"`{bq.worked(347, 589)}`, `834-589=` -> `{worked_sub(834, 589)}`); {args.train_problems} training problems per operation, "
         f"{args.heldout} held-out problems per operation (disjoint); exact match of the text after the last '|' of a "
-        "greedy completion (40 new tokens max)",
+        f"greedy completion ({MAX_NEW} new tokens max)",
         f"- teachers: Llama, {args.teacher_layers} layers, hidden {args.teacher_hidden}, {t_add['params'] / 1e6:.2f} M "
-        f"parameters each, {args.teacher_steps} steps of protege SFT (64 problems/step, lr 2e-3 cosine) from scratch "
-        "on ONE operation each",
+        f"parameters each, {args.teacher_steps} steps of protege SFT (64 problems/step) from scratch "
+        "on ONE operation each (lr {args.teacher_lr} cosine)",
         f"- student: Llama, 2 layers, hidden 64, {info['student_params'] / 1e6:.2f} M parameters, {args.student_steps} "
-        "steps of SFT on both operations (64 problems/step, lr 2e-3 constant): the start of every method",
+        "steps of SFT on both operations (64 problems/step, lr 2e-3 cosine): the start of every method",
         f"- every method: {args.steps} optimizer steps x {args.prompts_per_step} prompts (half addition, half "
         f"subtraction on average), on-policy (mix.lmbda=1) full-vocabulary reverse KL, AdamW lr {args.lr} constant, "
         f"grad clip 1, in-process teachers, sampling at temperature 1, fp32, 1 thread per run; seeds "
@@ -337,16 +340,18 @@ def report(args, info: dict, results: list[dict], seconds: float) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes, to try the script")
-    ap.add_argument("--teacher-steps", type=int, default=400)
-    ap.add_argument("--teacher-layers", type=int, default=3)
-    ap.add_argument("--teacher-hidden", type=int, default=96)
-    ap.add_argument("--student-steps", type=int, default=150)
-    ap.add_argument("--steps", type=int, default=60, help="optimizer steps of every method")
+    ap.add_argument("--digits", type=int, default=2, help="digits of each operand")
+    ap.add_argument("--teacher-steps", type=int, default=300)
+    ap.add_argument("--teacher-lr", type=float, default=3e-3)
+    ap.add_argument("--teacher-layers", type=int, default=2)
+    ap.add_argument("--teacher-hidden", type=int, default=64)
+    ap.add_argument("--student-steps", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=40, help="optimizer steps of every method")
     ap.add_argument("--prompts-per-step", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--train-problems", type=int, default=20000, help="per operation")
-    ap.add_argument("--heldout", type=int, default=200, help="per operation")
+    ap.add_argument("--train-problems", type=int, default=3000, help="per operation")
+    ap.add_argument("--heldout", type=int, default=150, help="per operation")
     ap.add_argument("--parallel", type=int, default=2)
     ap.add_argument("--work", default=None)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "multi_teacher.md"))

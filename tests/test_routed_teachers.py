@@ -252,3 +252,17 @@ def test_mixture_run_with_held_out_evaluation(models, tmp_path):
     steps = [m for m in history if "loss" in m]
     assert all(f"teacher/{n}/sampled_rkl" in m and f"teacher/{n}/overlap_ratio" in m for m in steps for n in "ab")
     assert d.teacher.weights == {"a": 0.75, "b": 0.25}
+
+
+def test_shipped_example_config_loads_and_every_row_routes():
+    from pathlib import Path
+
+    from protege.data import load_prompt_sets
+    from protege.teacher.several import check_routing
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "examples" / "several_teachers.yaml",
+                      [f"data.path={root / 'examples' / 'several_teachers.jsonl'}"])
+    train, held = load_prompt_sets(cfg.data, seed=0)
+    check_routing(cfg, train, held)
+    assert [t.name for t in cfg.teachers] == ["math", "chat"] and len(train) == 17
