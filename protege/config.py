@@ -226,10 +226,11 @@ class Config(_Section):
     def _combinations(self):
         loss = self.loss
         check_teacher_set(self)
-        remote = any(t.urls for t in teacher_configs(self))
+        remote = [getattr(t, "name", "teacher") for t in teacher_configs(self) if t.urls]
         if loss.support == "full" and remote and loss.name not in ("sampled_pg", "sft"):
             raise ValueError("loss.support=full needs an in-process teacher (teacher.path); with teacher.urls use "
-                             "loss.support=teacher|student|union|sampled")
+                             "loss.support=teacher|student|union|sampled"
+                             + (f" (teachers behind urls: {remote})" if self.teachers else ""))
         if loss.name == "sampled_pg" and self.mix.lmbda < 1:
             raise ValueError("loss.name=sampled_pg needs student rollouts (importance ratio to the sampling policy):"
                              " set mix.lmbda=1")
