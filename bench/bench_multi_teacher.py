@@ -189,7 +189,7 @@ def prepare(args, work: Path) -> dict:
     torch.set_num_threads(1)
     saved = work / "prepared.json"
     key = {k: getattr(args, k) for k in ("teacher_steps", "teacher_layers", "teacher_hidden", "student_steps",
-                                         "train_problems", "heldout", "digits", "teacher_lr")}
+                                         "train_problems", "heldout", "digits", "teacher_lr", "student_lr")}
     if saved.exists() and json.loads(saved.read_text()).get("key") == key:
         print(f"reusing the teachers and the student start in {work} (same settings)", flush=True)
         return json.loads(saved.read_text())["info"]
@@ -202,20 +202,34 @@ def prepare(args, work: Path) -> dict:
     random.Random(0).shuffle(both)
     write_rows(work / "train.jsonl", both)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, __file__, "--teacher-op", op, *_shared_args(args)], env=env,
-                              stdout=open(work / f"teacher_{op}.log", "w"), stderr=subprocess.STDOUT) for op in OPS]
+    teacher_key = {k: key[k] for k in key if k != "student_steps" and k != "student_lr"}
+    procs = {op: subprocess.Popen([sys.executable, __file__, "--teacher-op", op, *_shared_args(args)], env=env,
+                                  stdout=open(work / f"teacher_{op}.log", "w"), stderr=subprocess.STDOUT)
+             for op in OPS if not _saved_teacher(work, op, teacher_key)}
     t, tok = time.perf_counter(), make_tokenizer()
     student = make_model(2, 64, seed=0)
-    sft(student, tok, work / "train.jsonl", work / "student_run", args.student_steps, 2e-3, "student SFT (both ops)")
+    sft(student, tok, work / "train.jsonl", work / "student_run", args.student_steps, args.student_lr,
+        "student SFT (both ops)")
     student.save_pretrained(work / "student_start")
     info = {"student_params": sum(p.numel() for p in student.parameters()),
             "start": per_op(student, tok, held), "student_seconds": time.perf_counter() - t}
-    for op, p in zip(OPS, procs):
-        if p.wait() != 0:
+    for op in OPS:
+        if op in procs and procs[op].wait() != 0:
             raise RuntimeError(f"the {op} teacher failed: {(work / f'teacher_{op}.log').read_text()[-3000:]}")
         info[f"teacher_{op}"] = json.loads((work / f"teacher_{op}.json").read_text())
+        info[f"teacher_{op}"]["key"] = teacher_key
+        (work / f"teacher_{op}.json").write_text(json.dumps(info[f"teacher_{op}"]))
     saved.write_text(json.dumps({"key": key, "info": info}))
     return info
+
+
+def _saved_teacher(work: Path, op: str, key: dict) -> bool:
+    """An expert trained earlier in `work` with the same settings (reused: the student start can change alone)."""
+    saved = work / f"teacher_{op}.json"
+    ok = saved.exists() and (work / f"teacher_{op}").exists() and json.loads(saved.read_text()).get("key") == key
+    if ok:
+        print(f"reusing the {op} teacher in {work} (same settings)", flush=True)
+    return ok
 
 
 def job(args) -> None:
@@ -303,7 +317,7 @@ def report(args, info: dict, results: list[dict], seconds: float) -> str:
         f"parameters each, {args.teacher_steps} steps of protege SFT (64 problems/step) from scratch "
         "on ONE operation each (lr {args.teacher_lr} cosine)",
         f"- student: Llama, 2 layers, hidden 64, {info['student_params'] / 1e6:.2f} M parameters, {args.student_steps} "
-        "steps of SFT on both operations (64 problems/step, lr 2e-3 cosine): the start of every method",
+        f"steps of SFT on both operations (64 problems/step, lr {args.student_lr} cosine): the start of every method",
         f"- every method: {args.steps} optimizer steps x {args.prompts_per_step} prompts (half addition, half "
         f"subtraction on average), on-policy (mix.lmbda=1) full-vocabulary reverse KL, AdamW lr {args.lr} constant, "
         f"grad clip 1, in-process teachers, sampling at temperature 1, fp32, 1 thread per run; seeds "
@@ -345,8 +359,9 @@ def main() -> None:
     ap.add_argument("--teacher-lr", type=float, default=3e-3)
     ap.add_argument("--teacher-layers", type=int, default=2)
     ap.add_argument("--teacher-hidden", type=int, default=64)
-    ap.add_argument("--student-steps", type=int, default=100)
-    ap.add_argument("--steps", type=int, default=40, help="optimizer steps of every method")
+    ap.add_argument("--student-steps", type=int, default=240)
+    ap.add_argument("--student-lr", type=float, default=3e-3)
+    ap.add_argument("--steps", type=int, default=60, help="optimizer steps of every method")
     ap.add_argument("--prompts-per-step", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seeds", type=int, default=3)

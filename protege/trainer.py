@@ -299,7 +299,8 @@ class Distiller:
         cfg, r = self.cfg, self.cfg.rollout
         examples = self.eval_set.examples[: cfg.data.eval_prompts] if self.eval_set else []
         return evaluate(self.student, self.teacher, [self.prompts.prompt_ids(e) for e in examples],
-                        teacher_local=self.objective.teacher_local, examples=examples, pad_id=self.tok.pad_token_id, eos_ids=self.eos_ids,
+                        teacher_local=self.objective.teacher_local, examples=examples,
+                        pad_id=self.tok.pad_token_id, eos_ids=self.eos_ids,
                         max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                         batch_tokens=r.batch_tokens, micro_batch_size=cfg.train.micro_batch_size, bf16=self.bf16)
 

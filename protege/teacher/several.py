@@ -93,8 +93,8 @@ def _identity(name: str, t) -> dict:
 
 
 def check_teacher_set(saved: dict | None, current: dict) -> None:
-    """Resuming needs the teachers the checkpoint was trained with: ResumeMismatch (a ValueError) naming each difference.
-    One teacher before and now: not checked (as before this existed); a checkpoint without a set was
+    """Resuming needs the teachers the checkpoint was trained with: ResumeMismatch (a ValueError) naming
+    each difference. One teacher before and now: not checked (as before this existed); a checkpoint without a set was
     written by a one-teacher run or an older protege."""
     if saved is None:
         saved = {"mode": "single", "teachers": [{"name": "teacher"}], "hash": None}
@@ -102,8 +102,9 @@ def check_teacher_set(saved: dict | None, current: dict) -> None:
         return
     if saved.get("hash") == current["hash"]:
         return
-    raise ResumeMismatch("resume: the checkpoint was trained with another teacher set: " + "; ".join(_diff(saved, current))
-                     + ". Resume with the teachers it was trained with, or start a new output.dir")
+    raise ResumeMismatch("resume: the checkpoint was trained with another teacher set: "
+                         + "; ".join(_diff(saved, current))
+                         + ". Resume with the teachers it was trained with, or start a new output.dir")
 
 
 def _diff(saved: dict, current: dict) -> list[str]:
