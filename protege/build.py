@@ -12,7 +12,7 @@ import os
 import torch
 from accelerate import Accelerator
 
-from protege.config import Config
+from protege.config import Config, teacher_configs
 from protege.forward import check_supported, output_weight
 from protege.objective import Objective
 from protege.teacher.base import Teacher
@@ -35,7 +35,7 @@ def max_steps(cfg: Config, num_prompts: int) -> int:
 
 def build_objective(cfg: Config) -> Objective:
     """The loss (protege.objective), told where the teacher runs and what the diagnostics read."""
-    return Objective.build(cfg.loss, teacher_local=not cfg.teacher.urls,
+    return Objective.build(cfg.loss, teacher_local=not any(t.urls for t in teacher_configs(cfg)),
                            diagnostics_top_k=cfg.output.diagnostics_top_k, sampling_temperature=cfg.rollout.temperature)
 
 
@@ -64,9 +64,16 @@ def build_teacher(cfg: Config, teacher_model, *, pad_id: int, device, objective:
     privileged data key, or a privileged column among `data_columns`, the training rows' columns).
 
     student: the (unwrapped, LoRA-applied) student model, needed by teacher.self. tokenizer: the student's,
-    which renders the privileged view unless the teacher is loaded from teacher.path (its own tokenizer)."""
+    which renders the privileged view unless the teacher is loaded from teacher.path (its own tokenizer).
+    For `teachers:` a RoutedTeacher over one of these per name (protege.teacher.several)."""
     from protege.teacher.privileged import PrivilegedTeacher, uses_privileged
 
+    if cfg.teachers:  # several named teachers: a RoutedTeacher over one built here per name (model None)
+        from protege.teacher.several import build_routed_teacher
+
+        return build_routed_teacher(cfg, teacher_model, lambda one, model, dev: build_teacher(
+            one, model, pad_id=pad_id, device=dev, objective=objective, student=student, tokenizer=tokenizer,
+            data_columns=data_columns), device), None
     teacher, model = _teacher_source(cfg, teacher_model, pad_id=pad_id, device=device, objective=objective,
                                      student=student)
     if not uses_privileged(cfg, data_columns):

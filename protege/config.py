@@ -68,6 +68,24 @@ class TeacherConfig(_Section):
         return self
 
 
+class NamedTeacherConfig(TeacherConfig):
+    """One of several teachers (`teachers:`): every teacher setting, plus a name, a weight and offloading."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="The teacher's name: the value of "
+                      "data.teacher_column that routes a row to it, and its metrics' prefix teacher/<name>/.")
+    weight: float = Field(1.0, gt=0, description="teachers_mode=mixture: this teacher's share of the combined "
+                          "target (weights are normalised to sum to 1). Routed mode: must stay 1.")
+    offload: bool = Field(False, description="In-process teacher: keep its weights on the CPU and move them to "
+                          "the device only for its scoring pass (teachers that do not fit together).")
+
+    @model_validator(mode="after")
+    def _offload_local(self):
+        if self.offload and self.urls:
+            raise ValueError(f"teachers[{self.name}].offload=true needs an in-process teacher (path); a teacher "
+                             "behind urls already lives on its server: remove offload")
+        return self
+
+
 class DataConfig(_Section):
     path: str = Field("builtin:everyday", description="Training prompts: local .jsonl/.json/.parquet/.csv, a hub "
                       "dataset id, or builtin:everyday (the embedded prompt set).")
@@ -105,6 +123,10 @@ class DataConfig(_Section):
             raise ValueError(f"data.privileged_template={self.privileged_template!r} lacks {{privileged_context}}: "
                              "the teacher would never see the context")
         return self
+    teacher_column: str = Field("teacher", description="teachers (routed): the column whose value names the "
+                                "teacher of each row.")
+    default_teacher: str | None = Field(None, description="teachers (routed): the teacher of rows without a "
+                                        "teacher_column value (None: such a row is an error).")
 
 
 class MixConfig(_Section):
@@ -222,7 +244,14 @@ class OutputConfig(_Section):
 
 class Config(_Section):
     student: StudentConfig
-    teacher: TeacherConfig
+    teacher: TeacherConfig | None = Field(None, description="The teacher (one); for several, use teachers.")
+    teachers: list[NamedTeacherConfig] = Field(default_factory=list, description="Several named teachers, each "
+                                               "with every teacher setting plus name, weight and offload "
+                                               "(docs/teachers.md, Several teachers); instead of teacher.")
+    teachers_mode: Literal["routed", "mixture"] = Field("routed", description="teachers: routed = each row is "
+                                                        "scored by the teacher its data.teacher_column names; "
+                                                        "mixture = every row by every teacher, combined with "
+                                                        "the normalised weights.")
     data: DataConfig = Field(default_factory=DataConfig)
     mix: MixConfig = Field(default_factory=MixConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
@@ -235,25 +264,65 @@ class Config(_Section):
     @model_validator(mode="after")
     def _combinations(self):
         loss = self.loss
-        if loss.support == "full" and self.teacher.urls and loss.name not in ("sampled_pg", "sft"):
+        check_teacher_set(self)
+        remote = [getattr(t, "name", "teacher") for t in teacher_configs(self) if t.urls]
+        if loss.support == "full" and remote and loss.name not in ("sampled_pg", "sft"):
             raise ValueError("loss.support=full needs an in-process teacher (teacher.path); with teacher.urls use "
-                             "loss.support=teacher|student|union|sampled")
+                             "loss.support=teacher|student|union|sampled"
+                             + (f" (teachers behind urls: {remote})" if self.teachers else ""))
         if loss.name == "sampled_pg" and self.mix.lmbda < 1:
             raise ValueError("loss.name=sampled_pg needs student rollouts (importance ratio to the sampling policy):"
                              " set mix.lmbda=1")
         if self.train.micro_batch_size > self.train.prompts_per_step * self.rollout.num_generations:
             raise ValueError("train.micro_batch_size is larger than the buffer (train.prompts_per_step x "
                              "rollout.num_generations)")
-        if self.teacher.self is not None and self.mix.seq_kd:
-            raise ValueError(f"mix.seq_kd samples from an in-process teacher model; teacher.self={self.teacher.self} "
+        selfs = [t.self for t in teacher_configs(self) if t.self is not None]
+        if selfs and self.mix.seq_kd:
+            raise ValueError(f"mix.seq_kd samples from an in-process teacher model; teacher.self={selfs[0]} "
                              "has none of its own: set mix.seq_kd=false")
         if loss.token_clip is not None and loss.name == "sampled_pg":
             raise ValueError("loss.token_clip clamps a divergence at [0, clip]; sampled_pg's per-token surrogate "
                              "-rho*A is signed by design: use loss.ratio_clip instead, or unset loss.token_clip")
-        if self.teacher.protocol == "openai" and loss.support in ("student", "union"):
+        if any(t.protocol == "openai" for t in teacher_configs(self)) and loss.support in ("student", "union"):
             raise ValueError("teacher.protocol=openai cannot return logprobs at the student's ids: use "
                              "loss.support=teacher|sampled, or protege serve-teacher")
         return self
+
+
+def teacher_configs(cfg: Config) -> list[TeacherConfig]:
+    """The run's teacher settings: the named teachers, or the one teacher."""
+    return list(cfg.teachers) if cfg.teachers else [cfg.teacher]
+
+
+def check_teacher_set(cfg: Config) -> None:
+    """One teacher or several named ones, never both; names unique; settings that fit the mode (docs/teachers.md)."""
+    if cfg.teacher is None and not cfg.teachers:
+        raise ValueError("teacher: required, not set (set teacher.path or teacher.urls, or teachers: a list of "
+                         "named teachers)")
+    if cfg.teacher is not None and cfg.teachers:
+        raise ValueError("set either teacher (one teacher) or teachers (several named teachers), not both: move "
+                         "teacher.path/urls into an entry of teachers")
+    if not cfg.teachers:
+        return
+    names = [t.name for t in cfg.teachers]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"teachers: the names {twice} are used more than once; give each teacher its own name")
+    if cfg.data.default_teacher is not None and cfg.data.default_teacher not in names:
+        raise ValueError(f"data.default_teacher={cfg.data.default_teacher!r} names no teacher; known: {names}")
+    if cfg.teachers_mode == "routed":
+        weighted = [t.name for t in cfg.teachers if t.weight != 1.0]
+        if weighted:
+            raise ValueError(f"teachers {weighted}: weight is used by teachers_mode=mixture only (in routed mode "
+                             "each row has one teacher); remove it or set teachers_mode=mixture")
+    elif cfg.loss.support in ("teacher", "union") and any(t.urls for t in cfg.teachers) \
+            and cfg.loss.name not in ("sampled_pg", "sft"):
+        raise ValueError(f"teachers_mode=mixture with a teacher behind urls cannot combine top-k lists "
+                         f"(loss.support={cfg.loss.support}: each teacher's top-k ids differ): use "
+                         "loss.support=student|sampled or loss.name=sampled_pg, or in-process teachers")
+    if cfg.mix.seq_kd:
+        raise ValueError("mix.seq_kd (teacher samples) with several teachers is not supported: use dataset "
+                         "references (mix.seq_kd=false) or one teacher")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
@@ -369,11 +438,21 @@ def check_vocab_bounds(cfg: Config, vocab_size: int, source: str) -> None:
 def _section_of(loc) -> type[BaseModel] | None:
     model: type[BaseModel] = Config
     for part in loc:
+        if isinstance(part, int):  # an entry of a list of sections (teachers.0)
+            continue
         field = model.model_fields.get(str(part))
-        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+        model = _section_type(field.annotation) if field is not None else None
+        if model is None:
             return None
-        model = field.annotation
     return model
+
+
+def _section_type(annotation) -> type[BaseModel] | None:
+    """The section class of a field typed as a section, an optional section or a list of sections, else None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    inner = [_section_type(a) for a in getattr(annotation, "__args__", ())]
+    return next((a for a in inner if a is not None), None)
 
 
 def describe_config() -> str:
@@ -382,9 +461,9 @@ def describe_config() -> str:
 
     def walk(model: type[BaseModel], prefix: str):
         for name, f in model.model_fields.items():
-            ann = f.annotation
-            if isinstance(ann, type) and issubclass(ann, BaseModel):
-                walk(ann, f"{prefix}{name}.")
+            section = _section_type(f.annotation)
+            if section is not None:
+                walk(section, f"{prefix}{name}{'[].' if 'list' in str(f.annotation) else '.'}")
                 continue
             default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))
             lines.append(f"  {prefix}{name} = {default}\n      {f.description or ''}")

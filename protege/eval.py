@@ -41,7 +41,8 @@ def evaluate(student, teacher, prompts: list[torch.Tensor], *, teacher_local: bo
     """Held-out metrics of `student` against `teacher` (a protege Teacher: local or remote) on `prompts`
     (token ids). Sampling: the rollout settings given; teacher_local: the teacher sends hidden states, so
     rkl is exact (computed `micro_batch_size` rows at a time). examples: the data row of each prompt, for
-    a teacher with its own view of a row (privileged context). A flat dict of floats; {} without prompts."""
+    a teacher with its own view of a row (privileged context, routing by a column). A flat dict of floats;
+    {} without prompts."""
     if not prompts:
         return {}
     with torch.random.fork_rng(devices=[]):

@@ -43,6 +43,7 @@ from protege.losses import reduce_tokens
 from protege.rollout.base import RolloutEngine, Sampling
 from protege.records import Rollouts, TeacherSignal
 from protege.teacher.base import Teacher, optional
+from protege.teacher.several import check_routing, check_teacher_set, per_teacher_metrics, teacher_set
 
 log = logging.getLogger("protege")
 
@@ -86,6 +87,7 @@ class Distiller:
             raise ValueError("mix.lmbda < 1 without mix.seq_kd uses the dataset's reference completions, but no row "
                              f"has one (columns {cfg.data.completion_column!r} or a final assistant turn in "
                              f"{cfg.data.messages_column!r}). Set mix.seq_kd=true or mix.lmbda=1.")
+        check_routing(cfg, self.train_set, self.eval_set)  # routed teachers: every row names one
         self.stream = PromptStream(len(self.train_set), cfg.train.seed)
         self.max_steps = build.max_steps(cfg, len(self.train_set))  # the config is never rewritten
         self.objective = build.build_objective(cfg)
@@ -195,6 +197,7 @@ class Distiller:
         order = sorted(range(len(buffer)), key=lambda i: len(buffer.prompt_ids[i]) + int(buffer.completion_mask[i].sum()))
         mbs = [order[s: s + cfg.train.micro_batch_size] for s in range(0, len(order), cfg.train.micro_batch_size)]
         loss_sum = 0.0
+        row_loss = torch.zeros(len(buffer))  # (N,) each row's summed per-token loss (per-teacher metrics)
         self.model.train()
         for i, rows in enumerate(mbs):
             mb = buffer.select(rows)
@@ -208,6 +211,7 @@ class Distiller:
                 loss = reduce_tokens(per_token, mb.completion_mask.to(acc.device), num_tokens)
                 acc.backward(loss * acc.num_processes)  # DDP averages over ranks; we want the sum
             loss_sum += float(loss.detach())
+            row_loss[rows] = per_token.detach().float().sum(1).cpu()
         grad_norm = None
         if cfg.optim.max_grad_norm is not None:
             grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), cfg.optim.max_grad_norm))
@@ -219,9 +223,10 @@ class Distiller:
         if self.engine is not None:  # the next buffer samples the new weights (a no-op for the HF engine)
             self.engine.sync_weights(self.student)
         loss_total = float(acc.reduce(torch.tensor(loss_sum, device=acc.device), reduction="sum"))
-        return {"loss": loss_total, "grad_norm": grad_norm, "lr": lr, "num_tokens": num_tokens}
+        return {"loss": loss_total, "grad_norm": grad_norm, "lr": lr, "num_tokens": num_tokens, "row_loss": row_loss}
 
-    def _step_metrics(self, buffer, signal, *, loss, grad_norm, lr, num_tokens, t_gen, t_teacher, t_train) -> dict:
+    def _step_metrics(self, buffer, signal, *, loss, grad_norm, lr, num_tokens, t_gen, t_teacher, t_train,
+                      row_loss=None) -> dict:
         mask = buffer.completion_mask
         lengths = mask.sum(1).float()
         student_rows = torch.tensor([s == "student" for s in buffer.sources])
@@ -239,6 +244,7 @@ class Distiller:
         m["teacher_nll"] = float(-signal.token_logprobs[mask].mean())
         m.update(self._health(buffer, signal, student_rows))
         m.update(optional(self.teacher, "step_metrics", default={}))  # e.g. privileged_leak
+        m.update(per_teacher_metrics(buffer, signal, row_loss, self.cfg.output.diagnostics_top_k))  # several teachers
         return m
 
     def _health(self, buffer: Rollouts, signal: TeacherSignal, student_rows: torch.Tensor) -> dict:
@@ -303,8 +309,9 @@ class Distiller:
 
         cfg, r = self.cfg, self.cfg.rollout
         examples = self.eval_set.examples[: cfg.data.eval_prompts] if self.eval_set else []
-        return evaluate(self.student, self.teacher, [self.prompts.prompt_ids(e) for e in examples], examples=examples,
-                        teacher_local=not cfg.teacher.urls, pad_id=self.tok.pad_token_id, eos_ids=self.eos_ids,
+        return evaluate(self.student, self.teacher, [self.prompts.prompt_ids(e) for e in examples],
+                        teacher_local=self.objective.teacher_local, examples=examples,
+                        pad_id=self.tok.pad_token_id, eos_ids=self.eos_ids,
                         max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                         batch_tokens=r.batch_tokens, micro_batch_size=cfg.train.micro_batch_size, bf16=self.bf16)
 
@@ -338,7 +345,7 @@ class Distiller:
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "stream": self.stream.state_dict(), "step": self.state.step,
                  "prompts_truncated": self.prompts.truncated, "monitor": self.monitor.state_dict(),
-                 "teacher": optional(self.teacher, "state_dict", default={})}
+                 "teacher": optional(self.teacher, "state_dict", default={}), "teachers": teacher_set(self.cfg)}
         return checkpoint.save(self.acc, self.out / "checkpoints" / f"step-{self.state.step:07d}",
                                student=self.acc.unwrap_model(self.model).model, state=state,
                                keep_last=self.cfg.output.keep_last)
@@ -358,6 +365,7 @@ class Distiller:
         return True
 
     def _apply_state(self, state: dict) -> None:
+        check_teacher_set(state.get("teachers"), teacher_set(self.cfg))  # ResumeMismatch: trained with others
         self.stream.load_state_dict(state["stream"])  # a changed dataset: ValueError, no older checkpoint helps
         try:
             self.optimizer.load_state_dict(state["optimizer"])

@@ -52,7 +52,9 @@ DATA_KEYS = ("privileged_context_column", "teacher_prompt_column", "privileged_t
 
 def asked_explicitly(cfg: Config) -> bool:
     """The config names a privileged setting itself (not by default)."""
-    return bool(cfg.teacher.system_prompt) or bool(set(DATA_KEYS) & cfg.data.model_fields_set)
+    from protege.config import teacher_configs
+
+    return any(t.system_prompt for t in teacher_configs(cfg)) or bool(set(DATA_KEYS) & cfg.data.model_fields_set)
 
 
 def uses_privileged(cfg: Config, columns: set[str] | frozenset[str] | None = None) -> bool:
