@@ -51,6 +51,13 @@ class TeacherConfig(_Section):
                                    "config.json 'vocab_size'), for an OpenAI-compatible server that does not report "
                                    "it (stock vllm serve). None: the server's own figure, else the config.json of "
                                    "the model it serves when readable here.")
+    tokenizer: str | None = Field(None, description="The teacher's tokenizer and chat template (HF folder, hub id, "
+                                  ".gguf or smollm2) when it is not the student's. None: teacher.path's (in-process) "
+                                  "or the student's (server).")
+    cross_tokenizer: Literal["auto", "on", "off"] = Field(
+        "auto", description="Distil across tokenizers (re-tokenize the student's text for the teacher, align by "
+        "bytes; docs/cross_tokenizer.md): auto = when the teacher's tokenizer differs from the student's, on = "
+        "always, off = never (a different vocabulary is then an error).")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -105,6 +112,11 @@ class LossConfig(_Section):
     chunk_size: int = Field(1024, ge=16, description="Positions per chunk of the vocabulary projection (in the "
                             "loss and in in-process teacher scoring): smaller = less memory (a chunk's logits are "
                             "chunk_size x vocab floats), more, smaller matmuls.")
+    cross_tokenizer: Literal["span", "shared_topk", "uld", "hybrid"] = Field(
+        "span", description="Loss with a teacher of another tokenizer (teacher.cross_tokenizer): span = span-level "
+        "sampled estimator (student rollouts, any server with token logprobs); shared_topk = loss.name over the "
+        "teacher's top_k mapped to same-bytes student tokens + tail on 1:1 spans (span estimator elsewhere); uld = "
+        "GOLD's sorted-probability L1; hybrid = GOLD's hybrid. loss.name=sft ignores it.")
     fused: bool = Field(True, description="Compute the vocabulary projection's gradients chunk by chunk in the "
                         "forward pass (the student's lm_head runs 3 times per token instead of 4, the teacher's "
                         "once instead of twice, the softmaxes once); false = recompute them in the backward "
@@ -196,7 +208,9 @@ class Config(_Section):
     @model_validator(mode="after")
     def _combinations(self):
         loss = self.loss
-        if loss.support == "full" and self.teacher.urls and loss.name not in ("sampled_pg", "sft"):
+        cross = self.teacher.cross_tokenizer == "on" or (self.teacher.cross_tokenizer == "auto"
+                                                         and self.teacher.tokenizer is not None)
+        if loss.support == "full" and self.teacher.urls and loss.name not in ("sampled_pg", "sft") and not cross:
             raise ValueError("loss.support=full needs an in-process teacher (teacher.path); with teacher.urls use "
                              "loss.support=teacher|student|union|sampled")
         if loss.name == "sampled_pg" and self.mix.lmbda < 1:

@@ -76,6 +76,7 @@ class VocabBytes:
     special: np.ndarray
     special_class: dict
     content: dict
+    fallback: np.ndarray  # (V,) bool: a SentencePiece <0xNN> byte-fallback piece
 
     @property
     def size(self) -> int:
@@ -92,7 +93,7 @@ class VocabBytes:
         added = {i: t for i, t in backend.get_added_tokens_decoder().items()}
         special_ids = ({i for i, t in added.items() if t.special} | set(tokenizer.all_special_ids)) - {
             tokenizer.unk_token_id}  # UNK stands for text: its bytes come from the tokenizer's offsets
-        pieces, special = [], np.zeros(n, dtype=bool)
+        pieces, special, fallback = [], np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
         cls_of, content = {}, {}
         bos, eos = tokenizer.bos_token_id, set(eos_ids)
         for i in range(n):
@@ -108,10 +109,11 @@ class VocabBytes:
                 cls_of[i] = "eos" if i in eos else "bos" if i == bos else text
                 continue
             pieces.append(piece_bytes(piece, kind, prefix, i in added))
+            fallback[i] = kind == SENTENCEPIECE and _HEX_BYTE.fullmatch(piece) is not None
         lengths = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=n)
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
         flat = np.frombuffer(b"".join(pieces), dtype=np.uint8)
-        return cls(kind, flat, starts, lengths, special, cls_of, content)
+        return cls(kind, flat, starts, lengths, special, cls_of, content, fallback)
 
     def token_lengths(self, ids: np.ndarray) -> np.ndarray:
         """(n,) int64 byte length of each id (0 for specials)."""
