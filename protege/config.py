@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class _Section(BaseModel):
@@ -58,6 +58,11 @@ class TeacherConfig(_Section):
         "auto", description="Distil across tokenizers (re-tokenize the student's text for the teacher, align by "
         "bytes; docs/cross_tokenizer.md): auto = when the teacher's tokenizer differs from the student's, on = "
         "always, off = never (a different vocabulary is then an error).")
+
+    @field_validator("cross_tokenizer", mode="before")
+    @classmethod
+    def _on_off(cls, value):  # YAML reads a bare on/off as true/false
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _one_source(self):
