@@ -94,19 +94,29 @@ def prepare(args, work: Path) -> dict:
         return json.loads((work / "prepared.json").read_text())
     held = bq.problems(args.heldout, seed=12345)
     train = bq.problems(args.train_problems, seed=1, exclude=set(held))
-    bq.write_rows(work / "train.jsonl", train)
-    (work / "heldout.json").write_text(json.dumps(held))
     char = bq.make_tokenizer()
-    bpe = bpe_tokenizer([bq.worked(a, b) + f"{a}+{b}=" for a, b in train[:3000]])
-    bpe.save_pretrained(work / "bpe_tok")
+    if not (work / "teacher.json").exists():
+        bq.write_rows(work / "train.jsonl", train)
+        (work / "heldout.json").write_text(json.dumps(held))
+        bpe_tokenizer([bq.worked(a, b) + f"{a}+{b}=" for a, b in train[:3000]]).save_pretrained(work / "bpe_tok")
+    from transformers import AutoTokenizer
+
+    bpe = AutoTokenizer.from_pretrained(work / "bpe_tok")
     info, t0 = {}, time.perf_counter()
-    teacher = model(len(char), 4, 128, 0)
-    sft = ["loss.name=sft", "mix.lmbda=0", "train.prompts_per_step=64", "train.micro_batch_size=64", "optim.lr=2e-3",
-           "optim.warmup_steps=20", "train.seed=0"]
-    bq.run_steps(distiller(teacher, model(len(char), 1, 16, 9), char, None, work / "train.jsonl", work / "t_run",
-                           sft + [f"train.max_steps={args.teacher_steps}", "optim.schedule=cosine"]), "teacher SFT")
-    teacher.save_pretrained(work / "teacher")
-    info["teacher"] = {"exact_match": exact_match(teacher, char, held), "seconds": time.perf_counter() - t0}
+    sft = ["loss.name=sft", "mix.lmbda=0", f"train.prompts_per_step={args.sft_batch}",
+           f"train.micro_batch_size={args.sft_batch}", "optim.lr=3e-3", "optim.warmup_steps=20", "train.seed=0"]
+    if (work / "teacher.json").exists():  # a killed earlier run's teacher
+        teacher = LlamaForCausalLM.from_pretrained(work / "teacher")
+        info["teacher"] = json.loads((work / "teacher.json").read_text())
+    else:
+        teacher = model(len(char), 4, 128, 0)
+        bq.run_steps(distiller(teacher, model(len(char), 1, 16, 9), char, None, work / "train.jsonl", work / "t_run",
+                               sft + [f"train.max_steps={args.teacher_steps}", "optim.schedule=cosine"]),
+                     "teacher SFT")
+        teacher.save_pretrained(work / "teacher")
+        info["teacher"] = {"exact_match": exact_match(teacher, char, held), "seconds": time.perf_counter() - t0}
+        (work / "teacher.json").write_text(json.dumps(info["teacher"]))
+    print(f"teacher: {info['teacher']}", flush=True)
     for name, tok in (("bpe", bpe), ("char", char)):
         student = model(len(tok), 2, 64, 0)
         teacher_view = teacher if name == "char" else model(len(tok), 1, 16, 9)  # SFT reads no teacher
@@ -181,10 +191,10 @@ def report(args, info, results, seconds) -> str:
              f"(total {seconds / 60:.1f} min)",
              f"- task: bench_quality.py's (a+b, worked answer); {args.train_problems} training problems, "
              f"{args.heldout} held-out; exact match of greedy answers",
-             f"- teacher: char-level Llama 4x128, {args.teacher_steps} SFT steps: exact match "
+             f"- teacher: char-level Llama 4x128, {args.teacher_steps} SFT steps x {args.sft_batch} problems: exact match "
              f"{info['teacher']['exact_match']:.3f}",
              f"- students: Llama 2x64 ({info['student_params'] / 1e6:.2f} M parameters with the BPE vocabulary), "
-             f"{args.student_steps} SFT steps from scratch: BPE start {info['start_bpe']:.3f}, char start "
+             f"{args.student_steps} SFT steps x {args.sft_batch} problems from scratch: BPE start {info['start_bpe']:.3f}, char start "
              f"{info['start_char']:.3f}",
              f"- every method: {args.steps} steps x {args.prompts_per_step} prompts, lr {args.lr}, in-process teacher, "
              f"seeds 0..{args.seeds - 1}",
@@ -217,6 +227,7 @@ def report(args, info, results, seconds) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher-steps", type=int, default=300)
+    ap.add_argument("--sft-batch", type=int, default=32, help="problems per step of the teacher's and starts' SFT")
     ap.add_argument("--student-steps", type=int, default=60)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--prompts-per-step", type=int, default=16)
@@ -238,14 +249,15 @@ def main() -> None:
     t0 = time.perf_counter()
     info = prepare(args, work)
     print(f"prepared: {info}", flush=True)
-    results = run_jobs(args, work)
-    text = report(args, info, results, time.perf_counter() - t0)
-    Path(args.out).write_text(text)
-    (work / "results.json").write_text(json.dumps({"info": info, "results": results}, indent=1))
-    print(text)
+    def write(results: list[dict]) -> str:  # after every finished run: a killed benchmark leaves its rows
+        text = report(args, info, results, time.perf_counter() - t0)
+        Path(args.out).write_text(text)
+        (work / "results.json").write_text(json.dumps({"info": info, "results": results}, indent=1))
+        return text
+    print(write(run_jobs(args, work, write)))
 
 
-def run_jobs(args, work: Path) -> list[dict]:
+def run_jobs(args, work: Path, write) -> list[dict]:
     import subprocess
 
     jobs = [(m, s) for s in range(args.seeds) for m in METHODS]
@@ -272,6 +284,7 @@ def run_jobs(args, work: Path) -> list[dict]:
                 continue
             results.append(json.loads(lines[-1][7:]))
             print(f"  {results[-1]['method']} seed {results[-1]['seed']}: {results[-1]['exact_match']:.3f}", flush=True)
+            write(results)
     return results
 
 

@@ -36,10 +36,12 @@ from protege.teacher.local import score_rows
 @torch.no_grad()
 def evaluate(student, teacher, prompts: list[torch.Tensor], *, teacher_local: bool, pad_id: int,
              eos_ids: list[int], max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-             batch_tokens: int = 16384, micro_batch_size: int = 8, bf16: bool = False, seed: int = 1234) -> dict:
+             batch_tokens: int = 16384, micro_batch_size: int = 8, bf16: bool = False, seed: int = 1234,
+             examples: list | None = None) -> dict:
     """Held-out metrics of `student` against `teacher` (a protege Teacher: local or remote) on `prompts`
     (token ids). Sampling: the rollout settings given; teacher_local: the teacher sends hidden states, so
-    rkl is exact (computed `micro_batch_size` rows at a time). A flat dict of floats; {} without prompts."""
+    rkl is exact (computed `micro_batch_size` rows at a time). examples: the data rows of the prompts, for a
+    teacher that renders its own view (Rollouts.examples). A flat dict of floats; {} without prompts."""
     if not prompts:
         return {}
     with torch.random.fork_rng(devices=[]):
@@ -47,6 +49,7 @@ def evaluate(student, teacher, prompts: list[torch.Tensor], *, teacher_local: bo
         rollouts = hf_rollout.generate(student, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                                        top_p=top_p, top_k=top_k, eos_ids=eos_ids, pad_id=pad_id,
                                        batch_tokens=batch_tokens, autocast_bf16=bf16)
+    rollouts.examples = examples
     signal = teacher.score(rollouts, ScoreRequest(hidden=teacher_local, temperature=1.0))
     mask = rollouts.completion_mask
     out = {"teacher_nll": float(-signal.token_logprobs[mask].mean())}

@@ -303,9 +303,9 @@ class Distiller:
         examples = self.eval_set.examples[: cfg.data.eval_prompts] if self.eval_set else []
         return evaluate(self.student, self.teacher, [self.prompts.prompt_ids(e) for e in examples],
                         teacher_local=not cfg.teacher.urls and not self.cross, pad_id=self.tok.pad_token_id,
-                        eos_ids=self.eos_ids,
-                        max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                        batch_tokens=r.batch_tokens, micro_batch_size=cfg.train.micro_batch_size, bf16=self.bf16)
+                        eos_ids=self.eos_ids, examples=examples, max_new_tokens=r.max_new_tokens,
+                        temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, batch_tokens=r.batch_tokens,
+                        micro_batch_size=cfg.train.micro_batch_size, bf16=self.bf16)
 
     def _log_eval(self, result: dict, path: Path) -> None:
         if not result:
