@@ -43,9 +43,9 @@ def build_objective(cfg: Config, cross_tokenizer: bool = False) -> Objective:
 def cross_tokenizer_mode(cfg: Config, student_tokenizer, teacher_tokenizer=None) -> tuple[object, bool]:
     """(the teacher's tokenizer or None, whether to distil across tokenizers), before any weights load.
 
-    teacher.cross_tokenizer=off: never; on: always (the teacher's tokenizer must load); auto: when the
-    teacher's tokenizer (teacher_tokenizer, else teacher.tokenizer, else teacher.path's when it is not the
-    student's path) has another vocabulary or other special tokens than the student's."""
+    teacher.cross_tokenizer=off: never; on: always; auto: when the teacher's tokenizer (teacher_tokenizer, else
+    teacher.tokenizer, else teacher.path's when it is not the student's path, else the student's) has another
+    vocabulary or other special tokens than the student's."""
     from protege.modeling import load_tokenizer
 
     t = cfg.teacher
@@ -60,9 +60,9 @@ def cross_tokenizer_mode(cfg: Config, student_tokenizer, teacher_tokenizer=None)
                 raise ValueError(f"teacher.tokenizer: could not load the teacher's tokenizer {source!r} ({e}); set "
                                  "teacher.tokenizer to an HF folder, hub id, .gguf file or smollm2") from None
     if teacher_tokenizer is None:
-        if t.cross_tokenizer == "on":
-            raise ValueError("teacher.cross_tokenizer=on needs the teacher's tokenizer: set teacher.tokenizer")
-        return None, False
+        if t.cross_tokenizer != "on":
+            return None, False
+        teacher_tokenizer = student_tokenizer  # on, and no tokenizer of its own named: the student's
     cross = t.cross_tokenizer == "on" or not same_tokenizer(student_tokenizer, teacher_tokenizer)
     if cross:
         check_cross_tokenizer(cfg)

@@ -164,6 +164,8 @@ def test_mode_detection_and_start_up_errors(other_pair):
     cfg = load_config(None, ["student.path=s", "teacher.path=t"])
     assert build.cross_tokenizer_mode(cfg, tok, t_tok)[1] is True
     assert build.cross_tokenizer_mode(cfg, tok, make_tokenizer())[1] is False
+    on = load_config(None, ["student.path=s", "teacher.path=s", "teacher.cross_tokenizer=on"])
+    assert build.cross_tokenizer_mode(on, tok) == (tok, True)  # forced, no tokenizer of its own: the student's
     off = load_config(None, ["student.path=s", "teacher.path=t", "teacher.cross_tokenizer=off"])
     assert build.cross_tokenizer_mode(off, tok, t_tok) == (None, False)
     with pytest.raises(ValueError, match="mix.seq_kd"):
