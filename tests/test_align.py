@@ -132,6 +132,13 @@ def test_specials_are_paired_explicitly(toks):
     assert 0 in spans[0][1]  # the teacher's BOS is in the first span
     assert spans[-1] == ([len(s_ids)], [len(t_ids) + 1])  # EOS <-> EOS, a span of its own
     assert al.one_to_one[-1]
+    text_only = align(s_ids, t_ids, s_voc, t_voc, student_lengths=s_len, teacher_lengths=t_len).num_spans
+    both = np.r_[t_len, 0, t_len]
+    al = align(np.r_[s_ids, s_eos, s_ids], np.r_[t_ids, t_eos, t_ids], s_voc, t_voc,
+               student_lengths=np.r_[s_len, 0, s_len], teacher_lengths=both)
+    assert al.num_spans == 2 * text_only + 1  # an EOS mid-text: the text after it aligns as before
+    eos_span = spans_of(al)[text_only]  # the teacher's zero-byte prefix '▁' after it may join it
+    assert eos_span[0] == [len(s_ids)] and eos_span[1][0] == len(t_ids) and both[eos_span[1][1:]].sum() == 0
     t2, t2_len = encode(t_tok, t_voc, text + "<|im_end|>")  # the teacher has no such token: it spells it
     al = align(np.r_[s_ids, s_eos], t2, s_voc, t_voc, student_lengths=np.r_[s_len, 0], teacher_lengths=t2_len)
     last = spans_of(al)[-1]

@@ -6,7 +6,7 @@ tokens on each side that covers the same bytes, i.e. spans close exactly at the 
 both tokenizations have a boundary:
 
     boundaries B = {cumsum(student byte lengths)} ∩ {cumsum(teacher byte lengths)}
-    span of a token = searchsorted(B, its end offset)        (np.intersect1d + np.searchsorted)
+    span of a token = searchsorted(B, its end offset)        (sorted intersection + np.searchsorted)
 
 Byte lengths come from each token's own bytes (a per-vocabulary table built once, `VocabBytes`), not
 from character offsets of a normalised string:
@@ -297,11 +297,20 @@ def align(student_ids, teacher_ids, student_vocab: VocabBytes, teacher_vocab: Vo
     scale = len(pairs) + 1
     s_key = boundary_keys(s_len, s_sp, s_paired, scale)
     t_key = boundary_keys(t_len, t_sp, t_paired, scale)
-    common = np.intersect1d(s_key, t_key)
+    common = sorted_intersection(s_key, t_key)
     s_span = np.searchsorted(common, s_key, side="left")
     t_span = np.searchsorted(common, t_key, side="left")
     num = len(common) + int(bool((s_span == len(common)).any() or (t_span == len(common)).any()))
     return Alignment(s_span, t_span, num, np.bincount(s_span, minlength=num), np.bincount(t_span, minlength=num))
+
+
+def sorted_intersection(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """np.intersect1d for two non-decreasing int arrays, by binary search instead of hashing."""
+    if len(a) == 0 or len(b) == 0:
+        return np.zeros(0, dtype=np.int64)
+    pos = np.minimum(np.searchsorted(b, a), len(b) - 1)
+    hit = a[b[pos] == a]
+    return hit[np.r_[True, hit[1:] != hit[:-1]]] if len(hit) else hit
 
 
 def _spell_unpaired(lengths: np.ndarray, ids: np.ndarray, specials: np.ndarray, paired: np.ndarray,
