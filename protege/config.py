@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class _Section(BaseModel):
@@ -59,6 +59,18 @@ class TeacherConfig(_Section):
                             "theta_T <- (1 - rate) * theta_T + rate * theta_S (TRL SDFT's 0.05; 1 = live weights).")
     system_prompt: str | None = Field(None, description="A system message only the teacher sees (joined before the "
                                       "row's own system message, if any): context distillation.")
+    tokenizer: str | None = Field(None, description="The teacher's tokenizer and chat template (HF folder, hub id, "
+                                  ".gguf or smollm2) when it is not the student's. None: teacher.path's (in-process) "
+                                  "or the student's (server).")
+    cross_tokenizer: Literal["auto", "on", "off"] = Field(
+        "auto", description="Distil across tokenizers (re-tokenize the student's text for the teacher, align by "
+        "bytes; docs/cross_tokenizer.md): auto = when the teacher's tokenizer differs from the student's, on = "
+        "always, off = never (a different vocabulary is then an error).")
+
+    @field_validator("cross_tokenizer", mode="before")
+    @classmethod
+    def _on_off(cls, value):  # YAML reads a bare on/off as true/false
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -162,6 +174,11 @@ class LossConfig(_Section):
     chunk_size: int = Field(1024, ge=16, description="Positions per chunk of the vocabulary projection (in the "
                             "loss and in in-process teacher scoring): smaller = less memory (a chunk's logits are "
                             "chunk_size x vocab floats), more, smaller matmuls.")
+    cross_tokenizer: Literal["span", "shared_topk", "uld", "hybrid"] = Field(
+        "span", description="Loss with a teacher of another tokenizer (teacher.cross_tokenizer): span = span-level "
+        "sampled estimator (student rollouts, any server with token logprobs); shared_topk = loss.name over the "
+        "teacher's top_k mapped to same-bytes student tokens + tail on 1:1 spans (span estimator elsewhere); uld = "
+        "GOLD's sorted-probability L1; hybrid = GOLD's hybrid. loss.name=sft ignores it.")
     fused: bool = Field(True, description="Compute the vocabulary projection's gradients chunk by chunk in the "
                         "forward pass (the student's lm_head runs 3 times per token instead of 4, the teacher's "
                         "once instead of twice, the softmaxes once); false = recompute them in the backward "
@@ -266,7 +283,9 @@ class Config(_Section):
         loss = self.loss
         check_teacher_set(self)
         remote = [getattr(t, "name", "teacher") for t in teacher_configs(self) if t.urls]
-        if loss.support == "full" and remote and loss.name not in ("sampled_pg", "sft"):
+        cross = self.teacher is not None and (self.teacher.cross_tokenizer == "on" or (
+            self.teacher.cross_tokenizer == "auto" and self.teacher.tokenizer is not None))
+        if loss.support == "full" and remote and loss.name not in ("sampled_pg", "sft") and not cross:
             raise ValueError("loss.support=full needs an in-process teacher (teacher.path); with teacher.urls use "
                              "loss.support=teacher|student|union|sampled"
                              + (f" (teachers behind urls: {remote})" if self.teachers else ""))

@@ -18,6 +18,9 @@ The loss table (support x loss name x where the teacher runs):
   sampled_pg       -rho_t * A_t with A_t = log p(y_t) - log q_old(y_t) (OPD as RL)
   sft              -log q(y_t): cross-entropy on the rows' tokens (e.g. teacher samples)
 
+A teacher with another tokenizer (loss.cross_tokenizer = span | shared_topk | uld | hybrid): the losses
+of protege.cross_objective over aligned byte spans (docs/cross_tokenizer.md); loss.name=sft as above.
+
 Diagnostics (output.diagnostics_top_k) widen what is asked for: the teacher's top-k (and, in-process,
 its entropy) at student-sampled positions, for the health signals of protege.diagnostics.
 """
@@ -31,6 +34,7 @@ import torch
 
 from protege import losses as L
 from protege.config import LossConfig
+from protege.cross_objective import cross_per_token_loss, teacher_topk
 from protege.teacher.base import ScoreRequest
 from protege.records import Rollouts, TeacherSignal
 
@@ -68,18 +72,21 @@ class Objective:
     diagnostics_top_k: int
     sampling_temperature: float  # the rollout's temperature (1 for greedy): sampled_pg's old policy
 
+    cross_tokenizer: str | None = None  # a teacher with another tokenizer: loss.cross_tokenizer (cross_objective)
+
     @classmethod
     def build(cls, loss: LossConfig, *, teacher_local: bool, diagnostics_top_k: int = 0,
-              sampling_temperature: float = 1.0) -> "Objective":
+              sampling_temperature: float = 1.0, cross_tokenizer: bool = False) -> "Objective":
         # impossible combinations (a full support with a remote teacher, ...) are refused by protege.config
-        return cls(loss, LossName(loss.name), Support(loss.support), teacher_local, diagnostics_top_k,
-                   sampling_temperature or 1.0)
+        cross = loss.cross_tokenizer if cross_tokenizer and loss.name != "sft" else None
+        return cls(loss, LossName(loss.name), Support(loss.support), teacher_local and not cross_tokenizer,
+                   diagnostics_top_k, sampling_temperature or 1.0, cross)
 
     # ------------------------------------------------------------------ what the parts must send
     @property
     def student_topk(self) -> int:
         """k of the student top-k ids the loss reads from the buffer (a remote student/union support), else 0."""
-        needs = (not self.teacher_local and self.name not in TOKEN_LEVEL
+        needs = (not self.teacher_local and not self.cross_tokenizer and self.name not in TOKEN_LEVEL
                  and self.support in (Support.STUDENT, Support.UNION))
         return self.loss.top_k if needs else 0
 
@@ -109,6 +116,8 @@ class Objective:
 
     def _loss_request(self, rollouts: Rollouts) -> ScoreRequest:
         cfg = self.loss
+        if self.cross_tokenizer:  # the teacher's top-K at each span's first token (none for span)
+            return ScoreRequest(topk=teacher_topk(self.cross_tokenizer, cfg.top_k), temperature=cfg.temperature)
         if self.name in TOKEN_LEVEL or self.support is Support.SAMPLED:
             return ScoreRequest(temperature=cfg.temperature)
         if self.teacher_local:  # exact: everything is rebuilt from hidden states inside the loss chunks
@@ -136,6 +145,9 @@ class Objective:
         out = torch.zeros(mask.shape, dtype=torch.float32, device=h.device)  # (B, T)
         chunk, fused = cfg.chunk_size, self.fused
 
+        if self.cross_tokenizer:
+            return cross_per_token_loss(cfg, self.cross_tokenizer, student_hidden, student_weight, mb, signal,
+                                        self.sampling_temperature)
         if self.name is LossName.SFT:
             values = -L.chunked_loss_from_hidden(h, student_weight, _token_logprob(1.0), tokens, chunk_size=chunk,
                                                  fused=fused)

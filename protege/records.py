@@ -153,6 +153,8 @@ class TeacherSignal:
                     predicts each completion token), or None. With the teacher's own output
                     projection (LocalTeacher.output_weight, (V, H)) they give exact full-vocabulary
                     teacher logits chunk by chunk, without storing (N, T, V). Plain data: no weights.
+    cross:          a teacher with another tokenizer (protege.teacher.cross_tokenizer.CrossSignal): its
+                    answer per aligned byte span on the student's positions, or None.
     """
 
     token_logprobs: torch.Tensor
@@ -161,6 +163,7 @@ class TeacherSignal:
     query_logprobs: torch.Tensor | None = None
     entropy: torch.Tensor | None = None
     hidden_states: torch.Tensor | None = None
+    cross: object | None = None
 
     def select(self, rows: list[int], t: int) -> "TeacherSignal":
         idx = torch.as_tensor(rows, dtype=torch.long)
@@ -172,6 +175,7 @@ class TeacherSignal:
             query_logprobs=cut(self.query_logprobs),
             entropy=cut(self.entropy),
             hidden_states=cut(self.hidden_states),
+            cross=None if self.cross is None else self.cross.select(rows, t),
         )
 
 

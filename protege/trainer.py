@@ -57,7 +57,8 @@ class RunState:
 class Distiller:
     """Holds the models, data and optimizer of a run; `train()` is the loop."""
 
-    def __init__(self, cfg: Config, *, student=None, teacher_model=None, tokenizer=None, accelerator=None):
+    def __init__(self, cfg: Config, *, student=None, teacher_model=None, tokenizer=None, accelerator=None,
+                 teacher_tokenizer=None):
         from protege.modeling import eos_ids, load_tokenizer
 
         self.cfg = cfg
@@ -90,15 +91,21 @@ class Distiller:
         check_routing(cfg, self.train_set, self.eval_set)  # routed teachers: every row names one
         self.stream = PromptStream(len(self.train_set), cfg.train.seed)
         self.max_steps = build.max_steps(cfg, len(self.train_set))  # the config is never rewritten
-        self.objective = build.build_objective(cfg)
+        self.teacher_tok, self.cross = build.cross_tokenizer_mode(cfg, self.tok, teacher_tokenizer)
+        self.objective = build.build_objective(cfg, cross_tokenizer=self.cross)
         self.student = build.build_student(cfg, student, self.acc.device)
         self.teacher: Teacher
+        tok_t = self.teacher_tok if self.cross else self.tok  # the teacher's own tokenizer renders its prompts
         self.teacher, self.teacher_model = build.build_teacher(
-            cfg, teacher_model, pad_id=self.tok.pad_token_id, device=self.acc.device, objective=self.objective,
-            student=self.student, tokenizer=self.tok, data_columns=columns)
+            cfg, teacher_model, pad_id=build.pad_id_of(tok_t), device=self.acc.device, objective=self.objective,
+            student=self.student, tokenizer=tok_t, data_columns=columns)
+        if self.cross:  # the teacher re-tokenizes the student's text; its signal is on the student's positions
+            self.teacher = build.wrap_cross_tokenizer(cfg, self.teacher, self.tok, self.teacher_tok,
+                                                      output_weight(self.student).shape[0])
         build.check_vocabularies(self.teacher, self.student)
         self.engine: RolloutEngine | None = None  # the student's, see student_engine()
-        self.teacher_engine = build.build_teacher_engine(cfg, self.teacher_model, pad_id=self.tok.pad_token_id)
+        self.teacher_engine = None if self.cross else build.build_teacher_engine(cfg, self.teacher_model,
+                                                                                  pad_id=self.tok.pad_token_id)
         r = cfg.rollout
         self.sampling = Sampling(max_new_tokens=r.max_new_tokens, eos_ids=tuple(self.eos_ids), temperature=r.temperature,
                                  top_p=r.top_p, top_k=r.top_k, record_topk=self.objective.rollout_topk)
@@ -242,6 +249,8 @@ class Distiller:
             sm = mask & student_rows[:, None]
             m["sampled_rkl"] = sampled_rkl(buffer.sampling_logprobs, signal.token_logprobs, sm)
         m["teacher_nll"] = float(-signal.token_logprobs[mask].mean())
+        if signal.cross is not None:  # a teacher with another tokenizer: the alignment's diagnostics
+            m.update(signal.cross.stats)
         m.update(self._health(buffer, signal, student_rows))
         m.update(optional(self.teacher, "step_metrics", default={}))  # e.g. privileged_leak
         m.update(per_teacher_metrics(buffer, signal, row_loss, self.cfg.output.diagnostics_top_k))  # several teachers
@@ -310,7 +319,7 @@ class Distiller:
         cfg, r = self.cfg, self.cfg.rollout
         examples = self.eval_set.examples[: cfg.data.eval_prompts] if self.eval_set else []
         return evaluate(self.student, self.teacher, [self.prompts.prompt_ids(e) for e in examples],
-                        teacher_local=self.objective.teacher_local, examples=examples,
+                        teacher_local=self.objective.teacher_local and not self.cross, examples=examples,
                         pad_id=self.tok.pad_token_id, eos_ids=self.eos_ids,
                         max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                         batch_tokens=r.batch_tokens, micro_batch_size=cfg.train.micro_batch_size, bf16=self.bf16)
