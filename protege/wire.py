@@ -90,7 +90,8 @@ def _check_hidden_dtype(hidden_dtype: str | None, version: int) -> None:
     if hidden_dtype not in HIDDEN_DTYPES:
         raise ValueError(f"hidden_dtype={hidden_dtype!r}: use one of {sorted(HIDDEN_DTYPES)}")
     if version < HIDDEN_VERSION:
-        raise ValueError(f"hidden_dtype={hidden_dtype!r} needs wire version {HIDDEN_VERSION} (writing version {version})")
+        raise ValueError(f"hidden_dtype={hidden_dtype!r} needs wire version {HIDDEN_VERSION} "
+                         f"(writing version {version})")
 
 
 def score_response_dtypes(vocab_size: int | None, logprob_dtype: str = "float32",
@@ -192,8 +193,7 @@ def read_projection(body: bytes | bytearray) -> tuple[str, torch.Tensor]:
         raise WireError("weight", f"a version-{HIDDEN_VERSION} body with one 2-D array 'weight' is expected, got "
                                   f"version {version} with {sorted(arrays)}")
     code = {np.dtype("<f4"): "f4", np.dtype("<f2"): "f2", BF16: "b2"}.get(weight.dtype)
-    sha = meta.get("sha256")
-    if code is None or projection_sha256(code, weight.shape, weight) != sha:
-        raise WireError("sha256", f"the projection's bytes hash to {projection_sha256(code or '?', weight.shape, weight)}"
-                                  f" but its meta says {str(sha)[:80]}")
+    sha, actual = meta.get("sha256"), projection_sha256(code or "?", weight.shape, weight)
+    if code is None or actual != sha:
+        raise WireError("sha256", f"the projection's bytes hash to {actual} but its meta says {str(sha)[:80]}")
     return sha, to_tensor(weight)

@@ -123,7 +123,10 @@ def to_bfloat16(array) -> np.ndarray:
     """bfloat16 bits (numpy `BF16`) of a float array or tensor: round to nearest even (torch's cast), inf/NaN kept."""
     if isinstance(array, np.ndarray) and array.dtype == BF16:
         return np.ascontiguousarray(array)
-    tensor = array.detach().cpu() if isinstance(array, torch.Tensor) else torch.from_numpy(np.asarray(array, np.float32))
+    if isinstance(array, torch.Tensor):
+        tensor = array.detach().cpu()
+    else:
+        tensor = torch.from_numpy(np.asarray(array, np.float32))
     if not tensor.dtype.is_floating_point:
         raise TypeError(f"bfloat16 needs a float array, got {tensor.dtype}")
     bits = tensor.to(torch.bfloat16).contiguous().view(torch.int16).numpy()
