@@ -281,3 +281,35 @@ def test_a_reply_without_the_projection_hash_is_refused(server):
             RemoteTeacher(proxy.url, api_key=KEY) as teacher:
         with pytest.raises(TeacherChanged):
             teacher.score(rollouts, request)
+
+
+def test_a_server_without_a_projection_is_named_clearly(teacher_model, monkeypatch):
+    """A backend without an in-process model (vllm), or an older protege: /v1/info has no output_projection."""
+    from protege.server import projection
+
+    monkeypatch.setattr(projection, "of", lambda request: None)
+    rollouts = make_rollouts(seed=9)
+    request = Objective.build(LossConfig(), teacher_local=False).teacher_request(rollouts)
+    with serve_in_thread(create_app(HFBackend(teacher_model))) as s, RemoteTeacher(s.url) as teacher:
+        assert httpx.get(s.url + "/v1/output_projection").status_code == 404
+        body = wire.encode_score_request([np.arange(6, dtype=np.int32)], [3], hidden_dtype="float16")
+        r = httpx.post(s.url + "/v1/score", content=body, headers={"Content-Type": wire.BINARY_MEDIA_TYPE})
+        assert r.status_code == 422 and "hidden" in r.json()["error"]
+        with pytest.raises(ValueError, match="does not serve an output projection"):
+            teacher.score(rollouts, request)
+
+
+def test_plain_json_and_binary_requests_get_the_same_bfloat16_hidden_states(server):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    seq = list(range(3, 12))
+    as_json = httpx.post(server.url + "/v1/score", headers=headers, json={
+        "sequences": [seq], "prompt_lengths": [4], "hidden_dtype": "bfloat16"})
+    body = wire.encode_score_request([np.array(seq, np.int32)], [4], hidden_dtype="bfloat16")
+    as_binary = httpx.post(server.url + "/v1/score", content=body,
+                           headers={**headers, "Content-Type": wire.BINARY_MEDIA_TYPE})
+    got = [wire.read_score_response(bytearray(r.content), r.headers["content-type"]) for r in (as_json, as_binary)]
+    assert as_json.headers["content-type"].startswith("application/json")
+    (_, meta_j, t_j), (_, meta_b, t_b) = got
+    assert t_j["hidden_states"].dtype == torch.bfloat16 and t_j["hidden_states"].shape == (1, 5, 32)
+    assert torch.equal(t_j["hidden_states"], t_b["hidden_states"])
+    assert meta_j["projection_sha256"] == meta_b["projection_sha256"]
