@@ -313,3 +313,26 @@ def test_plain_json_and_binary_requests_get_the_same_bfloat16_hidden_states(serv
     assert t_j["hidden_states"].dtype == torch.bfloat16 and t_j["hidden_states"].shape == (1, 5, 32)
     assert torch.equal(t_j["hidden_states"], t_b["hidden_states"])
     assert meta_j["projection_sha256"] == meta_b["projection_sha256"]
+
+
+def test_bfloat16_wire_dtype_and_streamed_pieces():
+    """b2 = the upper half of a float32, rounded to nearest even (reference: bit arithmetic written here)."""
+    x = np.array([1.0, -2.5, 3.14159, 1e-20, 65504.0, 1e30, -np.inf, 1 + 2 ** -8, 1 + 3 * 2 ** -8], np.float32)
+    bits = x.view(np.uint32).astype(np.uint64)
+    want = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)  # round half to even (finite values)
+    arrays = {"h": x, "ids": np.arange(3, dtype=np.int32)}
+    body = wire.pack({"m": 1}, arrays, dtypes={"h": "b2"})
+    assert b"".join(wire.pack_parts({"m": 1}, arrays, dtypes={"h": "b2"})) == body
+    _, _, got = wire.read_binary(bytearray(body))
+    assert np.array_equal(got["h"].view(np.uint16), want)
+    assert wire.to_tensor(got["h"]).dtype == torch.bfloat16
+    _, _, from_json = wire.read_json_dict(wire.to_json_dict({}, arrays, dtypes={"h": "b2"}))
+    assert np.array_equal(from_json["h"].view(np.uint16), want)
+    with pytest.raises(ValueError, match="needs wire version 3"):
+        wire.pack({}, arrays, dtypes={"h": "b2"}, version=2)
+    parts, sha = wire.encode_projection(torch.randn(5, 4).bfloat16())
+    damaged = bytearray(b"".join(parts))
+    damaged[-9] ^= 1
+    with pytest.raises(wire.WireError) as err:
+        wire.read_projection(damaged)
+    assert err.value.field == "checksum"
