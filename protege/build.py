@@ -162,7 +162,8 @@ def _teacher_source(cfg: Config, teacher_model, *, pad_id: int, device, objectiv
 
         return RemoteTeacher(t.urls, api_key=t.api_key or os.environ.get("PROTEGE_API_KEY"), protocol=t.protocol,
                              timeout=t.timeout_s, max_wait_s=t.max_wait_s, logprob_dtype=t.logprob_dtype,
-                             vocab_size=t.vocab_size), None
+                             vocab_size=t.vocab_size, hidden_dtype=t.hidden_dtype,
+                             projection_cache=t.projection_cache), None
     from protege.modeling import load_model
     from protege.teacher.local import LocalTeacher
 

@@ -47,6 +47,12 @@ class TeacherConfig(_Section):
     timeout_s: float = Field(300.0, gt=0, description="Server: timeout of one HTTP request.")
     max_wait_s: float = Field(600.0, gt=0, description="Server: how long to keep retrying (with backoff) while the "
                               "teacher server is down or overloaded before the run stops with an error.")
+    hidden_dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        "float16", description="Server, loss.support=full: dtype of the teacher's hidden states on the wire (H numbers "
+        "per token instead of V logits; the client applies the teacher's output projection). float16: 2^-11 relative "
+        "rounding, refused by the server beyond |h| = 65504; bfloat16: 2^-8, any range; float32: exact.")
+    projection_cache: str | None = Field(None, description="Server, loss.support=full: a directory that keeps the "
+                                         "teacher's output projection between runs (<sha256>.prtg); None: memory only.")
     vocab_size: int | None = Field(None, ge=1, description="Server: the teacher's vocabulary size (its logits' width, "
                                    "config.json 'vocab_size'), for an OpenAI-compatible server that does not report "
                                    "it (stock vllm serve). None: the server's own figure, else the config.json of "
@@ -159,7 +165,8 @@ class LossConfig(_Section):
                                "(1e-3 to 100: smaller ones overflow the logits).")
     scale_temperature_squared: bool = Field(False, description="Multiply by temperature^2 (Hinton).")
     support: Literal["full", "teacher", "student", "union", "sampled"] = Field(
-        "full", description="Categories the divergence runs over: the full vocabulary (in-process teacher), the "
+        "full", description="Categories the divergence runs over: the full vocabulary (in-process teacher, or a "
+        "protege teacher server sending hidden states), the "
         "teacher's top-k, the student's top-k, their union, or the sampled token (+tail).")
     top_k: int = Field(16, ge=1, description="k of top-k supports (at most the vocabulary size, checked when "
                        "the tokenizer loads).")
@@ -282,13 +289,13 @@ class Config(_Section):
     def _combinations(self):
         loss = self.loss
         check_teacher_set(self)
-        remote = [getattr(t, "name", "teacher") for t in teacher_configs(self) if t.urls]
+        remote = [getattr(t, "name", "teacher") for t in teacher_configs(self) if t.urls and t.protocol == "openai"]
         cross = self.teacher is not None and (self.teacher.cross_tokenizer == "on" or (
             self.teacher.cross_tokenizer == "auto" and self.teacher.tokenizer is not None))
         if loss.support == "full" and remote and loss.name not in ("sampled_pg", "sft") and not cross:
-            raise ValueError("loss.support=full needs an in-process teacher (teacher.path); with teacher.urls use "
-                             "loss.support=teacher|student|union|sampled"
-                             + (f" (teachers behind urls: {remote})" if self.teachers else ""))
+            raise ValueError("loss.support=full needs the teacher's hidden states: an in-process teacher (teacher.path)"
+                             " or `protege serve-teacher` (teacher.protocol=protege); with teacher.protocol=openai use "
+                             "loss.support=teacher|sampled" + (f" (openai teachers: {remote})" if self.teachers else ""))
         if loss.name == "sampled_pg" and self.mix.lmbda < 1:
             raise ValueError("loss.name=sampled_pg needs student rollouts (importance ratio to the sampling policy):"
                              " set mix.lmbda=1")

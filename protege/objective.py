@@ -10,7 +10,8 @@ code that reads the loss config. The trainer asks it three things:
 The loss table (support x loss name x where the teacher runs):
 
   support=full     exact divergence over the vocabulary; teacher logits rebuilt per chunk from its
-                   hidden states (in-process teacher only)
+                   hidden states (in-process, or sent by a protege teacher server with its output
+                   projection: RemoteTeacher.output_weight, protege.teacher.projection)
   support=teacher  teacher top-k ids; student=student top-k; union=both; sampled=the sampled token;
                    each over k categories + a tail bucket (or renormalised, loss.tail). In-process:
                    the supports are taken from the teacher's exact logprobs per chunk; remote: from
@@ -91,6 +92,12 @@ class Objective:
         return self.loss.top_k if needs else 0
 
     @property
+    def teacher_hidden(self) -> bool:
+        """Whether the teacher sends hidden states and the loss needs its `output_weight` (V, H): always in-process,
+        and with a remote teacher for the full support (exact logits chunk by chunk, one path for both)."""
+        return self.teacher_local or (self.support is Support.FULL and self.name not in TOKEN_LEVEL)
+
+    @property
     def rollout_topk(self) -> int:
         """k of the student top-k (ids and logprobs) the rollout engine records: the loss's and diagnostics'."""
         return max(self.student_topk, self.diagnostics_top_k)
@@ -120,7 +127,7 @@ class Objective:
             return ScoreRequest(topk=teacher_topk(self.cross_tokenizer, cfg.top_k), temperature=cfg.temperature)
         if self.name in TOKEN_LEVEL or self.support is Support.SAMPLED:
             return ScoreRequest(temperature=cfg.temperature)
-        if self.teacher_local:  # exact: everything is rebuilt from hidden states inside the loss chunks
+        if self.teacher_hidden:  # exact: everything is rebuilt from hidden states inside the loss chunks
             return ScoreRequest(hidden=True, temperature=cfg.temperature)
         topk = cfg.top_k if self.support in (Support.TEACHER, Support.UNION) else 0
         query = None
@@ -136,7 +143,7 @@ class Objective:
         """(B, T) per-token loss of one micro-batch; 0 where the completion mask is False.
 
         student_hidden (B, T, H) with grad; student_weight (V, H); signal already cut to (B, T, ...);
-        teacher_weight (V, H): the in-process teacher's output projection (full and local top-k supports)."""
+        teacher_weight (V, H): the teacher's output projection (teacher_hidden: full and local top-k supports)."""
         cfg = self.loss
         mask = mb.completion_mask.to(student_hidden.device)  # (B, T)
         h = student_hidden[mask]  # (n, H), n = tokens in this micro-batch
@@ -157,7 +164,7 @@ class Objective:
             values = L.chunked_loss_from_hidden(h, student_weight, self._topk_fn(), tokens[:, None],
                                                 flat(signal.token_logprobs)[:, None], None, chunk_size=chunk,
                                                 fused=fused)
-        elif self.teacher_local:  # exact teacher logits per chunk from its hidden states
+        elif self.teacher_hidden:  # exact teacher logits per chunk from its hidden states
             values = self._local(h, student_weight, tokens, flat(signal.hidden_states), teacher_weight.to(h.device))
         else:  # remote teacher: support ids and teacher logprobs at them were sent
             ids, lps, smask = self._remote_support(signal, mb)

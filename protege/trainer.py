@@ -200,7 +200,7 @@ class Distiller:
         cfg, acc = self.cfg, self.acc
         num_tokens = int(acc.reduce(torch.tensor(buffer.num_tokens, device=acc.device), reduction="sum"))
         weight = output_weight(self.student)  # (V, H)
-        teacher_weight = self.teacher.output_weight if self.objective.teacher_local else None  # (V, H) or None
+        teacher_weight = self.teacher.output_weight if self.objective.teacher_hidden else None  # (V, H) or None
         order = sorted(range(len(buffer)), key=lambda i: len(buffer.prompt_ids[i]) + int(buffer.completion_mask[i].sum()))
         mbs = [order[s: s + cfg.train.micro_batch_size] for s in range(0, len(order), cfg.train.micro_batch_size)]
         loss_sum = 0.0

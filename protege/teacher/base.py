@@ -17,7 +17,7 @@ class ScoreRequest:
     topk:        return the teacher's own top-k ids and logprobs per position (0: don't).
     query_ids:   (N, T, M) ids at which to return teacher logprobs (e.g. the student's top-k), or None.
     hidden:      return final hidden states (with the teacher's output_weight: exact chunked full-vocabulary losses)
-                 (in-process teachers only).
+                 (in-process teachers, and protege teacher servers: RemoteTeacher sends them in teacher.hidden_dtype).
     temperature: teacher logprobs are log_softmax(logits / temperature).
     entropy:     return the teacher's entropy per position (health diagnostics).
     """
@@ -36,8 +36,9 @@ class Teacher(Protocol):
     score(rollouts, request): one TeacherSignal for the whole buffer, aligned on the student's
         completion positions, holding exactly what `request` asks for. How the teacher sees a row
         (its own prompt or context, its own tokenizer) is its business; the alignment is not.
-    An in-process teacher that answers `request.hidden` also has `output_weight` (V, H), its output
-    projection on its own device, from which the loss rebuilds exact logits chunk by chunk.
+    A teacher that answers `request.hidden` also has `output_weight` (V, H), its output projection (an
+    in-process teacher's on its own device; a RemoteTeacher's fetched once from the server and checked
+    by its sha256), from which the loss rebuilds exact logits chunk by chunk.
 
     Optional hooks (the trainer calls each only when the teacher has it, see `optional`; a wrapper that
     holds other teachers forwards them):
