@@ -9,7 +9,9 @@ Routes (JSON errors {"error": "..."} everywhere, never a dead server):
                                   top-k, logprobs at query ids, logprob of each actual token;
                                   replies in the request's wire version (v2: uint16 ids when the
                                   vocabulary fits, float16 logprobs on request; see protege.wire)
-    POST /v1/completions          vLLM's scoring subset used by TRL 1.16 (prompt_logprobs)
+    POST /v1/completions          vLLM's scoring subset used by TRL 1.16 (prompt_logprobs), else
+                                  OpenAI-compatible generation (protege.server.openai_routes)
+    POST /v1/chat/completions     OpenAI-compatible chat generation with logprobs (openai_routes)
     POST /get_sequence_logprobs/  TRL 1.3-1.8's endpoint (JSON lists or base64 reply)
 
 Each route is a short module-level handler that reads what it shares (`Served`: backend, batcher,
@@ -43,7 +45,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from protege.server import compat, parse
+from protege.server import compat, openai_routes, parse
 from protege.server.backends import Backend
 from protege.server.batch import RequestError
 from protege.server.batcher import Batcher, Overloaded
@@ -133,7 +135,7 @@ def create_app(backend: Backend, settings: ServerSettings | None = None, *, toke
         route("/v1/info", info, ["GET"]),
         route("/metrics", prometheus, ["GET"]),
         route("/v1/score", score, ["POST"]),
-        route("/v1/completions", completions, ["POST"]),
+        *openai_routes.routes(route, read_body, completions),  # /v1/completions (scoring or generation), chat
         route("/get_sequence_logprobs/", trl_sequence_logprobs, ["POST"]),
         route("/get_sequence_logprobs", trl_sequence_logprobs, ["POST"]),
     ]
