@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from transformers import (GenerationConfig, LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper,
-                          TopKLogitsWarper, TopPLogitsWarper)
 
 from protege.server.batcher import Overloaded
 
@@ -51,8 +49,9 @@ class GeneratedRow:
     finish_reason: str  # "stop" | "length"
 
 
-class _RawRecorder(LogitsProcessor):
-    """Keeps log_softmax(logits) of every step (before any warper) for the token chosen there."""
+class _RawRecorder:
+    """A logits processor that keeps log_softmax(logits) of every step (before any warper) for the token
+    chosen there (transformers is imported on first generation only: the server starts without it)."""
 
     def __init__(self, topk: int):
         self.topk = topk
@@ -80,6 +79,9 @@ class _RawRecorder(LogitsProcessor):
 def generate_rows(model: nn.Module, prompts: list[list[int]], max_tokens: list[int], key: SamplingKey, *,
                   topk: int, eos_ids: list[int], pad_id: int) -> list[GeneratedRow]:
     """One left-padded `model.generate` over `prompts` (each row up to its own max_tokens)."""
+    from transformers import (GenerationConfig, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
+                              TopPLogitsWarper)
+
     device = next(model.parameters()).device
     width, steps = max(len(p) for p in prompts), max(max_tokens)
     input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)  # (B, P)

@@ -211,7 +211,7 @@ def _chat_choice(index: int, row: GeneratedRow, text: str, spec: GenSpec, tokens
 def _completion_choice(index: int, prompt: list[int], row: GeneratedRow, text: str, spec: GenSpec, tokens: _Tokens,
                        scores) -> dict:
     choice = {"index": index, "text": (tokens.text(prompt) + text) if spec.echo else text, "logprobs": None,
-              "finish_reason": row.finish_reason, "stop_reason": None}
+              "finish_reason": row.finish_reason, "stop_reason": None, "prompt_logprobs": None}
     if spec.logprobs is not None:
         ids, lps = list(row.token_ids), [clean_logprob(v) for v in row.logprobs]
         tops = [_top_dict(t, v, tokens) for t, v in zip(row.top_ids or [[]] * len(ids),
