@@ -163,7 +163,7 @@ class APITeacher:
             ids = self.tokenizer(value["text"], add_special_tokens=False)["input_ids"][: sampling.max_new_tokens]
             if value["finish_reason"] == "stop" and eos and len(ids) < sampling.max_new_tokens:
                 ids = ids + [eos[0]]
-            return torch.tensor(ids or [eos[0] if eos else 0], dtype=torch.long), {}
+            return torch.tensor(ids, dtype=torch.long), {}
         ids, lps = value["token_ids"], value["logprobs"]
         top_ids, top_lps = value["top_ids"], value["top_logprobs"]
         if not ids:
