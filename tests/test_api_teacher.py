@@ -112,8 +112,9 @@ def test_chat_text_only_rows_are_the_students_tokens_of_the_text(tmp_path, serve
 
 
 def completions_reply(n_tokens: int = 2) -> dict:
-    """A legacy completions reply with token ids and top-2 logprobs, as vLLM would send it."""
-    tops = [{"token_id:3": -0.5, "token_id:4": -1.5}] * n_tokens
+    """A legacy completions reply with token ids and top-2 logprobs, as vLLM may send them (unsorted, and the
+    sampled token as a third entry)."""
+    tops = [{"token_id:9": -3.0, "token_id:4": -1.5, "token_id:3": -0.5}] * n_tokens
     return {"choices": [{"index": 0, "text": "xy", "finish_reason": "length",
                          "logprobs": {"tokens": ["token_id:3"] * n_tokens, "token_logprobs": [-0.5] * n_tokens,
                                       "top_logprobs": tops, "text_offset": list(range(n_tokens))}}],
@@ -171,6 +172,8 @@ def test_429_with_retry_after_is_honoured(tmp_path, tok):
     rows = teacher.generate([torch.tensor([5, 6, 7])], Sampling(max_new_tokens=2, eos_ids=(EOS,)))
     assert len(api.times) == 2 and api.times[1] - api.times[0] >= 0.95  # the backoff alone would be ~0.25 s
     assert rows.completion_ids.tolist() == [[3, 3]]
+    signal = teacher.score(rows, ScoreRequest(topk=2))
+    assert signal.topk_ids.tolist() == [[[3, 4], [3, 4]]] and signal.topk_logprobs.tolist() == [[[-0.5, -1.5]] * 2]
     assert teacher.usage_since_last() == {"teacher_api_requests": 1, "teacher_api_prompt_tokens": 7,
                                           "teacher_api_completion_tokens": 2, "teacher_api_stored": 0}
     api.shutdown()
