@@ -157,13 +157,15 @@ def test_seed_reproduces_and_stop_cuts_the_text(client):
 
 
 def test_concurrent_requests_are_merged_and_each_equals_its_own_run(client, server):
-    """Left padding, per-row max_tokens and top-k widths of a merged call: each reply as if asked alone."""
-    prompts = [("a", 3, 2), ("what is 1+1?", 6, 0), ("zz", 4, 5), ("tell me more about it", 6, None)]
+    """Left padding, per-row max_tokens, top-k widths and seeds of a merged call: each reply as if asked alone
+    (greedy rows, and sampled rows with a seed: each row draws from its own generator)."""
+    prompts = [("a", 3, 2, None), ("what is 1+1?", 6, 0, None), ("zz", 4, 5, None), ("tell me more", 6, None, None),
+               ("hello", 8, 1, 7), ("what is 1+1?", 5, None, 8), ("hello", 8, None, 9)]
 
     def ask(job):
-        prompt, max_tokens, logprobs = job
-        r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-                                                 "logprobs": logprobs})
+        prompt, max_tokens, logprobs, seed = job
+        r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": max_tokens, "logprobs": logprobs,
+                                                 "temperature": 0 if seed is None else 1, "seed": seed})
         assert r.status_code == 200, r.text
         choice = r.json()["choices"][0]
         return choice["text"], choice["logprobs"], r.json()["usage"]["completion_tokens"]
@@ -171,7 +173,7 @@ def test_concurrent_requests_are_merged_and_each_equals_its_own_run(client, serv
     alone = [ask(p) for p in prompts]
     queue = server.app.state.generation
     calls = queue.engine_calls
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
         together = list(pool.map(ask, prompts))
     for (text, lp, count), (text_a, lp_a, count_a) in zip(together, alone):
         assert (text, count) == (text_a, count_a)

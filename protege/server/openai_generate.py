@@ -10,16 +10,19 @@ its own max_tokens (finish "length").
 
 The engine is not re-entrant and is shared with scoring: every call runs in the batcher's single
 engine thread (`Batcher.run_exclusive`), between score batches. Concurrent requests that sample
-alike (temperature, top_p, top_k, no seed) are merged into one call: each row is cut at its own
-max_tokens, so its tokens are distributed exactly as if it had been generated alone. A request with a
-seed runs alone (torch.manual_seed, then generate), so a seed gives the same tokens on every call.
+alike (temperature, top_p, top_k) are merged into one call: each row is cut at its own max_tokens,
+so its tokens are distributed exactly as if it had been generated alone. Each sampled row draws
+its tokens from its own torch.Generator (seeded by the request's seed, row j of a request with
+seed s by `row_seed(s, j)`; a random seed without one): the last logits processor samples every
+row itself and leaves generate a one-hot choice, so a seed gives the same tokens whatever else
+shares the call.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -34,7 +37,7 @@ class SamplingKey:
     temperature: float  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
-    seed: int | None = None
+    seed: int | None = None  # the request's; rows of a merged call each get their own (row_seed)
 
 
 @dataclass
@@ -75,9 +78,29 @@ class _RawRecorder:
             self.prev = None
 
 
+class _RowSampler:
+    """The last logits processor: draws each row's token from softmax(warped scores) with the row's own
+    generator and returns scores that allow only that token (generate's own draw then takes it)."""
+
+    def __init__(self, seeds: list[int]):
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        probs = torch.softmax(scores.float(), dim=-1).cpu()  # (B, V)
+        chosen = torch.stack([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.generators)])
+        out = torch.full_like(scores, -math.inf)
+        return out.scatter_(1, chosen.to(scores.device), 0.0)
+
+
+def row_seed(seed: int, j: int) -> int:
+    """The seed of row j of a request with `seed` (row 0: the seed itself)."""
+    return seed if j == 0 else (seed * 1_000_003 + j) % (1 << 63)
+
+
 @torch.no_grad()
 def generate_rows(model: nn.Module, prompts: list[list[int]], max_tokens: list[int], key: SamplingKey, *,
-                  topk: int, eos_ids: list[int], pad_id: int) -> list[GeneratedRow]:
+                  topk: int, eos_ids: list[int], pad_id: int, seeds: list[int | None] | None = None
+                  ) -> list[GeneratedRow]:
     """One left-padded `model.generate` over `prompts` (each row up to its own max_tokens)."""
     from transformers import (GenerationConfig, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
                               TopPLogitsWarper)
@@ -101,8 +124,9 @@ def generate_rows(model: nn.Module, prompts: list[list[int]], max_tokens: list[i
         processors.append(TopKLogitsWarper(key.top_k))
     if sample and key.top_p < 1.0:
         processors.append(TopPLogitsWarper(key.top_p))
-    if key.seed is not None:
-        torch.manual_seed(key.seed)
+    if sample:  # each row from its own generator: the same seed, the same tokens, whatever shares the call
+        seeds = seeds or [None] * len(prompts)
+        processors.append(_RowSampler([int(torch.randint(1 << 62, ())) if s is None else s for s in seeds]))
     out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                          generation_config=config, logits_processor=LogitsProcessorList(processors))
     new = out[:, width:].cpu()  # (B, S)
@@ -128,7 +152,8 @@ def generate_rows(model: nn.Module, prompts: list[list[int]], max_tokens: list[i
 class _Job:
     prompts: list[list[int]]
     max_tokens: list[int]
-    key: SamplingKey
+    key: SamplingKey  # without the seed: what the rows of one call share
+    seeds: list[int | None]
     topk: int
     future: asyncio.Future
     rows: int = field(init=False)
@@ -163,7 +188,9 @@ class GenerationQueue:
             raise Overloaded(retry_after=1.0)
         self.in_flight += 1
         try:
-            job = _Job(prompts, max_tokens, key, topk, asyncio.get_running_loop().create_future())
+            seeds = [None if key.seed is None else row_seed(key.seed, j) for j in range(len(prompts))]
+            job = _Job(prompts, max_tokens, replace(key, seed=None), seeds, topk,
+                       asyncio.get_running_loop().create_future())
             self._pending.append(job)
             if self._drain is None or self._drain.done():
                 self._drain = asyncio.create_task(self._run(), name="protege-generate")
@@ -181,12 +208,12 @@ class GenerationQueue:
                     await self._call(live)
 
     def _groups(self, jobs: list[_Job]) -> list[list[_Job]]:
-        """Jobs in arrival order, grouped by sampling key within the per-call caps (seeded jobs alone)."""
+        """Jobs in arrival order, grouped by sampling key within the per-call caps."""
         groups: list[list[_Job]] = []
         open_: dict[SamplingKey, list[_Job]] = {}
         for job in jobs:
             group = open_.get(job.key)
-            if group is not None and self.batching and job.key.seed is None and self._fits(group + [job]):
+            if group is not None and self.batching and self._fits(group + [job]):
                 group.append(job)
                 continue
             groups.append([job])
@@ -201,11 +228,12 @@ class GenerationQueue:
     async def _call(self, group: list[_Job]) -> None:
         prompts = [p for j in group for p in j.prompts]
         limits = [m for j in group for m in j.max_tokens]
+        seeds = [s for j in group for s in j.seeds]
         topk = max(j.topk for j in group)
         try:
             rows = await self.batcher.run_exclusive(
                 lambda: generate_rows(self.model, prompts, limits, group[0].key, topk=topk, eos_ids=self.eos_ids,
-                                      pad_id=self.pad_id))
+                                      pad_id=self.pad_id, seeds=seeds))
             self.engine_calls += 1
         except Exception as exc:  # noqa: BLE001 - every caller of this call hears it
             for job in group:
