@@ -151,6 +151,9 @@ def test_seed_reproduces_and_stop_cuts_the_text(client):
     c = client.post("/v1/completions", json={**body, "seed": 12}).json()["choices"][0]["text"]
     assert a == b and len(a) > 3, (a, b)
     assert c != a
+    greedy = client.post("/v1/completions", json={**body, "temperature": 0}).json()["choices"][0]["text"]
+    top1 = client.post("/v1/completions", json={**body, "top_k": 1}).json()["choices"][0]["text"]
+    assert top1 == greedy  # the sampler draws from the warped distribution (top_k=1: the argmax)
     stop = a[2]
     r = client.post("/v1/completions", json={**body, "stop": [stop]}).json()["choices"][0]
     assert r["text"] == a[: a.index(stop)] and r["finish_reason"] == "stop"

@@ -80,7 +80,7 @@ class _RawRecorder:
 
 class _RowSampler:
     """The last logits processor: draws each row's token from softmax(warped scores) with the row's own
-    generator and returns scores that allow only that token (generate's own draw then takes it)."""
+    generator and returns scores that allow only that token (generate's greedy choice then takes it)."""
 
     def __init__(self, seeds: list[int]):
         self.generators = [torch.Generator().manual_seed(s) for s in seeds]
@@ -113,9 +113,9 @@ def generate_rows(model: nn.Module, prompts: list[list[int]], max_tokens: list[i
         input_ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
         attention[i, width - len(p):] = 1
     sample = key.temperature > 0
-    config = GenerationConfig(do_sample=sample, temperature=1.0, top_p=1.0, top_k=0 if sample else None,
-                              max_new_tokens=steps, eos_token_id=list(eos_ids) or None, pad_token_id=pad_id,
-                              use_cache=True)
+    # generate itself is greedy: with sampling, _RowSampler (last) leaves one allowed token per row
+    config = GenerationConfig(do_sample=False, max_new_tokens=steps, eos_token_id=list(eos_ids) or None,
+                              pad_token_id=pad_id, use_cache=True)
     recorder = _RawRecorder(topk)
     processors = [recorder]
     if sample and key.temperature != 1.0:

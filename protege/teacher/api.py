@@ -95,8 +95,8 @@ class APITeacher:
     def generate(self, prompt_ids: list[torch.Tensor], sampling: Sampling, *, source: str = "teacher",
                  examples: list | None = None) -> Rollouts:
         """One teacher completion per prompt (repeat prompts for several), from the store or the API."""
-        if self.tokenizer is None:
-            raise ValueError("APITeacher needs the student's tokenizer (APITeacher(..., tokenizer=tok))")
+        if self.tokenizer is None and not self.topk:
+            raise ValueError("a text-only APITeacher needs the student's tokenizer (APITeacher(..., tokenizer=tok))")
         if self.kind == "openai-chat" and (examples is None or len(examples) != len(prompt_ids)):
             raise ValueError("teacher.protocol=openai-chat sends each row's messages: pass examples= (the data rows)")
         keys, counts = [], {}
