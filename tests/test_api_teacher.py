@@ -251,3 +251,10 @@ def test_training_logs_the_tokens_the_api_billed_each_step(tmp_path, tiny_paths,
         assert m["teacher_api_prompt_tokens"] == m["prompt_tokens"]
     assert len(list((tmp_path / "teacher_api").rglob("*.json"))) == 6
     assert not any(k.startswith("eval/") for m in history for k in m)  # an API cannot score held-out samples
+
+
+def test_the_example_config_is_valid():
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "examples" / "api_teacher.yaml")
+    assert cfg.teacher.protocol == "openai-completions" and cfg.mix.lmbda == 0 and cfg.loss.top_k <= 20
