@@ -27,11 +27,14 @@ def needs_logprobs(loss_name: str) -> bool:
 
 
 def check_api_teacher(protocol: str, *, lmbda: float, seq_kd: bool, loss_name: str, support: str, top_k: int,
-                      temperature: float) -> None:
+                      temperature: float, several: bool = False) -> None:
     """ValueError naming what an API-kind teacher (openai-chat / openai-completions) cannot give, and the
-    settings that work; nothing for the other protocols."""
+    settings that work; nothing for the other protocols. `several`: the teacher is one of `teachers:`."""
     if protocol not in API_KINDS:
         return
+    if several:
+        raise ValueError(f"teacher.protocol={protocol} (a generation API) cannot be one of several teachers "
+                         "(teachers:): it only describes its own samples. Use it as the one teacher (teacher:).")
     problems = []
     if lmbda != 0 or not seq_kd:
         problems.append(f"every row must be a teacher sample (mix.lmbda={lmbda:g}, mix.seq_kd={seq_kd}): the API "

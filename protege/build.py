@@ -13,10 +13,11 @@ import torch
 from accelerate import Accelerator
 
 from protege.api_kinds import API_KINDS, needs_logprobs
-from protege.config import Config
+from protege.config import Config, teacher_configs
 from protege.forward import check_supported, output_weight
 from protege.objective import Objective
 from protege.teacher.base import Teacher
+from protege.teacher.privileged import check_data  # noqa: F401  (the trainer's start-up check of the rows)
 
 
 def build_accelerator(cfg: Config) -> Accelerator:
@@ -35,7 +36,7 @@ def max_steps(cfg: Config, num_prompts: int) -> int:
 
 def build_objective(cfg: Config) -> Objective:
     """The loss (protege.objective), told where the teacher runs and what the diagnostics read."""
-    return Objective.build(cfg.loss, teacher_local=not cfg.teacher.urls,
+    return Objective.build(cfg.loss, teacher_local=not any(t.urls for t in teacher_configs(cfg)),
                            diagnostics_top_k=cfg.output.diagnostics_top_k, sampling_temperature=cfg.rollout.temperature)
 
 
@@ -56,16 +57,45 @@ def build_student(cfg: Config, student, device):
     return student.to(device)
 
 
-def build_teacher(cfg: Config, teacher_model, *, pad_id: int, device, objective: Objective) -> tuple[Teacher, object]:
-    """(teacher, in-process teacher model or None): a RemoteTeacher for teacher.urls, else a LocalTeacher."""
-    t = cfg.teacher
-    if t.protocol in API_KINDS:  # a generation API: teacher samples only (protege.api_kinds)
-        from protege.teacher.api import APITeacher
+def build_teacher(cfg: Config, teacher_model, *, pad_id: int, device, objective: Objective, student=None,
+                  tokenizer=None, data_columns: frozenset[str] | None = None) -> tuple[Teacher, object]:
+    """(teacher, in-process teacher model or None) for cfg.teacher: the scorer (_teacher_source: a RemoteTeacher,
+    a LocalTeacher, or the student itself for teacher.self), wrapped in a PrivilegedTeacher when the teacher
+    sees its own view of each row (protege.teacher.privileged.uses_privileged: teacher.system_prompt, a
+    privileged data key, or a privileged column among `data_columns`, the training rows' columns).
 
-        return APITeacher(t.protocol, t.urls, store_dir=t.api_store or os.path.join(cfg.output.dir, "teacher_api"),
-                          topk=cfg.loss.top_k if needs_logprobs(cfg.loss.name) else 0, api_key=t.api_key,
-                          model=t.model, timeout=t.timeout_s, max_wait_s=t.max_wait_s,
-                          max_concurrency=t.max_concurrency, vocab_size=t.vocab_size), None
+    student: the (unwrapped, LoRA-applied) student model, needed by teacher.self. tokenizer: the student's,
+    which renders the privileged view unless the teacher is loaded from teacher.path (its own tokenizer).
+    For `teachers:` a RoutedTeacher over one of these per name (protege.teacher.several)."""
+    from protege.teacher.privileged import PrivilegedTeacher, uses_privileged
+
+    if cfg.teachers:  # several named teachers: a RoutedTeacher over one built here per name (model None)
+        from protege.teacher.several import build_routed_teacher
+
+        return build_routed_teacher(cfg, teacher_model, lambda one, model, dev: build_teacher(
+            one, model, pad_id=pad_id, device=dev, objective=objective, student=student, tokenizer=tokenizer,
+            data_columns=data_columns), device), None
+    teacher, model = _teacher_source(cfg, teacher_model, pad_id=pad_id, device=device, objective=objective,
+                                     student=student)
+    if not uses_privileged(cfg, data_columns):
+        return teacher, model
+    if cfg.teacher.path and teacher_model is None:
+        from protege.modeling import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.teacher.path)
+    if tokenizer is None:
+        raise ValueError("a privileged-context teacher needs a tokenizer to render its prompts: pass tokenizer=")
+    return PrivilegedTeacher(teacher, cfg, tokenizer), model
+
+
+def _teacher_source(cfg: Config, teacher_model, *, pad_id: int, device, objective: Objective, student):
+    t = cfg.teacher
+from protege.api_kinds import API_KINDS, needs_logprobs
+    if t.self is not None:  # the student itself: no model of its own (mix.seq_kd is refused by the config)
+        from protege.teacher.self_teacher import build_self_teacher
+
+        return build_self_teacher(t.self, student, pad_id=pad_id, token_budget=t.batch_tokens,
+                                  chunk_positions=objective.scoring_chunk, ema_rate=t.ema_rate), None
     if t.urls:
         from protege.teacher.remote import RemoteTeacher
 
@@ -108,7 +138,7 @@ def build_teacher_engine(cfg: Config, teacher_model, *, pad_id: int, teacher=Non
     teacher itself (teacher.protocol=openai-chat|openai-completions, given the student's tokenizer), or None."""
     from protege.rollout.hf import HFEngine
 
-    if cfg.teacher.protocol in API_KINDS and teacher is not None:
+    if getattr(teacher, "reads_examples", False):  # an API teacher (protege.teacher.api)
         teacher.tokenizer = tokenizer
         return teacher
     if teacher_model is None:

@@ -89,6 +89,12 @@ class Objective:
         return max(self.student_topk, self.diagnostics_top_k)
 
     @property
+    def fused(self) -> bool:
+        """loss.fused, unless loss.token_clip is set: fused gradients assume every token's value enters the loss
+        with one weight, and a clipped token's weight is 0 (the unfused path recomputes each chunk instead)."""
+        return self.loss.fused and self.loss.token_clip is None
+
+    @property
     def scoring_chunk(self) -> int:
         """Positions per (chunk, vocab) logits block when an in-process teacher scores."""
         return self.loss.chunk_size
@@ -128,7 +134,7 @@ class Objective:
         tokens = mb.completion_ids.to(h.device)[mask]  # (n,)
         flat = lambda x: None if x is None else x.to(h.device)[mask]  # noqa: E731  (B, T, ...) -> (n, ...)
         out = torch.zeros(mask.shape, dtype=torch.float32, device=h.device)  # (B, T)
-        chunk, fused = cfg.chunk_size, cfg.fused  # fused: values summed with one weight
+        chunk, fused = cfg.chunk_size, self.fused
 
         if self.name is LossName.SFT:
             values = -L.chunked_loss_from_hidden(h, student_weight, _token_logprob(1.0), tokens, chunk_size=chunk,
@@ -145,6 +151,7 @@ class Objective:
             ids, lps, smask = self._remote_support(signal, mb)
             values = L.chunked_loss_from_hidden(h, student_weight, self._topk_fn(), flat(ids), flat(lps), flat(smask),
                                                 chunk_size=chunk, fused=fused)
+        values = clip_token_loss(values, cfg.token_clip) if cfg.token_clip is not None else values
         return out.masked_scatter(mask, values.float())
 
     def _sampled_pg(self, h, student_weight, tokens, mask, mb: Rollouts, signal: TeacherSignal) -> torch.Tensor:
@@ -165,9 +172,9 @@ class Objective:
                                               teacher_weight=t_weight, name=cfg.name, beta=cfg.beta, alpha=cfg.alpha,
                                               temperature=cfg.temperature,
                                               scale_by_temperature_squared=cfg.scale_temperature_squared,
-                                              chunk_size=cfg.chunk_size, fused=cfg.fused)
+                                              chunk_size=cfg.chunk_size, fused=self.fused)
         return L.chunked_loss_from_hidden(h, student_weight, self._local_topk_fn(t_weight), t_hidden, tokens,
-                                          chunk_size=cfg.chunk_size, fused=cfg.fused)
+                                          chunk_size=cfg.chunk_size, fused=self.fused)
 
     def _topk_fn(self):
         cfg = self.loss
@@ -204,6 +211,19 @@ class Objective:
             return mb.student_topk_ids[..., :k], signal.query_logprobs, None
         ids, smask = L.union_support(signal.topk_ids[..., :k], mb.student_topk_ids[..., :k])  # union
         return ids, torch.cat([signal.topk_logprobs[..., :k], signal.query_logprobs], -1), smask
+
+
+def clip_token_loss(values: torch.Tensor, clip: float) -> torch.Tensor:
+    """loss.token_clip: each token's loss l_t becomes clamp(l_t, 0, clip).
+
+    Per token, not per vocabulary entry: a divergence sum_v f(p_v, q_v) is >= 0 as a whole, but its
+    entries are not (p_v log(p_v / q_v) < 0 where q_v > p_v), so capping the entries before the sum (OPSD's
+    0.05 clip) can make a token's loss negative and push the student away from the teacher (OPSD #24).
+    Clamping the sum keeps every token's loss in [0, clip]. Gradient: d clamp(l_t)/d theta = 1[0 <= l_t <= clip]
+    * d l_t/d theta, so a token whose loss exceeds the clip gives no gradient at all (as PPO's clipped
+    ratio): the step follows the tokens where student and teacher are already within `clip` nats, and
+    the outliers (e.g. style tokens the privileged teacher is sure about) are left out, not scaled down."""
+    return values.clamp(min=0.0, max=clip)
 
 
 def _token_logprob(temperature: float):

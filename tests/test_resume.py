@@ -21,7 +21,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +29,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from tiny import free_port
 
 from protege.config import load_config
 from protege.recipe import load_recipe, run_recipe
@@ -200,12 +200,6 @@ torch.save({"ref": weights(ref), "resumed": weights(resumed)}, f"{cut_dir}/weigh
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_on_policy_with_eval_resume_exactly(tiny_paths, tmp_path):
     """2 ranks (gloo): on-policy generation with each rank's own RNG stream, held-out evaluation every 2 steps,
     a checkpoint written across ranks; resumed from it, both ranks end bitwise equal to the uninterrupted run."""
@@ -217,7 +211,7 @@ def test_two_processes_on_policy_with_eval_resume_exactly(tiny_paths, tmp_path):
              "optim.schedule=cosine", "output.save_every=2", "output.eval_every=2", "data.eval_fraction=0.2",
              "data.eval_prompts=4"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(script), str(ref), str(cut), *args]
+           "--master_port", str(free_port()), str(script), str(ref), str(cut), *args]
     proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}, timeout=300,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import free_port
 
 from protege.config import load_config
 from protege.trainer import Distiller, train
@@ -130,7 +131,7 @@ def test_two_processes_match_one(tiny_paths, tmp_path):
                 "train.micro_batch_size=2", "optim.lr=3e-3", f"output.dir={out}", "output.progress=false",
                 "train.num_threads=1", "data.eval_prompts=0"]
         cmd = [sys.executable, str(script), *args] if nproc == 1 else \
-            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
              str(script), *args]
         subprocess.run(cmd, check=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
                        capture_output=True)

@@ -66,3 +66,12 @@ def write_dataset(path: Path, n: int = 40, with_reference: bool = True) -> str:
         rows.append(row)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for torch.distributed's master port in multi-process tests)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -83,6 +83,10 @@ class APITeacher:
     def close(self) -> None:
         self.http.close()
 
+    def step_metrics(self) -> dict[str, int]:
+        """The trainer's per-step hook: usage_since_last()."""
+        return self.usage_since_last()
+
     def usage_since_last(self) -> dict[str, int]:
         """What the API was asked since the last call: requests, prompt/completion tokens (its `usage`), and the
         rows served from the store instead; as step metrics (teacher_api_*)."""

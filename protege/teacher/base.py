@@ -37,8 +37,23 @@ class Teacher(Protocol):
         completion positions, holding exactly what `request` asks for. How the teacher sees a row
         (its own prompt or context, its own tokenizer) is its business; the alignment is not.
     An in-process teacher that answers `request.hidden` also has `output_weight` (V, H), its output
-    projection on its own device, from which the loss rebuilds exact logits chunk by chunk."""
+    projection on its own device, from which the loss rebuilds exact logits chunk by chunk.
+
+    Optional hooks (the trainer calls each only when the teacher has it, see `optional`; a wrapper that
+    holds other teachers forwards them):
+      after_step(student)      after every optimizer step (an EMA self-teacher updates its weights);
+      state_dict() / load_state_dict(state)   plain tensors and values kept in every checkpoint under
+                               "teacher" (the EMA), so that a resumed run continues exactly; load raises
+                               ValueError when the state does not fit this teacher;
+      step_metrics() -> dict   extra metrics of the last scored buffer, logged with the step's metrics
+                               (the privileged teacher's leak signal), then cleared."""
 
     vocab_size: int
 
     def score(self, rollouts: Rollouts, request: ScoreRequest) -> TeacherSignal: ...
+
+
+def optional(teacher, hook: str, *args, default=None):
+    """teacher.<hook>(*args) when the teacher has that optional hook, else `default`."""
+    fn = getattr(teacher, hook, None)
+    return fn(*args) if callable(fn) else default
