@@ -90,7 +90,13 @@ def build_teacher(cfg: Config, teacher_model, *, pad_id: int, device, objective:
 
 def _teacher_source(cfg: Config, teacher_model, *, pad_id: int, device, objective: Objective, student):
     t = cfg.teacher
-from protege.api_kinds import API_KINDS, needs_logprobs
+    if t.protocol in API_KINDS:  # a generation API: teacher samples only (protege.api_kinds)
+        from protege.teacher.api import APITeacher
+
+        return APITeacher(t.protocol, t.urls, store_dir=t.api_store or os.path.join(cfg.output.dir, "teacher_api"),
+                          topk=cfg.loss.top_k if needs_logprobs(cfg.loss.name) else 0, api_key=t.api_key,
+                          model=t.model, timeout=t.timeout_s, max_wait_s=t.max_wait_s,
+                          max_concurrency=t.max_concurrency, vocab_size=t.vocab_size), None
     if t.self is not None:  # the student itself: no model of its own (mix.seq_kd is refused by the config)
         from protege.teacher.self_teacher import build_self_teacher
 
