@@ -15,6 +15,7 @@ from accelerate import Accelerator
 from protege.config import Config
 from protege.forward import check_supported, output_weight
 from protege.objective import Objective
+from protege.teacher import cache
 from protege.teacher.base import Teacher
 
 
@@ -56,20 +57,21 @@ def build_student(cfg: Config, student, device):
 
 
 def build_teacher(cfg: Config, teacher_model, *, pad_id: int, device, objective: Objective) -> tuple[Teacher, object]:
-    """(teacher, in-process teacher model or None): a RemoteTeacher for teacher.urls, else a LocalTeacher."""
+    """(teacher, in-process teacher model or None): a RemoteTeacher for teacher.urls, else a LocalTeacher; behind
+    the teacher-score cache when teacher.cache_dir is set (protege.teacher.cache: it wraps the model's teacher)."""
     t = cfg.teacher
     if t.urls:
         from protege.teacher.remote import RemoteTeacher
 
-        return RemoteTeacher(t.urls, api_key=t.api_key or os.environ.get("PROTEGE_API_KEY"), protocol=t.protocol,
-                             timeout=t.timeout_s, max_wait_s=t.max_wait_s, logprob_dtype=t.logprob_dtype,
-                             vocab_size=t.vocab_size), None
+        return cache.wrap(t, RemoteTeacher(t.urls, api_key=t.api_key or os.environ.get("PROTEGE_API_KEY"),
+                                           protocol=t.protocol, timeout=t.timeout_s, max_wait_s=t.max_wait_s,
+                                           logprob_dtype=t.logprob_dtype, vocab_size=t.vocab_size)), None
     from protege.modeling import load_model
     from protege.teacher.local import LocalTeacher
 
     model = (teacher_model if teacher_model is not None else load_model(t.path, t.dtype)).to(device)
-    return LocalTeacher(model, pad_id=pad_id, token_budget=t.batch_tokens,
-                        chunk_positions=objective.scoring_chunk), model
+    return cache.wrap(t, LocalTeacher(model, pad_id=pad_id, token_budget=t.batch_tokens,
+                                      chunk_positions=objective.scoring_chunk)), model
 
 
 def check_vocabularies(teacher, student) -> None:

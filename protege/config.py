@@ -51,6 +51,15 @@ class TeacherConfig(_Section):
                                    "config.json 'vocab_size'), for an OpenAI-compatible server that does not report "
                                    "it (stock vllm serve). None: the server's own figure, else the config.json of "
                                    "the model it serves when readable here.")
+    cache_dir: str | None = Field(None, description="Teacher-score cache folder (off when None): the teacher's "
+                                  "answers are stored per (teacher, token ids, request) and reused by later epochs, "
+                                  "reruns and resumes (see docs/remote_teachers.md; `protege cache-teacher` fills "
+                                  "it ahead of a run).")
+    cache_hidden: bool = Field(False, description="Cache an in-process teacher's hidden states too (H floats per "
+                               "token), which loss.support=full|teacher|student|union with teacher.path reads.")
+    cache_revision: str | None = Field(None, description="Extra identity string in the cache's teacher manifest "
+                                       "(e.g. the served weights' revision): a server reports only a model name, so "
+                                       "change this when the weights behind that name change.")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -205,6 +214,14 @@ class Config(_Section):
         if self.train.micro_batch_size > self.train.prompts_per_step * self.rollout.num_generations:
             raise ValueError("train.micro_batch_size is larger than the buffer (train.prompts_per_step x "
                              "rollout.num_generations)")
+        t = self.teacher
+        if t.cache_hidden and t.cache_dir is None:
+            raise ValueError("teacher.cache_hidden=true needs teacher.cache_dir (the cache folder)")
+        reads_hidden = t.path is not None and loss.name not in ("sampled_pg", "sft") and loss.support != "sampled"
+        if t.cache_dir is not None and reads_hidden and not t.cache_hidden:  # Objective._loss_request asks hidden
+            raise ValueError(f"teacher.cache_dir with an in-process teacher and loss.support={loss.support}: the loss "
+                             "reads the teacher's hidden states; set teacher.cache_hidden=true to cache them, or use "
+                             "loss.support=sampled (or loss.name=sampled_pg|sft), or a teacher server (teacher.urls)")
         if self.teacher.protocol == "openai" and loss.support in ("student", "union"):
             raise ValueError("teacher.protocol=openai cannot return logprobs at the student's ids: use "
                              "loss.support=teacher|sampled, or protege serve-teacher")

@@ -43,6 +43,7 @@ from protege.losses import reduce_tokens
 from protege.rollout.base import RolloutEngine, Sampling
 from protege.records import Rollouts, TeacherSignal
 from protege.teacher.base import Teacher
+from protege.teacher.cache import cache_metrics
 
 log = logging.getLogger("protege")
 
@@ -234,6 +235,7 @@ class Distiller:
             sm = mask & student_rows[:, None]
             m["sampled_rkl"] = sampled_rkl(buffer.sampling_logprobs, signal.token_logprobs, sm)
         m["teacher_nll"] = float(-signal.token_logprobs[mask].mean())
+        m.update(cache_metrics(self.teacher))  # cache/hits, misses, teacher_calls, ... ({} without teacher.cache_dir)
         m.update(self._health(buffer, signal, student_rows))
         return m
 
