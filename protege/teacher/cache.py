@@ -52,7 +52,7 @@ log = logging.getLogger("protege")
 
 FORMAT = 1  # bump when the key or the stored fields change meaning
 FIELDS = ("token_logprobs", "topk_ids", "topk_logprobs", "query_logprobs", "entropy", "hidden_states")
-COUNTERS = ("hits", "misses", "teacher_calls", "off_policy_rows", "bytes_written")
+COUNTERS = ("hits", "misses", "teacher_calls", "off_policy_rows", "bytes_written", "tokens_written")
 _VOLATILE_CONFIG = ("transformers_version", "torch_dtype", "dtype", "name_or_path")  # not what the model computes
 
 
@@ -127,7 +127,7 @@ class CachedTeacher:
 
     Counters since the last `take_counts()`: hits / misses (rows), teacher_calls (calls of the inner
     teacher), off_policy_rows (rows answered from the cache that this run's student did not sample:
-    their source is not "student"), bytes_written. A request for hidden states without cache_hidden
+    their source is not "student"), bytes_written and tokens_written (completion tokens of the rows written). A request for hidden states without cache_hidden
     goes to the inner teacher untouched (counted as misses and a call)."""
 
     def __init__(self, inner: Teacher, store: ShardStore, manifest: dict, *, cache_hidden: bool = False):
@@ -137,7 +137,7 @@ class CachedTeacher:
         self.manifest_hash = store.manifest
         self.cache_hidden = cache_hidden
         self.counts = dict.fromkeys(COUNTERS, 0)
-        self._warned_off_policy = False
+        self.warn_off_policy = True  # once per run; protege cache-teacher (which trains nothing) turns it off
 
     @property
     def vocab_size(self) -> int:
@@ -172,6 +172,7 @@ class CachedTeacher:
         if todo:
             fresh = self._ask_inner(rollouts, request, list(todo.values()))
             self.counts["bytes_written"] += self.store.put(list(todo), fresh)
+            self.counts["tokens_written"] += sum(lens[i] for i in todo.values())
             got = dict(zip(todo, fresh))
             found = [f if f is not None else got[k] for k, f in zip(keys, found)]
         self._count(rollouts, hit_rows)
@@ -194,8 +195,8 @@ class CachedTeacher:
         self.counts["hits"] += len(hit_rows)
         self.counts["misses"] += n - len(hit_rows)
         self.counts["off_policy_rows"] += len(off)
-        if off and not self._warned_off_policy:
-            self._warned_off_policy = True
+        if off and self.warn_off_policy:
+            self.warn_off_policy = False
             kinds = sorted({sources[i] for i in off})
             log.warning("teacher cache: %d rows of this buffer were answered from the cache and not sampled by this "
                         "run's student (source %s): they are off-policy rows (metric cache/off_policy_rows). "
