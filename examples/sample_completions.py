@@ -4,7 +4,8 @@
 
 For offline on-policy distillation (`protege cache-teacher`, docs/remote_teachers.md) the model must
 be the student you are about to train: then the rows are its own samples (on-policy for its first
-step); completions from any other model are off-policy rows.
+step); completions from any other model are off-policy rows. The trainer tokenizes the saved text
+again, which for a BPE tokenizer can now and then split a word differently from how it was sampled.
 """
 
 from __future__ import annotations

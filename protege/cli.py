@@ -131,7 +131,7 @@ def _add_eval(sub) -> None:
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
-    """`train`'s (and `cache-teacher`'s) config overrides are not argparse options: (argv for argparse, the overrides)."""
+    """The config overrides of `train` and `cache-teacher` are not argparse options: (argv for argparse, them)."""
     if not argv or argv[0] not in ("train", "cache-teacher"):
         return argv, []
     head = [a for a in argv[1:2] if not a.startswith("-") and "=" not in a]

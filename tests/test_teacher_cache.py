@@ -119,7 +119,8 @@ def test_hits_and_misses_when_half_the_rows_are_new(server, tmp_path):
         ref = inner.score(mixed, ScoreRequest(topk=8, query_ids=q_mixed))  # no cache
         q_other = q_mixed.clone()
         q_other[0] = (q_other[0] + 1) % VOCAB  # same tokens, other query ids: another answer, a miss
-        teacher.score(mixed.select([0]), ScoreRequest(topk=8, query_ids=q_other[:1, : int(mixed.completion_mask[0].sum())]))
+        first_len = int(mixed.completion_mask[0].sum())
+        teacher.score(mixed.select([0]), ScoreRequest(topk=8, query_ids=q_other[:1, :first_len]))
         assert teacher.take_counts()["misses"] == 1
     mask = mixed.completion_mask
     for name in ("token_logprobs", "topk_logprobs", "query_logprobs"):
@@ -240,5 +241,6 @@ def test_stored_values_come_back_bit_for_bit(tmp_path):
     rows = [{"token_logprobs": lp[i], "hidden_states": hidden[i:i + 1].expand(5, 3)} for i in range(2)]
     store.put([b"a" * 32, b"b" * 32], rows)
     fresh = ShardStore(tmp_path, "m" * 64)
-    assert torch.equal(fresh.get(b"b" * 32)["hidden_states"].view(torch.int16), rows[1]["hidden_states"].view(torch.int16))
+    back = fresh.get(b"b" * 32)["hidden_states"]
+    assert torch.equal(back.view(torch.int16), rows[1]["hidden_states"].view(torch.int16))
     assert fresh.get(b"c" * 32) is None and ShardStore(tmp_path, "x" * 64).get(b"a" * 32) is None

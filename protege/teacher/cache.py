@@ -127,8 +127,9 @@ class CachedTeacher:
 
     Counters since the last `take_counts()`: hits / misses (rows), teacher_calls (calls of the inner
     teacher), off_policy_rows (rows answered from the cache that this run's student did not sample:
-    their source is not "student"), bytes_written and tokens_written (completion tokens of the rows written). A request for hidden states without cache_hidden
-    goes to the inner teacher untouched (counted as misses and a call)."""
+    their source is not "student"), bytes_written and tokens_written (completion tokens of the rows
+    written). A request for hidden states without cache_hidden goes to the inner teacher untouched
+    (counted as misses and a call)."""
 
     def __init__(self, inner: Teacher, store: ShardStore, manifest: dict, *, cache_hidden: bool = False):
         self.inner = inner

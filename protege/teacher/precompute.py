@@ -99,5 +99,6 @@ def precompute(cfg: Config, *, tokenizer=None, teacher_model=None) -> dict:
     counts = cache.take_counts()
     return {"rows": len(examples), "tokens": tokens, **{k: counts[k] for k in ("hits", "misses", "teacher_calls",
                                                                                  "bytes_written")},
-            "bytes_per_token": counts["bytes_written"] / max(1, counts["tokens_written"]), "seconds": time.perf_counter() - t0,
+            "bytes_per_token": counts["bytes_written"] / max(1, counts["tokens_written"]),
+            "seconds": time.perf_counter() - t0,
             "folder": str(cache.store.folder)}
