@@ -132,6 +132,24 @@ def test_hits_and_misses_when_half_the_rows_are_new(server, tmp_path):
     assert torch.equal(got.topk_ids[mask], ref.topk_ids[mask])
 
 
+def test_warm_run_over_a_server_sends_it_nothing(tiny_paths, tmp_path):
+    """The same with a teacher server (top-k support): the warm run's requests never reach it (its own count)."""
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_paths["teacher"])
+    with serve_in_thread(create_app(HFBackend(teacher, pad_id=0), max_k=32)) as srv:
+        scored = lambda: srv.server.config.app.state.batcher.stats.scored_sequences  # noqa: E731
+        args = [f"teacher.urls=[{srv.url}]", "teacher.path=null", "loss.support=teacher", "loss.top_k=8",
+                "train.max_steps=2"]
+        runs = []
+        for name in ("cold", "warm"):
+            before = scored()
+            cfg = load_config(None, _args(tiny_paths, tmp_path / name, *args, f"teacher.cache_dir={tmp_path / 'c'}"))
+            steps = [m for m in Distiller(cfg).train() if "loss" in m]
+            runs.append((_untimed(steps), scored() - before, [m["cache/teacher_calls"] for m in steps]))
+    (cold, n_cold, calls_cold), (warm, n_warm, calls_warm) = runs
+    assert (n_cold, calls_cold) == (8, [1, 1]) and (n_warm, calls_warm) == (0, [0, 0])
+    assert warm == cold
+
+
 def _damage(path: Path, how: str) -> None:
     data = bytearray(path.read_bytes())
     if how == "truncate":
