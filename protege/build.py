@@ -12,11 +12,12 @@ import os
 import torch
 from accelerate import Accelerator
 
-from protege.config import Config
+from protege.config import Config, teacher_configs
 from protege.forward import check_supported, output_weight
 from protege.objective import Objective
 from protege.teacher import cache
 from protege.teacher.base import Teacher
+from protege.teacher.privileged import check_data  # noqa: F401  (the trainer's start-up check of the rows)
 
 
 def build_accelerator(cfg: Config) -> Accelerator:
@@ -33,10 +34,73 @@ def max_steps(cfg: Config, num_prompts: int) -> int:
     return cfg.train.max_steps
 
 
-def build_objective(cfg: Config) -> Objective:
-    """The loss (protege.objective), told where the teacher runs and what the diagnostics read."""
-    return Objective.build(cfg.loss, teacher_local=not cfg.teacher.urls,
-                           diagnostics_top_k=cfg.output.diagnostics_top_k, sampling_temperature=cfg.rollout.temperature)
+def build_objective(cfg: Config, cross_tokenizer: bool = False) -> Objective:
+    """The loss (protege.objective), told where the teacher runs, what the diagnostics read and whether the
+    teacher has another tokenizer (cross_tokenizer_mode)."""
+    return Objective.build(cfg.loss, teacher_local=not any(t.urls for t in teacher_configs(cfg)),
+                           diagnostics_top_k=cfg.output.diagnostics_top_k, sampling_temperature=cfg.rollout.temperature,
+                           cross_tokenizer=cross_tokenizer)
+
+
+def cross_tokenizer_mode(cfg: Config, student_tokenizer, teacher_tokenizer=None) -> tuple[object, bool]:
+    """(the teacher's tokenizer or None, whether to distil across tokenizers), before any weights load.
+
+    teacher.cross_tokenizer=off: never; on: always; auto: when the teacher's tokenizer (teacher_tokenizer, else
+    teacher.tokenizer, else teacher.path's when it is not the student's path, else the student's) has another
+    vocabulary or other special tokens than the student's."""
+    from protege.modeling import load_tokenizer
+
+    t = cfg.teacher
+    if t is None or t.cross_tokenizer == "off":  # several teachers: one tokenizer for all (for now)
+        return None, False
+    source = t.tokenizer or (t.path if t.path != cfg.student.path else None)
+    if teacher_tokenizer is None and source is not None:
+        try:
+            teacher_tokenizer = load_tokenizer(source)
+        except (ValueError, OSError) as e:
+            if t.cross_tokenizer == "on" or t.tokenizer:
+                raise ValueError(f"teacher.tokenizer: could not load the teacher's tokenizer {source!r} ({e}); set "
+                                 "teacher.tokenizer to an HF folder, hub id, .gguf file or smollm2") from None
+    if teacher_tokenizer is None:
+        if t.cross_tokenizer != "on":
+            return None, False
+        teacher_tokenizer = student_tokenizer  # on, and no tokenizer of its own named: the student's
+    cross = t.cross_tokenizer == "on" or not same_tokenizer(student_tokenizer, teacher_tokenizer)
+    if cross:
+        check_cross_tokenizer(cfg)
+    return teacher_tokenizer, cross
+
+
+def pad_id_of(tokenizer) -> int:
+    """A padding id inside the tokenizer's vocabulary (pad, else EOS, else 0)."""
+    return next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+
+
+def same_tokenizer(a, b) -> bool:
+    """Same vocabulary (token -> id) and the same special tokens."""
+    return a.get_vocab() == b.get_vocab() and a.all_special_tokens == b.all_special_tokens
+
+
+def check_cross_tokenizer(cfg: Config) -> None:
+    """What a cross-tokenizer run cannot do, refused at start-up."""
+    if cfg.mix.seq_kd:
+        raise ValueError("mix.seq_kd with a teacher of another tokenizer: its samples are in its own vocabulary. "
+                         "Write the teacher's samples as a dataset's completions (mix.lmbda=0 uses them), or set "
+                         "mix.seq_kd=false")
+    if cfg.loss.cross_tokenizer == "span" and cfg.loss.name != "sft" and cfg.mix.lmbda < 1:
+        raise ValueError("loss.cross_tokenizer=span needs student rollouts (importance ratio to the sampling "
+                         "policy): set mix.lmbda=1, or use loss.cross_tokenizer=shared_topk|uld|hybrid")
+
+
+def wrap_cross_tokenizer(cfg: Config, teacher: Teacher, student_tokenizer, teacher_tokenizer,
+                         student_vocab_size: int) -> Teacher:
+    """The teacher seen through the student's positions (protege.teacher.cross_tokenizer)."""
+    from protege.modeling import eos_ids
+    from protege.teacher.cross_tokenizer import CrossTokenizerTeacher
+
+    return CrossTokenizerTeacher(teacher, student_tokenizer, teacher_tokenizer, student_vocab_size=student_vocab_size,
+                                 student_eos_ids=eos_ids(student_tokenizer), teacher_eos_ids=eos_ids(teacher_tokenizer),
+                                 max_prompt_tokens=cfg.data.max_prompt_tokens)
 
 
 def build_student(cfg: Config, student, device):
@@ -56,16 +120,51 @@ def build_student(cfg: Config, student, device):
     return student.to(device)
 
 
-def build_teacher(cfg: Config, teacher_model, *, pad_id: int, device, objective: Objective) -> tuple[Teacher, object]:
-    """(teacher, in-process teacher model or None): a RemoteTeacher for teacher.urls, else a LocalTeacher; behind
-    the teacher-score cache when teacher.cache_dir is set (protege.teacher.cache: it wraps the model's teacher)."""
+def build_teacher(cfg: Config, teacher_model, *, pad_id: int, device, objective: Objective, student=None,
+                  tokenizer=None, data_columns: frozenset[str] | None = None) -> tuple[Teacher, object]:
+    """(teacher, in-process teacher model or None) for cfg.teacher: the scorer (_teacher_source: a RemoteTeacher,
+    a LocalTeacher, or the student itself for teacher.self), wrapped in a PrivilegedTeacher when the teacher
+    sees its own view of each row (protege.teacher.privileged.uses_privileged: teacher.system_prompt, a
+    privileged data key, or a privileged column among `data_columns`, the training rows' columns).
+
+    student: the (unwrapped, LoRA-applied) student model, needed by teacher.self. tokenizer: the student's,
+    which renders the privileged view unless the teacher is loaded from teacher.path (its own tokenizer).
+    For `teachers:` a RoutedTeacher over one of these per name (protege.teacher.several)."""
+    from protege.teacher.privileged import PrivilegedTeacher, uses_privileged
+
+    if cfg.teachers:  # several named teachers: a RoutedTeacher over one built here per name (model None)
+        from protege.teacher.several import build_routed_teacher
+
+        return build_routed_teacher(cfg, teacher_model, lambda one, model, dev: build_teacher(
+            one, model, pad_id=pad_id, device=dev, objective=objective, student=student, tokenizer=tokenizer,
+            data_columns=data_columns), device), None
+    teacher, model = _teacher_source(cfg, teacher_model, pad_id=pad_id, device=device, objective=objective,
+                                     student=student)
+    if not uses_privileged(cfg, data_columns):
+        return teacher, model
+    if cfg.teacher.path and teacher_model is None:
+        from protege.modeling import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.teacher.path)
+    if tokenizer is None:
+        raise ValueError("a privileged-context teacher needs a tokenizer to render its prompts: pass tokenizer=")
+    return PrivilegedTeacher(teacher, cfg, tokenizer), model
+
+
+def _teacher_source(cfg: Config, teacher_model, *, pad_id: int, device, objective: Objective, student):
     t = cfg.teacher
+    if t.self is not None:  # the student itself: no model of its own (mix.seq_kd is refused by the config)
+        from protege.teacher.self_teacher import build_self_teacher
+
+        return build_self_teacher(t.self, student, pad_id=pad_id, token_budget=t.batch_tokens,
+                                  chunk_positions=objective.scoring_chunk, ema_rate=t.ema_rate), None
     if t.urls:
         from protege.teacher.remote import RemoteTeacher
 
         return cache.wrap(t, RemoteTeacher(t.urls, api_key=t.api_key or os.environ.get("PROTEGE_API_KEY"),
                                            protocol=t.protocol, timeout=t.timeout_s, max_wait_s=t.max_wait_s,
-                                           logprob_dtype=t.logprob_dtype, vocab_size=t.vocab_size)), None
+                                           logprob_dtype=t.logprob_dtype, vocab_size=t.vocab_size,
+                                           hidden_dtype=t.hidden_dtype, projection_cache=t.projection_cache)), None
     from protege.modeling import load_model
     from protege.teacher.local import LocalTeacher
 
@@ -77,7 +176,8 @@ def build_teacher(cfg: Config, teacher_model, *, pad_id: int, device, objective:
 def check_vocabularies(teacher, student) -> None:
     if teacher.vocab_size != output_weight(student).shape[0]:
         raise ValueError(f"teacher vocabulary ({teacher.vocab_size}) != student vocabulary "
-                         f"({output_weight(student).shape[0]}): protege needs a shared tokenizer")
+                         f"({output_weight(student).shape[0]}): protege needs a shared tokenizer, or the teacher's own "
+                         "(teacher.tokenizer, teacher.cross_tokenizer=auto|on) to distil across tokenizers")
 
 
 def build_rollout_engine(cfg: Config, student, *, pad_id: int, bf16: bool, seed: int):

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class _Section(BaseModel):
@@ -47,6 +47,12 @@ class TeacherConfig(_Section):
     timeout_s: float = Field(300.0, gt=0, description="Server: timeout of one HTTP request.")
     max_wait_s: float = Field(600.0, gt=0, description="Server: how long to keep retrying (with backoff) while the "
                               "teacher server is down or overloaded before the run stops with an error.")
+    hidden_dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        "float16", description="Server, loss.support=full: dtype of the teacher's hidden states on the wire (H numbers "
+        "per token instead of V logits; the client applies the teacher's output projection). float16: 2^-11 relative "
+        "rounding, refused by the server beyond |h| = 65504; bfloat16: 2^-8, any range; float32: exact.")
+    projection_cache: str | None = Field(None, description="Server, loss.support=full: a directory that keeps the "
+                                         "teacher's output projection between runs (<sha256>.prtg); None: memory only.")
     vocab_size: int | None = Field(None, ge=1, description="Server: the teacher's vocabulary size (its logits' width, "
                                    "config.json 'vocab_size'), for an OpenAI-compatible server that does not report "
                                    "it (stock vllm serve). None: the server's own figure, else the config.json of "
@@ -60,11 +66,50 @@ class TeacherConfig(_Section):
     cache_revision: str | None = Field(None, description="Extra identity string in the cache's teacher manifest "
                                        "(e.g. the served weights' revision): a server reports only a model name, so "
                                        "change this when the weights behind that name change.")
+    self: Literal["base", "ema", "live"] | None = Field(
+        None, description="The student as its own teacher (self-distillation; usually with privileged context, "
+        "docs/teachers.md): base = the starting weights (with LoRA: the adapter disabled, no second copy), ema = an "
+        "exponential moving average of the student (teacher.ema_rate), live = the current weights without gradient.")
+    ema_rate: float = Field(0.05, gt=0, le=1, description="teacher.self=ema: after each optimizer step "
+                            "theta_T <- (1 - rate) * theta_T + rate * theta_S (TRL SDFT's 0.05; 1 = live weights).")
+    system_prompt: str | None = Field(None, description="A system message only the teacher sees (joined before the "
+                                      "row's own system message, if any): context distillation.")
+    tokenizer: str | None = Field(None, description="The teacher's tokenizer and chat template (HF folder, hub id, "
+                                  ".gguf or smollm2) when it is not the student's. None: teacher.path's (in-process) "
+                                  "or the student's (server).")
+    cross_tokenizer: Literal["auto", "on", "off"] = Field(
+        "auto", description="Distil across tokenizers (re-tokenize the student's text for the teacher, align by "
+        "bytes; docs/cross_tokenizer.md): auto = when the teacher's tokenizer differs from the student's, on = "
+        "always, off = never (a different vocabulary is then an error).")
+
+    @field_validator("cross_tokenizer", mode="before")
+    @classmethod
+    def _on_off(cls, value):  # YAML reads a bare on/off as true/false
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _one_source(self):
-        if (self.path is None) == (not self.urls):
-            raise ValueError("set exactly one of teacher.path (in-process) or teacher.urls (server)")
+        if sum([self.path is not None, bool(self.urls), self.self is not None]) != 1:
+            raise ValueError("set exactly one of teacher.path (in-process), teacher.urls (server) or teacher.self "
+                             "(the student itself: base, ema or live)")
+        return self
+
+
+class NamedTeacherConfig(TeacherConfig):
+    """One of several teachers (`teachers:`): every teacher setting, plus a name, a weight and offloading."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="The teacher's name: the value of "
+                      "data.teacher_column that routes a row to it, and its metrics' prefix teacher/<name>/.")
+    weight: float = Field(1.0, gt=0, description="teachers_mode=mixture: this teacher's share of the combined "
+                          "target (weights are normalised to sum to 1). Routed mode: must stay 1.")
+    offload: bool = Field(False, description="In-process teacher: keep its weights on the CPU and move them to "
+                          "the device only for its scoring pass (teachers that do not fit together).")
+
+    @model_validator(mode="after")
+    def _offload_local(self):
+        if self.offload and self.urls:
+            raise ValueError(f"teachers[{self.name}].offload=true needs an in-process teacher (path); a teacher "
+                             "behind urls already lives on its server: remove offload")
         return self
 
 
@@ -81,6 +126,34 @@ class DataConfig(_Section):
     eval_prompts: int = Field(16, ge=0, description="How many held-out prompts each evaluation uses.")
     max_prompt_tokens: int = Field(512, ge=8, description="Longer prompts are truncated from the left (counted).")
     system_prompt: str | None = Field(None, description="Optional system message prepended to chat prompts.")
+    privileged_context_column: str = Field("privileged_context", description="Column with text only the teacher "
+                                           "sees (a solution, a demonstration, feedback), put into the last user "
+                                           "turn by data.privileged_template (docs/teachers.md).")
+    teacher_prompt_column: str = Field("teacher_prompt", description="Column with the teacher's own last user turn "
+                                       "(a string or chat messages); it replaces the student's last user turn.")
+    privileged_template: str = Field("{prompt}\n\n{privileged_context}", description="The teacher's last user "
+                                     "turn: {prompt} = the student's last user turn, {privileged_context} = the "
+                                     "row's privileged context.")
+    max_teacher_prompt_tokens: int | None = Field(None, ge=8, description="Token budget of the teacher's prompt "
+                                                  "(its own: never cut to data.max_prompt_tokens); longer ones keep "
+                                                  "their last tokens (counted). None: no limit.")
+
+    @model_validator(mode="after")
+    def _template(self):
+        try:
+            self.privileged_template.format(prompt="", privileged_context="")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"data.privileged_template={self.privileged_template!r} is not a valid template "
+                             f"({type(e).__name__}: {e}): use the fields {{prompt}} and {{privileged_context}}, "
+                             "and write a literal brace as {{ or }}") from None
+        if "{privileged_context}" not in self.privileged_template:
+            raise ValueError(f"data.privileged_template={self.privileged_template!r} lacks {{privileged_context}}: "
+                             "the teacher would never see the context")
+        return self
+    teacher_column: str = Field("teacher", description="teachers (routed): the column whose value names the "
+                                "teacher of each row.")
+    default_teacher: str | None = Field(None, description="teachers (routed): the teacher of rows without a "
+                                        "teacher_column value (None: such a row is an error).")
 
 
 class MixConfig(_Section):
@@ -101,7 +174,8 @@ class LossConfig(_Section):
                                "(1e-3 to 100: smaller ones overflow the logits).")
     scale_temperature_squared: bool = Field(False, description="Multiply by temperature^2 (Hinton).")
     support: Literal["full", "teacher", "student", "union", "sampled"] = Field(
-        "full", description="Categories the divergence runs over: the full vocabulary (in-process teacher), the "
+        "full", description="Categories the divergence runs over: the full vocabulary (in-process teacher, or a "
+        "protege teacher server sending hidden states), the "
         "teacher's top-k, the student's top-k, their union, or the sampled token (+tail).")
     top_k: int = Field(16, ge=1, description="k of top-k supports (at most the vocabulary size, checked when "
                        "the tokenizer loads).")
@@ -111,9 +185,16 @@ class LossConfig(_Section):
     ratio_clip: float | None = Field(None, gt=0, description="sampled_pg: truncate the importance ratio at this value.")
     discount: float | None = Field(None, ge=0, le=1, description="sampled_pg: reward-to-go discount (MiniLLM); "
                                    "None = per-token advantage.")
+    token_clip: float | None = Field(None, gt=0, description="Clamp each token's loss to [0, token_clip] (a token "
+                                     "above it gives no gradient; docs/teachers.md); None = off. Not for sampled_pg.")
     chunk_size: int = Field(1024, ge=16, description="Positions per chunk of the vocabulary projection (in the "
                             "loss and in in-process teacher scoring): smaller = less memory (a chunk's logits are "
                             "chunk_size x vocab floats), more, smaller matmuls.")
+    cross_tokenizer: Literal["span", "shared_topk", "uld", "hybrid"] = Field(
+        "span", description="Loss with a teacher of another tokenizer (teacher.cross_tokenizer): span = span-level "
+        "sampled estimator (student rollouts, any server with token logprobs); shared_topk = loss.name over the "
+        "teacher's top_k mapped to same-bytes student tokens + tail on 1:1 spans (span estimator elsewhere); uld = "
+        "GOLD's sorted-probability L1; hybrid = GOLD's hybrid. loss.name=sft ignores it.")
     fused: bool = Field(True, description="Compute the vocabulary projection's gradients chunk by chunk in the "
                         "forward pass (the student's lm_head runs 3 times per token instead of 4, the teacher's "
                         "once instead of twice, the softmaxes once); false = recompute them in the backward "
@@ -188,11 +269,22 @@ class OutputConfig(_Section):
     progress: bool = Field(True, description="Show a progress bar with ETA.")
     diagnostics_top_k: int = Field(16, ge=0, description="k of the OPD health diagnostics (top-k overlap, entropy "
                                    "gap) at student-visited positions; 0 = off.")
+    probe_every: int = Field(0, ge=0, description="Greedy probe interval in steps (0 = off): greedy answers to "
+                             "output.probe_prompts held-out prompts, up to 2 x rollout.max_new_tokens, checked against "
+                             "the teacher's (repetition, EOS, distinct-2; protege.probe). Also runs at the start and end.")
+    probe_prompts: int = Field(4, ge=1, description="How many held-out prompts the greedy probe answers.")
 
 
 class Config(_Section):
     student: StudentConfig
-    teacher: TeacherConfig
+    teacher: TeacherConfig | None = Field(None, description="The teacher (one); for several, use teachers.")
+    teachers: list[NamedTeacherConfig] = Field(default_factory=list, description="Several named teachers, each "
+                                               "with every teacher setting plus name, weight and offload "
+                                               "(docs/teachers.md, Several teachers); instead of teacher.")
+    teachers_mode: Literal["routed", "mixture"] = Field("routed", description="teachers: routed = each row is "
+                                                        "scored by the teacher its data.teacher_column names; "
+                                                        "mixture = every row by every teacher, combined with "
+                                                        "the normalised weights.")
     data: DataConfig = Field(default_factory=DataConfig)
     mix: MixConfig = Field(default_factory=MixConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
@@ -205,27 +297,87 @@ class Config(_Section):
     @model_validator(mode="after")
     def _combinations(self):
         loss = self.loss
-        if loss.support == "full" and self.teacher.urls and loss.name not in ("sampled_pg", "sft"):
-            raise ValueError("loss.support=full needs an in-process teacher (teacher.path); with teacher.urls use "
-                             "loss.support=teacher|student|union|sampled")
+        check_teacher_set(self)
+        remote = [getattr(t, "name", "teacher") for t in teacher_configs(self) if t.urls and t.protocol == "openai"]
+        cross = self.teacher is not None and (self.teacher.cross_tokenizer == "on" or (
+            self.teacher.cross_tokenizer == "auto" and self.teacher.tokenizer is not None))
+        if loss.support == "full" and remote and loss.name not in ("sampled_pg", "sft") and not cross:
+            raise ValueError("loss.support=full needs the teacher's hidden states: an in-process teacher (teacher.path)"
+                             " or `protege serve-teacher` (teacher.protocol=protege); with teacher.protocol=openai use "
+                             "loss.support=teacher|sampled" + (f" (openai teachers: {remote})" if self.teachers else ""))
         if loss.name == "sampled_pg" and self.mix.lmbda < 1:
             raise ValueError("loss.name=sampled_pg needs student rollouts (importance ratio to the sampling policy):"
                              " set mix.lmbda=1")
         if self.train.micro_batch_size > self.train.prompts_per_step * self.rollout.num_generations:
             raise ValueError("train.micro_batch_size is larger than the buffer (train.prompts_per_step x "
                              "rollout.num_generations)")
-        t = self.teacher
-        if t.cache_hidden and t.cache_dir is None:
-            raise ValueError("teacher.cache_hidden=true needs teacher.cache_dir (the cache folder)")
-        reads_hidden = t.path is not None and loss.name not in ("sampled_pg", "sft") and loss.support != "sampled"
-        if t.cache_dir is not None and reads_hidden and not t.cache_hidden:  # Objective._loss_request asks hidden
-            raise ValueError(f"teacher.cache_dir with an in-process teacher and loss.support={loss.support}: the loss "
-                             "reads the teacher's hidden states; set teacher.cache_hidden=true to cache them, or use "
-                             "loss.support=sampled (or loss.name=sampled_pg|sft), or a teacher server (teacher.urls)")
-        if self.teacher.protocol == "openai" and loss.support in ("student", "union"):
+        selfs = [t.self for t in teacher_configs(self) if t.self is not None]
+        if selfs and self.mix.seq_kd:
+            raise ValueError(f"mix.seq_kd samples from an in-process teacher model; teacher.self={selfs[0]} "
+                             "has none of its own: set mix.seq_kd=false")
+        if loss.token_clip is not None and loss.name == "sampled_pg":
+            raise ValueError("loss.token_clip clamps a divergence at [0, clip]; sampled_pg's per-token surrogate "
+                             "-rho*A is signed by design: use loss.ratio_clip instead, or unset loss.token_clip")
+        for t in teacher_configs(self):
+            check_cache(t, loss)
+        if any(t.protocol == "openai" for t in teacher_configs(self)) and loss.support in ("student", "union"):
             raise ValueError("teacher.protocol=openai cannot return logprobs at the student's ids: use "
                              "loss.support=teacher|sampled, or protege serve-teacher")
         return self
+
+
+def check_cache(t: TeacherConfig, loss: LossConfig) -> None:
+    """teacher.cache_* settings that cannot work, refused at start-up (see protege.teacher.cache)."""
+    if t.cache_dir is None:
+        if t.cache_hidden:
+            raise ValueError("teacher.cache_hidden=true needs teacher.cache_dir (the cache folder)")
+        return
+    if t.self is not None:
+        raise ValueError(f"teacher.cache_dir with teacher.self={t.self}: the student changes as it trains, so its "
+                         "answers cannot be cached; unset teacher.cache_dir")
+    token_level = loss.name in ("sampled_pg", "sft") or loss.support == "sampled"
+    cross = t.cross_tokenizer == "on" or t.tokenizer is not None  # a cross-tokenizer teacher is asked for top-k
+    reads_hidden = not token_level and not cross and (t.path is not None or loss.support == "full")
+    if reads_hidden and not t.cache_hidden:
+        raise ValueError(f"teacher.cache_dir with loss.support={loss.support} and this teacher: the loss reads the "
+                         "teacher's hidden states; set teacher.cache_hidden=true to cache them, or use "
+                         "loss.support=sampled (or loss.name=sampled_pg|sft), or a top-k support with teacher.urls")
+
+
+def teacher_configs(cfg: Config) -> list[TeacherConfig]:
+    """The run's teacher settings: the named teachers, or the one teacher."""
+    return list(cfg.teachers) if cfg.teachers else [cfg.teacher]
+
+
+def check_teacher_set(cfg: Config) -> None:
+    """One teacher or several named ones, never both; names unique; settings that fit the mode (docs/teachers.md)."""
+    if cfg.teacher is None and not cfg.teachers:
+        raise ValueError("teacher: required, not set (set teacher.path or teacher.urls, or teachers: a list of "
+                         "named teachers)")
+    if cfg.teacher is not None and cfg.teachers:
+        raise ValueError("set either teacher (one teacher) or teachers (several named teachers), not both: move "
+                         "teacher.path/urls into an entry of teachers")
+    if not cfg.teachers:
+        return
+    names = [t.name for t in cfg.teachers]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"teachers: the names {twice} are used more than once; give each teacher its own name")
+    if cfg.data.default_teacher is not None and cfg.data.default_teacher not in names:
+        raise ValueError(f"data.default_teacher={cfg.data.default_teacher!r} names no teacher; known: {names}")
+    if cfg.teachers_mode == "routed":
+        weighted = [t.name for t in cfg.teachers if t.weight != 1.0]
+        if weighted:
+            raise ValueError(f"teachers {weighted}: weight is used by teachers_mode=mixture only (in routed mode "
+                             "each row has one teacher); remove it or set teachers_mode=mixture")
+    elif cfg.loss.support in ("teacher", "union") and any(t.urls for t in cfg.teachers) \
+            and cfg.loss.name not in ("sampled_pg", "sft"):
+        raise ValueError(f"teachers_mode=mixture with a teacher behind urls cannot combine top-k lists "
+                         f"(loss.support={cfg.loss.support}: each teacher's top-k ids differ): use "
+                         "loss.support=student|sampled or loss.name=sampled_pg, or in-process teachers")
+    if cfg.mix.seq_kd:
+        raise ValueError("mix.seq_kd (teacher samples) with several teachers is not supported: use dataset "
+                         "references (mix.seq_kd=false) or one teacher")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
@@ -312,7 +464,8 @@ def _explain(err: ValidationError) -> str:
             known = ", ".join(section.model_fields) if section else ""
             lines.append(f"{field}: unknown key (known keys here: {known})")
         elif e["type"] == "missing":
-            hint = {"teacher": " (set teacher.path or teacher.urls)", "student": " (set student.path)"}.get(field, "")
+            hint = {"teacher": " (set teacher.path or teacher.urls, or teacher.self)",
+                    "student": " (set student.path)"}.get(field, "")
             lines.append(f"{field}: required, not set{hint}")
         elif e["type"] == "value_error":  # our own validators: the message names the fields and the fix
             lines.append(str(e["ctx"]["error"]) if "ctx" in e else f"{field}: {e['msg']}")
@@ -340,11 +493,21 @@ def check_vocab_bounds(cfg: Config, vocab_size: int, source: str) -> None:
 def _section_of(loc) -> type[BaseModel] | None:
     model: type[BaseModel] = Config
     for part in loc:
+        if isinstance(part, int):  # an entry of a list of sections (teachers.0)
+            continue
         field = model.model_fields.get(str(part))
-        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+        model = _section_type(field.annotation) if field is not None else None
+        if model is None:
             return None
-        model = field.annotation
     return model
+
+
+def _section_type(annotation) -> type[BaseModel] | None:
+    """The section class of a field typed as a section, an optional section or a list of sections, else None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    inner = [_section_type(a) for a in getattr(annotation, "__args__", ())]
+    return next((a for a in inner if a is not None), None)
 
 
 def describe_config() -> str:
@@ -353,9 +516,9 @@ def describe_config() -> str:
 
     def walk(model: type[BaseModel], prefix: str):
         for name, f in model.model_fields.items():
-            ann = f.annotation
-            if isinstance(ann, type) and issubclass(ann, BaseModel):
-                walk(ann, f"{prefix}{name}.")
+            section = _section_type(f.annotation)
+            if section is not None:
+                walk(section, f"{prefix}{name}{'[].' if 'list' in str(f.annotation) else '.'}")
                 continue
             default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))
             lines.append(f"  {prefix}{name} = {default}\n      {f.description or ''}")

@@ -30,75 +30,134 @@ def add_parser(sub) -> None:
     p.add_argument("--keep", type=int, default=24, help="decoder layers the student keeps (of 30)")
     p.add_argument("--strategy", choices=["even", "similarity"], default="even", help="which layers to keep")
     p.add_argument("--eval-prompts", type=int, default=16, help="held-out prompts for the before/after metrics")
+    p.add_argument("--prompts", default="builtin:unseen", metavar="FILE",
+                   help="your own questions, judged before/after beside the teacher's answers: a .txt file (one "
+                        "prompt per line) or a .jsonl/.json/.csv/.parquet file with a 'prompt' or 'messages' column "
+                        "(default builtin:unseen, 16 questions the recipe never saw)")
     p.set_defaults(func=lambda a, rest: _demo(a, rest))
 
 
 def _demo(a, rest: list[str]) -> int:
-    summary = run_demo(out=a.out, keep=a.keep, strategy=a.strategy, eval_prompts=a.eval_prompts, overrides=rest)
-    print(f"\nheld-out reverse KL {summary['before']['rkl']:.3f} -> {summary['after']['rkl']:.3f} "
-          f"({100 * (1 - summary['after']['rkl'] / summary['before']['rkl']):.0f}% lower); greedy distinct-2 "
-          f"{summary['after']['greedy_distinct_2']:.2f} (teacher {summary['after']['teacher_greedy_distinct_2']:.2f})")
+    summary = run_demo(out=a.out, keep=a.keep, strategy=a.strategy, eval_prompts=a.eval_prompts, overrides=rest,
+                       prompts=a.prompts)
+    for name, res in (("held-out", summary), ("your prompts" if a.prompts != "builtin:unseen" else "unseen",
+                                              summary["prompts"])):
+        b, f = res["before"], res["after"]
+        print(f"{name}: reverse KL {b['rkl']:.3f} -> {f['rkl']:.3f} ({100 * (1 - f['rkl'] / b['rkl']):.0f}% lower); "
+              f"greedy distinct-2 {f['greedy_distinct_2']:.2f} (teacher {f['teacher_greedy_distinct_2']:.2f}), "
+              f"repetition {f['greedy_repetition_rate']:.2f} (teacher {f['teacher_greedy_repetition_rate']:.2f}), "
+              f"ending with EOS {f['greedy_eos_rate']:.0%} (teacher {f['teacher_greedy_eos_rate']:.0%})")
     print(f"report: {summary['report']}\ntotal time: {summary['seconds']:.0f} s")
     return 0
 
 
+def load_prompt_file(path: str) -> list[dict]:
+    """Rows {"prompt" or "messages": ...} of a prompt file: builtin:unseen, a .txt file (one prompt per
+    non-empty line) or any data file protege reads (protege.data.load_rows)."""
+    from protege.data import load_rows
+    from protege.prompts import load_builtin_prompts
+
+    if path == "builtin:unseen":
+        return [{"prompt": p} for p in load_builtin_prompts("unseen")]
+    if path.endswith(".txt"):
+        try:
+            lines = Path(path).read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"--prompts {path}: no such file; give a .txt file with one question per line, "
+                                    "or a .jsonl file with a 'prompt' column") from None
+        rows = [{"prompt": line.strip()} for line in lines if line.strip()]
+    else:
+        rows = load_rows(path)
+    if not rows:
+        raise ValueError(f"--prompts {path}: the file holds no prompt; write one question per line")
+    return rows
+
+
 def run_demo(*, out: str = "outputs/demo", keep: int = 24, strategy: str = "even", eval_prompts: int = 16,
-             overrides: list[str] | None = None, teacher_path: str | None = None) -> dict:
+             overrides: list[str] | None = None, teacher_path: str | None = None,
+             prompts: str = "builtin:unseen") -> dict:
     from protege.data import PromptTokenizer, load_rows, to_examples
-    from protege.eval import evaluate_models
     from protege.hardware import use_bf16
-    from protege.modeling import eos_ids, load_model, load_tokenizer, resolve_model
+    from protege.modeling import eos_ids, resolve_model
     from protege.prompts import SHOWCASE_PROMPTS
-    from protege.prune import prune_layers
     from protege.recipe import load_recipe, run_recipe
     from protege.recipes import recipe_path
     from protege.report import write_report
 
     t0 = time.time()
+    own_rows = load_prompt_file(prompts)  # a bad file fails before minutes of model loading
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     teacher_path = resolve_model(teacher_path or "smollm2")
-    log.info("loading the teacher %s", teacher_path)
-    tok = load_tokenizer(teacher_path)
-    teacher = load_model(teacher_path, "float32")
-    student = copy.deepcopy(teacher)
-    prompts_for_pruning = load_rows("builtin:everyday", "train")[:16]
-    student, kept = prune_layers(student, keep, strategy, tokenizer=tok,
-                                 sample_prompts=[r["prompt"] for r in prompts_for_pruning])
-    log.info("student keeps layers %s", kept)
-
+    tok, teacher, student, kept = _pruned_pair(teacher_path, keep, strategy)
     base = {"student": {"path": "in-memory:pruned"}, "teacher": {"path": teacher_path}, "output": {"dir": str(out_dir)}}
     stages = load_recipe(recipe_path("demo_smollm2"), overrides, base=base)
     cfg0 = stages[0][1]
     pt = PromptTokenizer(tok, cfg0.data.max_prompt_tokens)
-    heldout = [pt.prompt_ids(e) for e in to_examples(load_rows("builtin:everyday", "heldout")).examples[:eval_prompts]]
-    ev = dict(max_new_tokens=cfg0.rollout.max_new_tokens, eos_ids=eos_ids(tok), bf16=use_bf16(cfg0.train.precision, "cpu"))
-    log.info("evaluating the pruned student before training")
-    teacher_cache: dict = {}
-    before = evaluate_models(student, teacher, tok, heldout, teacher_cache=teacher_cache, **ev)
-    show_prompts = [pt.prompt_ids(e) for e in to_examples([{"prompt": p} for p in SHOWCASE_PROMPTS]).examples]
-    answers = {"teacher": _greedy(teacher, tok, show_prompts, ev), "before": _greedy(student, tok, show_prompts, ev)}
-
+    ids = lambda rows: [pt.prompt_ids(e) for e in to_examples(rows).examples]  # noqa: E731
+    sets = {"heldout": ids(load_rows("builtin:everyday", "heldout"))[:eval_prompts], "prompts": ids(own_rows)}
+    showcase = ids([{"prompt": p} for p in SHOWCASE_PROMPTS])
+    cap = cfg0.rollout.max_new_tokens
+    ev = dict(max_new_tokens=cap, greedy_max_new_tokens=2 * cap, eos_ids=eos_ids(tok),
+              bf16=use_bf16(cfg0.train.precision, "cpu"))
+    log.info("evaluating the pruned student before training (greedy answers up to %d tokens)", 2 * cap)
+    caches: dict = {name: {} for name in sets}
+    before = _snapshot(student, tok, sets, showcase, ev, teacher=teacher, caches=caches)
     histories = run_recipe(stages, student=student, teacher_model=teacher, tokenizer=tok)
     log.info("evaluating the student after training")
-    after = evaluate_models(student, teacher, tok, heldout, teacher_cache=teacher_cache, **ev)
-    answers["after"] = _greedy(student, tok, show_prompts, ev)
-    seconds = time.time() - t0
-    summary = {"before": before, "after": after, "kept_layers": kept, "seconds": seconds,
+    after = _snapshot(student, tok, sets, showcase, ev, teacher=teacher, caches=caches)
+    answers = lambda prompts_, key: [{"prompt": p, "teacher": before[f"teacher_{key}"][i],  # noqa: E731
+                                      "before": before[key][i], "after": after[key][i]} for i, p in enumerate(prompts_)]
+    texts = [r["prompt"] if isinstance(r.get("prompt"), str) else str(r.get("prompt") or r.get("messages"))
+             for r in own_rows]
+    summary = {"before": before["heldout"], "after": after["heldout"], "kept_layers": kept,
+               "seconds": time.time() - t0,
+               "prompts": {"source": prompts, "before": before["prompts"], "after": after["prompts"],
+                           "answers": answers(texts, "prompts_answers")},
                "teacher": Path(teacher_path).name.removesuffix(".gguf"),
                "teacher_layers": teacher.config.num_hidden_layers,
                "stages": {n: c.model_dump(mode="json") for n, c in stages},
-               "showcase": [{"prompt": p, **{k: v[i] for k, v in answers.items()}} for i, p in
-                            enumerate(SHOWCASE_PROMPTS)]}
+               "showcase": answers(SHOWCASE_PROMPTS, "showcase_answers")}
     summary["report"] = str(write_report(out_dir, summary, histories))
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
+def _pruned_pair(teacher_path: str, keep: int, strategy: str):
+    """(tokenizer, teacher, student = the teacher pruned to `keep` layers, the kept layer indices)."""
+    from protege.data import load_rows
+    from protege.modeling import load_model, load_tokenizer
+    from protege.prune import prune_layers
+
+    log.info("loading the teacher %s", teacher_path)
+    tok = load_tokenizer(teacher_path)
+    teacher = load_model(teacher_path, "float32")
+    prompts_for_pruning = [r["prompt"] for r in load_rows("builtin:everyday", "train")[:16]]
+    student, kept = prune_layers(copy.deepcopy(teacher), keep, strategy, tokenizer=tok,
+                                 sample_prompts=prompts_for_pruning)
+    log.info("student keeps layers %s", kept)
+    return tok, teacher, student, kept
+
+
+def _snapshot(student, tok, sets: dict, showcase: list, ev: dict, *, teacher, caches: dict) -> dict:
+    """The student's metrics on each prompt set (protege.eval.evaluate_models) and its greedy answers to the
+    showcase and to the user's prompts; the teacher's answers too, the first time (they never change)."""
+    from protege.eval import evaluate_models
+
+    out = {name: evaluate_models(student, teacher, tok, ids, teacher_cache=caches[name], **ev)
+           for name, ids in sets.items()}
+    for key, prompts in (("showcase_answers", showcase), ("prompts_answers", sets["prompts"])):
+        out[key] = _greedy(student, tok, prompts, ev)
+        if f"teacher_{key}" not in caches:
+            caches[f"teacher_{key}"] = _greedy(teacher, tok, prompts, ev)
+        out[f"teacher_{key}"] = caches[f"teacher_{key}"]
+    return out
+
+
 def _greedy(model, tok, prompts, ev) -> list[str]:
     from protege.rollout.hf import generate
 
-    r = generate(model, prompts, temperature=0, max_new_tokens=ev["max_new_tokens"] * 2, eos_ids=ev["eos_ids"],
+    r = generate(model, prompts, temperature=0, max_new_tokens=ev["greedy_max_new_tokens"], eos_ids=ev["eos_ids"],
                  pad_id=tok.pad_token_id, autocast_bf16=ev["bf16"])
     return [tok.decode(r.completion_ids[i][r.completion_mask[i]], skip_special_tokens=True).strip()
             for i in range(len(r))]

@@ -203,6 +203,8 @@ class HealthMonitor:
     peaked than the teacher: mode collapse)."""
     warnings: list[str] = field(default_factory=list, init=False)
     """Every warning emitted so far, in order."""
+    probe_reference: dict[str, float] = field(default_factory=dict, init=False)
+    """The greedy probe's reference values (protege.probe: the teacher's, or the student's first probe)."""
     _history: dict[str, list[float]] = field(default_factory=dict, init=False, repr=False)
     _fired: set[str] = field(default_factory=set, init=False, repr=False)
 
@@ -218,13 +220,23 @@ class HealthMonitor:
         so far, the kinds already fired, and each metric's first `baseline_steps` values (all a baseline
         reads). Plain lists and strings, which torch.load(weights_only=True) reads."""
         return {"warnings": list(self.warnings), "fired": sorted(self._fired),
-                "history": {k: list(v[: self.baseline_steps]) for k, v in self._history.items()}}
+                "history": {k: list(v[: self.baseline_steps]) for k, v in self._history.items()},
+                "probe_reference": dict(self.probe_reference)}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state_dict()`'s output."""
         self.warnings = [str(w) for w in state["warnings"]]
         self._fired = {str(k) for k in state["fired"]}
         self._history = {str(k): [float(x) for x in v] for k, v in state["history"].items()}
+        self.probe_reference = {str(k): float(v) for k, v in state.get("probe_reference", {}).items()}
+
+    def fire(self, step: int, found: dict[str, str]) -> list[str]:
+        """Warnings found elsewhere ({kind: message}, e.g. protege.probe.check), each kind once per run;
+        returns those that fire for the first time now."""
+        new = [f"step {step}: {message}" for kind, message in found.items() if kind not in self._fired]
+        self._fired.update(found)
+        self.warnings.extend(new)
+        return new
 
     def update(self, step: int, metrics: dict[str, float]) -> list[str]:
         """Record this step's metrics; return the warnings that fire for the first time now."""
@@ -311,3 +323,35 @@ def step_health(buffer, signal, student_rows: torch.Tensor, k: int, monitor: Hea
     if warnings:
         out["warnings"] = warnings
     return out
+
+
+# --------------------------------------------------------------------------- privileged context
+def privileged_leak(completion_ids: torch.Tensor, mask: torch.Tensor, teacher_logprobs: torch.Tensor,
+                    teacher_prompts: Sequence[torch.Tensor], student_prompts: Sequence[torch.Tensor], *, n: int = 4,
+                    threshold: float = 0.5) -> float:
+    """How much privileged text a teacher pushes into the student's answers (a leak signal, 0..1).
+
+    completion_ids (N, T), mask (N, T) bool (the tokens to count, e.g. student rows), teacher_logprobs
+    (N, T) log p_T(y_t) of each completion token, teacher_prompts / student_prompts: each row's prompt ids.
+    Row i's privileged n-grams are L_i = ngrams_n(teacher prompt) minus ngrams_n(student prompt): token
+    sequences the teacher saw and the student did not. A completion token y_t is a copy when the
+    n-gram of the completion ending at it, (y_{t-n+1}, ..., y_t), is in L_i and the teacher is confident
+    in it, p_T(y_t) > threshold. Result: copies / tokens in `mask` (NaN when the mask is empty); tokens
+    before position n-1 are never copies. A rising value means the teacher rewards reproducing its
+    context (e.g. "as the solution says ...") that the student cannot know at test time."""
+    total = int(mask.sum())
+    if total == 0:
+        return math.nan
+    confident = teacher_logprobs > math.log(threshold)  # (N, T)
+    copies = 0
+    for i in range(completion_ids.shape[0]):
+        length = int(mask[i].nonzero().max()) + 1 if bool(mask[i].any()) else 0
+        if length < n:
+            continue
+        leaked = set(ngrams(teacher_prompts[i].tolist(), n)) - set(ngrams(student_prompts[i].tolist(), n))
+        if not leaked:
+            continue
+        tokens = completion_ids[i, :length].tolist()
+        copies += sum(1 for t in range(n - 1, length) if mask[i, t] and confident[i, t]
+                      and tuple(tokens[t - n + 1: t + 1]) in leaked)
+    return copies / total

@@ -36,10 +36,13 @@ from protege.teacher.local import score_rows
 @torch.no_grad()
 def evaluate(student, teacher, prompts: list[torch.Tensor], *, teacher_local: bool, pad_id: int,
              eos_ids: list[int], max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-             batch_tokens: int = 16384, micro_batch_size: int = 8, bf16: bool = False, seed: int = 1234) -> dict:
+             batch_tokens: int = 16384, micro_batch_size: int = 8, bf16: bool = False, seed: int = 1234,
+             examples: list | None = None) -> dict:
     """Held-out metrics of `student` against `teacher` (a protege Teacher: local or remote) on `prompts`
     (token ids). Sampling: the rollout settings given; teacher_local: the teacher sends hidden states, so
-    rkl is exact (computed `micro_batch_size` rows at a time). A flat dict of floats; {} without prompts."""
+    rkl is exact (computed `micro_batch_size` rows at a time). examples: the data row of each prompt, for
+    a teacher with its own view of a row (privileged context, routing by a column). A flat dict of floats;
+    {} without prompts."""
     if not prompts:
         return {}
     with torch.random.fork_rng(devices=[]):
@@ -47,6 +50,7 @@ def evaluate(student, teacher, prompts: list[torch.Tensor], *, teacher_local: bo
         rollouts = hf_rollout.generate(student, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                                        top_p=top_p, top_k=top_k, eos_ids=eos_ids, pad_id=pad_id,
                                        batch_tokens=batch_tokens, autocast_bf16=bf16)
+    rollouts.examples = list(examples) if examples is not None else None
     signal = teacher.score(rollouts, ScoreRequest(hidden=teacher_local, temperature=1.0))
     mask = rollouts.completion_mask
     out = {"teacher_nll": float(-signal.token_logprobs[mask].mean())}
@@ -61,14 +65,16 @@ def evaluate(student, teacher, prompts: list[torch.Tensor], *, teacher_local: bo
 @torch.no_grad()
 def evaluate_models(student, teacher, tok, prompts: list[torch.Tensor], *, max_new_tokens: int, eos_ids: list[int],
                     temperature: float = 1.0, batch_tokens: int = 16384, bf16: bool = False, seed: int = 1234,
-                    teacher_cache: dict | None = None) -> dict:
+                    teacher_cache: dict | None = None, greedy_max_new_tokens: int | None = None) -> dict:
     """Student vs an in-process teacher on held-out prompts (token ids):
-    rkl on student samples, fkl on teacher samples, and for greedy answers of the student:
-    teacher_nll, distinct_2, length, eos_rate; plus the teacher's own greedy distinct_2/length.
+    rkl on student samples, fkl on teacher samples (max_new_tokens each), and for greedy answers
+    (greedy_max_new_tokens each, default max_new_tokens) of the student: teacher_nll, distinct_2, length,
+    eos_rate, truncation_rate, repetition_rate; the teacher's own greedy values as teacher_greedy_*.
     Pass the same `teacher_cache` dict to several calls to generate and score the teacher's side once."""
     cache = teacher_cache if teacher_cache is not None else {}
     kw = dict(max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=tok.pad_token_id, batch_tokens=batch_tokens,
               autocast_bf16=bf16)
+    greedy_kw = {**kw, "max_new_tokens": greedy_max_new_tokens or max_new_tokens}
     out = {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -77,9 +83,9 @@ def evaluate_models(student, teacher, tok, prompts: list[torch.Tensor], *, max_n
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 1)
             cache["samples"] = hf_rollout.generate(teacher, prompts, temperature=temperature, **kw)
-        cache["greedy"] = hf_rollout.generate(teacher, prompts, temperature=0, **kw)
+        cache["greedy"] = hf_rollout.generate(teacher, prompts, temperature=0, **greedy_kw)
         cache["signal"] = _score(teacher, cache["samples"], tok)
-    s_greedy = hf_rollout.generate(student, prompts, temperature=0, **kw)
+    s_greedy = hf_rollout.generate(student, prompts, temperature=0, **greedy_kw)
     for name, rollouts, sig, key in (("reverse_kl", s_samples, _score(teacher, s_samples, tok), "rkl"),
                                      ("forward_kl", cache["samples"], cache["signal"], "fkl")):
         out[key] = exact_divergence(student, rollouts, sig.hidden_states, output_weight(teacher), name,

@@ -10,13 +10,17 @@ code that reads the loss config. The trainer asks it three things:
 The loss table (support x loss name x where the teacher runs):
 
   support=full     exact divergence over the vocabulary; teacher logits rebuilt per chunk from its
-                   hidden states (in-process teacher only)
+                   hidden states (in-process, or sent by a protege teacher server with its output
+                   projection: RemoteTeacher.output_weight, protege.teacher.projection)
   support=teacher  teacher top-k ids; student=student top-k; union=both; sampled=the sampled token;
                    each over k categories + a tail bucket (or renormalised, loss.tail). In-process:
                    the supports are taken from the teacher's exact logprobs per chunk; remote: from
                    the ids and logprobs the server sent (student ids recorded by the rollout)
   sampled_pg       -rho_t * A_t with A_t = log p(y_t) - log q_old(y_t) (OPD as RL)
   sft              -log q(y_t): cross-entropy on the rows' tokens (e.g. teacher samples)
+
+A teacher with another tokenizer (loss.cross_tokenizer = span | shared_topk | uld | hybrid): the losses
+of protege.cross_objective over aligned byte spans (docs/cross_tokenizer.md); loss.name=sft as above.
 
 Diagnostics (output.diagnostics_top_k) widen what is asked for: the teacher's top-k (and, in-process,
 its entropy) at student-sampled positions, for the health signals of protege.diagnostics.
@@ -31,6 +35,7 @@ import torch
 
 from protege import losses as L
 from protege.config import LossConfig
+from protege.cross_objective import cross_per_token_loss, teacher_topk
 from protege.teacher.base import ScoreRequest
 from protege.records import Rollouts, TeacherSignal
 
@@ -68,25 +73,40 @@ class Objective:
     diagnostics_top_k: int
     sampling_temperature: float  # the rollout's temperature (1 for greedy): sampled_pg's old policy
 
+    cross_tokenizer: str | None = None  # a teacher with another tokenizer: loss.cross_tokenizer (cross_objective)
+
     @classmethod
     def build(cls, loss: LossConfig, *, teacher_local: bool, diagnostics_top_k: int = 0,
-              sampling_temperature: float = 1.0) -> "Objective":
+              sampling_temperature: float = 1.0, cross_tokenizer: bool = False) -> "Objective":
         # impossible combinations (a full support with a remote teacher, ...) are refused by protege.config
-        return cls(loss, LossName(loss.name), Support(loss.support), teacher_local, diagnostics_top_k,
-                   sampling_temperature or 1.0)
+        cross = loss.cross_tokenizer if cross_tokenizer and loss.name != "sft" else None
+        return cls(loss, LossName(loss.name), Support(loss.support), teacher_local and not cross_tokenizer,
+                   diagnostics_top_k, sampling_temperature or 1.0, cross)
 
     # ------------------------------------------------------------------ what the parts must send
     @property
     def student_topk(self) -> int:
         """k of the student top-k ids the loss reads from the buffer (a remote student/union support), else 0."""
-        needs = (not self.teacher_local and self.name not in TOKEN_LEVEL
+        needs = (not self.teacher_local and not self.cross_tokenizer and self.name not in TOKEN_LEVEL
                  and self.support in (Support.STUDENT, Support.UNION))
         return self.loss.top_k if needs else 0
+
+    @property
+    def teacher_hidden(self) -> bool:
+        """Whether the teacher sends hidden states and the loss needs its `output_weight` (V, H): always in-process,
+        and with a remote teacher for the full support (exact logits chunk by chunk, one path for both)."""
+        return self.teacher_local or (self.support is Support.FULL and self.name not in TOKEN_LEVEL)
 
     @property
     def rollout_topk(self) -> int:
         """k of the student top-k (ids and logprobs) the rollout engine records: the loss's and diagnostics'."""
         return max(self.student_topk, self.diagnostics_top_k)
+
+    @property
+    def fused(self) -> bool:
+        """loss.fused, unless loss.token_clip is set: fused gradients assume every token's value enters the loss
+        with one weight, and a clipped token's weight is 0 (the unfused path recomputes each chunk instead)."""
+        return self.loss.fused and self.loss.token_clip is None
 
     @property
     def scoring_chunk(self) -> int:
@@ -103,9 +123,11 @@ class Objective:
 
     def _loss_request(self, rollouts: Rollouts) -> ScoreRequest:
         cfg = self.loss
+        if self.cross_tokenizer:  # the teacher's top-K at each span's first token (none for span)
+            return ScoreRequest(topk=teacher_topk(self.cross_tokenizer, cfg.top_k), temperature=cfg.temperature)
         if self.name in TOKEN_LEVEL or self.support is Support.SAMPLED:
             return ScoreRequest(temperature=cfg.temperature)
-        if self.teacher_local:  # exact: everything is rebuilt from hidden states inside the loss chunks
+        if self.teacher_hidden:  # exact: everything is rebuilt from hidden states inside the loss chunks
             return ScoreRequest(hidden=True, temperature=cfg.temperature)
         topk = cfg.top_k if self.support in (Support.TEACHER, Support.UNION) else 0
         query = None
@@ -121,15 +143,18 @@ class Objective:
         """(B, T) per-token loss of one micro-batch; 0 where the completion mask is False.
 
         student_hidden (B, T, H) with grad; student_weight (V, H); signal already cut to (B, T, ...);
-        teacher_weight (V, H): the in-process teacher's output projection (full and local top-k supports)."""
+        teacher_weight (V, H): the teacher's output projection (teacher_hidden: full and local top-k supports)."""
         cfg = self.loss
         mask = mb.completion_mask.to(student_hidden.device)  # (B, T)
         h = student_hidden[mask]  # (n, H), n = tokens in this micro-batch
         tokens = mb.completion_ids.to(h.device)[mask]  # (n,)
         flat = lambda x: None if x is None else x.to(h.device)[mask]  # noqa: E731  (B, T, ...) -> (n, ...)
         out = torch.zeros(mask.shape, dtype=torch.float32, device=h.device)  # (B, T)
-        chunk, fused = cfg.chunk_size, cfg.fused  # fused: values summed with one weight
+        chunk, fused = cfg.chunk_size, self.fused
 
+        if self.cross_tokenizer:
+            return cross_per_token_loss(cfg, self.cross_tokenizer, student_hidden, student_weight, mb, signal,
+                                        self.sampling_temperature)
         if self.name is LossName.SFT:
             values = -L.chunked_loss_from_hidden(h, student_weight, _token_logprob(1.0), tokens, chunk_size=chunk,
                                                  fused=fused)
@@ -139,12 +164,13 @@ class Objective:
             values = L.chunked_loss_from_hidden(h, student_weight, self._topk_fn(), tokens[:, None],
                                                 flat(signal.token_logprobs)[:, None], None, chunk_size=chunk,
                                                 fused=fused)
-        elif self.teacher_local:  # exact teacher logits per chunk from its hidden states
+        elif self.teacher_hidden:  # exact teacher logits per chunk from its hidden states
             values = self._local(h, student_weight, tokens, flat(signal.hidden_states), teacher_weight.to(h.device))
         else:  # remote teacher: support ids and teacher logprobs at them were sent
             ids, lps, smask = self._remote_support(signal, mb)
             values = L.chunked_loss_from_hidden(h, student_weight, self._topk_fn(), flat(ids), flat(lps), flat(smask),
                                                 chunk_size=chunk, fused=fused)
+        values = clip_token_loss(values, cfg.token_clip) if cfg.token_clip is not None else values
         return out.masked_scatter(mask, values.float())
 
     def _sampled_pg(self, h, student_weight, tokens, mask, mb: Rollouts, signal: TeacherSignal) -> torch.Tensor:
@@ -165,9 +191,9 @@ class Objective:
                                               teacher_weight=t_weight, name=cfg.name, beta=cfg.beta, alpha=cfg.alpha,
                                               temperature=cfg.temperature,
                                               scale_by_temperature_squared=cfg.scale_temperature_squared,
-                                              chunk_size=cfg.chunk_size, fused=cfg.fused)
+                                              chunk_size=cfg.chunk_size, fused=self.fused)
         return L.chunked_loss_from_hidden(h, student_weight, self._local_topk_fn(t_weight), t_hidden, tokens,
-                                          chunk_size=cfg.chunk_size, fused=cfg.fused)
+                                          chunk_size=cfg.chunk_size, fused=self.fused)
 
     def _topk_fn(self):
         cfg = self.loss
@@ -204,6 +230,19 @@ class Objective:
             return mb.student_topk_ids[..., :k], signal.query_logprobs, None
         ids, smask = L.union_support(signal.topk_ids[..., :k], mb.student_topk_ids[..., :k])  # union
         return ids, torch.cat([signal.topk_logprobs[..., :k], signal.query_logprobs], -1), smask
+
+
+def clip_token_loss(values: torch.Tensor, clip: float) -> torch.Tensor:
+    """loss.token_clip: each token's loss l_t becomes clamp(l_t, 0, clip).
+
+    Per token, not per vocabulary entry: a divergence sum_v f(p_v, q_v) is >= 0 as a whole, but its
+    entries are not (p_v log(p_v / q_v) < 0 where q_v > p_v), so capping the entries before the sum (OPSD's
+    0.05 clip) can make a token's loss negative and push the student away from the teacher (OPSD #24).
+    Clamping the sum keeps every token's loss in [0, clip]. Gradient: d clamp(l_t)/d theta = 1[0 <= l_t <= clip]
+    * d l_t/d theta, so a token whose loss exceeds the clip gives no gradient at all (as PPO's clipped
+    ratio): the step follows the tokens where student and teacher are already within `clip` nats, and
+    the outliers (e.g. style tokens the privileged teacher is sure about) are left out, not scaled down."""
+    return values.clamp(min=0.0, max=clip)
 
 
 def _token_logprob(temperature: float):

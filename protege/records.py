@@ -149,10 +149,12 @@ class TeacherSignal:
     query_logprobs: (N, T, M) float32 teacher logprobs at ids the caller asked for
                     (e.g. the student's top-k), or None.
     entropy:        (N, T) float32 entropy of the teacher's distribution, or None.
-    hidden_states:  (N, T, H) final hidden states of an in-process teacher (the position that
-                    predicts each completion token), or None. With the teacher's own output
-                    projection (LocalTeacher.output_weight, (V, H)) they give exact full-vocabulary
-                    teacher logits chunk by chunk, without storing (N, T, V). Plain data: no weights.
+    hidden_states:  (N, T, H) final hidden states of the teacher (the position that predicts each
+                    completion token; in-process, or sent by a server in teacher.hidden_dtype), or None.
+                    With the teacher's own output projection (its output_weight, (V, H)) they give exact
+                    full-vocabulary teacher logits chunk by chunk, without storing (N, T, V). Plain data.
+    cross:          a teacher with another tokenizer (protege.teacher.cross_tokenizer.CrossSignal): its
+                    answer per aligned byte span on the student's positions, or None.
     """
 
     token_logprobs: torch.Tensor
@@ -161,6 +163,7 @@ class TeacherSignal:
     query_logprobs: torch.Tensor | None = None
     entropy: torch.Tensor | None = None
     hidden_states: torch.Tensor | None = None
+    cross: object | None = None
 
     def select(self, rows: list[int], t: int) -> "TeacherSignal":
         idx = torch.as_tensor(rows, dtype=torch.long)
@@ -172,6 +175,7 @@ class TeacherSignal:
             query_logprobs=cut(self.query_logprobs),
             entropy=cut(self.entropy),
             hidden_states=cut(self.hidden_states),
+            cross=None if self.cross is None else self.cross.select(rows, t),
         )
 
 

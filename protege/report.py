@@ -15,9 +15,35 @@ METRIC_NAMES = {
     "greedy_distinct_2": "distinct-2 of greedy answers",
     "greedy_length": "greedy answer length (tokens)",
     "greedy_eos_rate": "greedy answers that end with EOS",
+    "greedy_repetition_rate": "greedy repetition rate (repeated 4-grams)",
     "teacher_greedy_distinct_2": "teacher's distinct-2 (reference)",
     "teacher_greedy_length": "teacher's greedy length (reference)",
+    "teacher_greedy_eos_rate": "teacher's answers that end with EOS (reference)",
+    "teacher_greedy_repetition_rate": "teacher's repetition rate (reference)",
 }
+# issue 16's bar for the student's greedy answers, as (metric, comparison, factor of the teacher's value)
+BAR = (("distinct_2", ">=", 0.8), ("repetition_rate", "<=", 1.5), ("eos_rate", ">=", 0.5))
+
+
+def bar_rows(after: dict) -> list[tuple[str, float, float, float, bool]]:
+    """(metric, student, teacher, student / teacher, passes) of the greedy answers against BAR."""
+    rows = []
+    for key, op, factor in BAR:
+        s, t = after[f"greedy_{key}"], after[f"teacher_greedy_{key}"]
+        ok = s >= factor * t if op == ">=" else s <= factor * t
+        rows.append((f"{key} {op} {factor:g}x teacher", s, t, s / t if t else float("nan"), ok))
+    return rows
+
+
+def _metrics_table(before: dict, after: dict) -> list[str]:
+    lines = ["| metric | before | after |", "|---|---|---|"]
+    lines += [f"| {label} | {before[key]:.4g} | {after[key]:.4g} |" for key, label in METRIC_NAMES.items()
+              if key in before]
+    if all(f"greedy_{k}" in after and f"teacher_greedy_{k}" in after for k, _, _ in BAR):
+        lines += ["", "| greedy answers (after) | student | teacher | ratio | bar |", "|---|---:|---:|---:|---|"]
+        lines += [f"| {name} | {s:.3f} | {t:.3f} | {r:.2f} | {'met' if ok else 'missed'} |"
+                  for name, s, t, r, ok in bar_rows(after)]
+    return lines
 
 
 def write_report(out_dir: Path, summary: dict, histories: dict[str, list[dict]]) -> Path:
@@ -29,23 +55,15 @@ def write_report(out_dir: Path, summary: dict, histories: dict[str, list[dict]])
              f"({len(summary['kept_layers'])} of {summary['teacher_layers']}); teacher: {summary['teacher']} "
              f"({summary['teacher_layers']} layers). Total time {summary['seconds']:.0f} s.", "",
              f"Written {time.strftime('%Y-%m-%d %H:%M')} on {_machine()}.", "",
-             "## Held-out metrics", "", "| metric | before | after |", "|---|---|---|"]
-    for key, label in METRIC_NAMES.items():
-        if key in before:
-            lines.append(f"| {label} | {before[key]:.4g} | {after[key]:.4g} |")
+             "## Held-out metrics", ""] + _metrics_table(before, after)
     drop = 1 - after["rkl"] / before["rkl"] if before["rkl"] else 0.0
     lines += ["", f"Reverse KL fell by {100 * drop:.0f}%. Greedy distinct-2 of the student is "
               f"{after['greedy_distinct_2']:.2f} against the teacher's {after['teacher_greedy_distinct_2']:.2f}.", ""]
     warnings = [w for h in histories.values() for m in h for w in m.get("warnings", [])]
     lines += ["## Health warnings", ""] + ([f"- {w}" for w in warnings] or ["none"]) + [""]
     lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
-    lines += ["## Showcase answers (greedy)", ""]
-    for row in summary["showcase"]:
-        lines += [f"### {row['prompt']}", ""]
-        for who in ("teacher", "before", "after"):
-            label = {"teacher": "Teacher", "before": "Student before", "after": "Student after"}[who]
-            text = row[who].replace("\n", "\n> ")
-            lines += [f"**{label}:**", "", f"> {text}", ""]
+    lines += ["## Showcase answers (greedy)", ""] + _answers(summary["showcase"])
+    lines += _own_prompts(summary.get("prompts"))
     lines += ["## Stages", ""]
     for name, cfg in summary["stages"].items():
         lines.append(f"- {name}: loss {cfg['loss']['name']} ({cfg['loss']['support']}), lmbda {cfg['mix']['lmbda']}, "
@@ -104,3 +122,23 @@ def _plots(out_dir: Path, histories: dict[str, list[dict]]) -> list[Path]:
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return [path]
+
+
+def _own_prompts(own: dict | None) -> list[str]:
+    """The section on the prompts of `protege demo --prompts` (default: the built-in unseen set)."""
+    if not own:
+        return []
+    lines = [f"## Prompts the recipe never saw ({own['source']}, {len(own['answers'])} prompts)", "",
+             "Greedy answers up to twice the training cap; sampled reverse KL at the cap.", ""]
+    return lines + _metrics_table(own["before"], own["after"]) + [""] + _answers(own["answers"])
+
+
+def _answers(rows: list[dict]) -> list[str]:
+    """Each prompt with the teacher's and the student's greedy answers (before / after) under it."""
+    lines = []
+    for row in rows:
+        lines += [f"### {row['prompt']}", ""]
+        for who, label in (("teacher", "Teacher"), ("before", "Student before"), ("after", "Student after")):
+            text = row[who].replace("\n", "\n> ")
+            lines += [f"**{label}:**", "", f"> {text}", ""]
+    return lines

@@ -42,8 +42,9 @@ from protege.forward import HiddenStates, forward_completion_hidden, output_weig
 from protege.losses import reduce_tokens
 from protege.rollout.base import RolloutEngine, Sampling
 from protege.records import Rollouts, TeacherSignal
-from protege.teacher.base import Teacher
+from protege.teacher.base import Teacher, optional
 from protege.teacher.cache import cache_metrics
+from protege.teacher.several import check_routing, check_teacher_set, per_teacher_metrics, teacher_set
 
 log = logging.getLogger("protege")
 
@@ -57,7 +58,8 @@ class RunState:
 class Distiller:
     """Holds the models, data and optimizer of a run; `train()` is the loop."""
 
-    def __init__(self, cfg: Config, *, student=None, teacher_model=None, tokenizer=None, accelerator=None):
+    def __init__(self, cfg: Config, *, student=None, teacher_model=None, tokenizer=None, accelerator=None,
+                 teacher_tokenizer=None):
         from protege.modeling import eos_ids, load_tokenizer
 
         self.cfg = cfg
@@ -82,20 +84,29 @@ class Distiller:
         # data first: a bad dataset fails before minutes of model loading
         self.prompts = PromptTokenizer(self.tok, cfg.data.max_prompt_tokens)
         self.train_set, self.eval_set = load_prompt_sets(cfg.data, seed=cfg.train.seed)
+        columns = build.check_data(cfg, self.train_set.examples)  # a privileged column named but absent: fails here
         if cfg.mix.lmbda < 1 and not cfg.mix.seq_kd and not any(e.reference for e in self.train_set.examples):
             raise ValueError("mix.lmbda < 1 without mix.seq_kd uses the dataset's reference completions, but no row "
                              f"has one (columns {cfg.data.completion_column!r} or a final assistant turn in "
                              f"{cfg.data.messages_column!r}). Set mix.seq_kd=true or mix.lmbda=1.")
+        check_routing(cfg, self.train_set, self.eval_set)  # routed teachers: every row names one
         self.stream = PromptStream(len(self.train_set), cfg.train.seed)
         self.max_steps = build.max_steps(cfg, len(self.train_set))  # the config is never rewritten
-        self.objective = build.build_objective(cfg)
+        self.teacher_tok, self.cross = build.cross_tokenizer_mode(cfg, self.tok, teacher_tokenizer)
+        self.objective = build.build_objective(cfg, cross_tokenizer=self.cross)
         self.student = build.build_student(cfg, student, self.acc.device)
         self.teacher: Teacher
-        self.teacher, self.teacher_model = build.build_teacher(cfg, teacher_model, pad_id=self.tok.pad_token_id,
-                                                               device=self.acc.device, objective=self.objective)
+        tok_t = self.teacher_tok if self.cross else self.tok  # the teacher's own tokenizer renders its prompts
+        self.teacher, self.teacher_model = build.build_teacher(
+            cfg, teacher_model, pad_id=build.pad_id_of(tok_t), device=self.acc.device, objective=self.objective,
+            student=self.student, tokenizer=tok_t, data_columns=columns)
+        if self.cross:  # the teacher re-tokenizes the student's text; its signal is on the student's positions
+            self.teacher = build.wrap_cross_tokenizer(cfg, self.teacher, self.tok, self.teacher_tok,
+                                                      output_weight(self.student).shape[0])
         build.check_vocabularies(self.teacher, self.student)
         self.engine: RolloutEngine | None = None  # the student's, see student_engine()
-        self.teacher_engine = build.build_teacher_engine(cfg, self.teacher_model, pad_id=self.tok.pad_token_id)
+        self.teacher_engine = None if self.cross else build.build_teacher_engine(cfg, self.teacher_model,
+                                                                                  pad_id=self.tok.pad_token_id)
         r = cfg.rollout
         self.sampling = Sampling(max_new_tokens=r.max_new_tokens, eos_ids=tuple(self.eos_ids), temperature=r.temperature,
                                  top_p=r.top_p, top_k=r.top_k, record_topk=self.objective.rollout_topk)
@@ -190,10 +201,11 @@ class Distiller:
         cfg, acc = self.cfg, self.acc
         num_tokens = int(acc.reduce(torch.tensor(buffer.num_tokens, device=acc.device), reduction="sum"))
         weight = output_weight(self.student)  # (V, H)
-        teacher_weight = self.teacher.output_weight if self.objective.teacher_local else None  # (V, H) or None
+        teacher_weight = self.teacher.output_weight if self.objective.teacher_hidden else None  # (V, H) or None
         order = sorted(range(len(buffer)), key=lambda i: len(buffer.prompt_ids[i]) + int(buffer.completion_mask[i].sum()))
         mbs = [order[s: s + cfg.train.micro_batch_size] for s in range(0, len(order), cfg.train.micro_batch_size)]
         loss_sum = 0.0
+        row_loss = torch.zeros(len(buffer))  # (N,) each row's summed per-token loss (per-teacher metrics)
         self.model.train()
         for i, rows in enumerate(mbs):
             mb = buffer.select(rows)
@@ -207,6 +219,7 @@ class Distiller:
                 loss = reduce_tokens(per_token, mb.completion_mask.to(acc.device), num_tokens)
                 acc.backward(loss * acc.num_processes)  # DDP averages over ranks; we want the sum
             loss_sum += float(loss.detach())
+            row_loss[rows] = per_token.detach().float().sum(1).cpu()
         grad_norm = None
         if cfg.optim.max_grad_norm is not None:
             grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), cfg.optim.max_grad_norm))
@@ -214,12 +227,14 @@ class Distiller:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        optional(self.teacher, "after_step", self.student)  # e.g. an EMA self-teacher follows the new weights
         if self.engine is not None:  # the next buffer samples the new weights (a no-op for the HF engine)
             self.engine.sync_weights(self.student)
         loss_total = float(acc.reduce(torch.tensor(loss_sum, device=acc.device), reduction="sum"))
-        return {"loss": loss_total, "grad_norm": grad_norm, "lr": lr, "num_tokens": num_tokens}
+        return {"loss": loss_total, "grad_norm": grad_norm, "lr": lr, "num_tokens": num_tokens, "row_loss": row_loss}
 
-    def _step_metrics(self, buffer, signal, *, loss, grad_norm, lr, num_tokens, t_gen, t_teacher, t_train) -> dict:
+    def _step_metrics(self, buffer, signal, *, loss, grad_norm, lr, num_tokens, t_gen, t_teacher, t_train,
+                      row_loss=None) -> dict:
         mask = buffer.completion_mask
         lengths = mask.sum(1).float()
         student_rows = torch.tensor([s == "student" for s in buffer.sources])
@@ -235,8 +250,12 @@ class Distiller:
             sm = mask & student_rows[:, None]
             m["sampled_rkl"] = sampled_rkl(buffer.sampling_logprobs, signal.token_logprobs, sm)
         m["teacher_nll"] = float(-signal.token_logprobs[mask].mean())
+        if signal.cross is not None:  # a teacher with another tokenizer: the alignment's diagnostics
+            m.update(signal.cross.stats)
         m.update(cache_metrics(self.teacher))  # cache/hits, misses, teacher_calls, ... ({} without teacher.cache_dir)
         m.update(self._health(buffer, signal, student_rows))
+        m.update(optional(self.teacher, "step_metrics", default={}))  # e.g. privileged_leak
+        m.update(per_teacher_metrics(buffer, signal, row_loss, self.cfg.output.diagnostics_top_k))  # several teachers
         return m
 
     def _health(self, buffer: Rollouts, signal: TeacherSignal, student_rows: torch.Tensor) -> dict:
@@ -259,6 +278,9 @@ class Distiller:
             (self.out / "config.yaml").write_text(_yaml(cfg))
         if self.eval_set and self.state.step == 0:
             self._log_eval(self._evaluate(), metrics_path)
+        probing = bool(self.eval_set and cfg.output.probe_every)
+        if probing and self.state.step == 0:
+            self._log_eval(self._probe(), metrics_path, "probe")
         bar = _progress(cfg, acc, self.state.step, self.max_steps)
         while self.state.step < self.max_steps:
             m = self.train_step()
@@ -277,12 +299,16 @@ class Distiller:
             s = self.state.step
             if self.eval_set and cfg.output.eval_every and s % cfg.output.eval_every == 0 and s < self.max_steps:
                 self._log_eval(self._evaluate(), metrics_path)
+            if probing and s % cfg.output.probe_every == 0 and s < self.max_steps:
+                self._log_eval(self._probe(), metrics_path, "probe")
             if cfg.output.save_every and s % cfg.output.save_every == 0 and s < self.max_steps:
                 self.save_checkpoint()
         if bar is not None:
             bar.close()
         if self.eval_set:
             self._log_eval(self._evaluate(), metrics_path)
+        if probing:
+            self._log_eval(self._probe(), metrics_path, "probe")
         self.save_checkpoint()
         self.save_final()
         acc.end_training()
@@ -295,28 +321,42 @@ class Distiller:
         cfg, r = self.cfg, self.cfg.rollout
         examples = self.eval_set.examples[: cfg.data.eval_prompts] if self.eval_set else []
         return evaluate(self.student, self.teacher, [self.prompts.prompt_ids(e) for e in examples],
-                        teacher_local=not cfg.teacher.urls, pad_id=self.tok.pad_token_id, eos_ids=self.eos_ids,
+                        teacher_local=self.objective.teacher_local and not self.cross, examples=examples,
+                        pad_id=self.tok.pad_token_id, eos_ids=self.eos_ids,
                         max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                         batch_tokens=r.batch_tokens, micro_batch_size=cfg.train.micro_batch_size, bf16=self.bf16)
 
-    def _log_eval(self, result: dict, path: Path) -> None:
+    def _probe(self) -> dict:
+        """The greedy probe (protege.probe) of the current student as probe/* metrics; warnings go to the log."""
+        from protege.probe import GreedyProbe, probe_step
+
+        examples = self.eval_set.examples[: self.cfg.output.probe_prompts]
+        probe = GreedyProbe([self.prompts.prompt_ids(e) for e in examples], 2 * self.cfg.rollout.max_new_tokens,
+                            self.eos_ids, self.tok.pad_token_id, bf16=self.bf16)
+        values, warnings = probe_step(self.monitor, probe, self.student, self.teacher_model, self.state.step)
+        for w in warnings:
+            log.warning("health: %s", w)
+        return {**values, "warnings": warnings} if warnings else values
+
+    def _log_eval(self, result: dict, path: Path, prefix: str = "eval") -> None:
         if not result:
             return
-        result = {"step": self.state.step, **{f"eval/{k}": v for k, v in result.items()}}
+        result = {"step": self.state.step, **{k if k == "warnings" else f"{prefix}/{k}": v for k, v in result.items()}}
         self.state.history.append(result)
         if self.acc.is_main_process:
             with path.open("a") as f:
                 f.write(json.dumps(result) + "\n")
-            log.info("eval @ step %d: %s", self.state.step,
-                     ", ".join(f"{k[5:]}={v:.4g}" for k, v in result.items() if k.startswith("eval/")
-                               and isinstance(v, float)))
+            log.info("%s @ step %d: %s", prefix, self.state.step,
+                     ", ".join(f"{k[len(prefix) + 1:]}={v:.4g}" for k, v in result.items()
+                               if k.startswith(prefix + "/") and isinstance(v, float)))
 
     # --------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
         """output/checkpoints/step-N (see protege/checkpoint.py): complete or absent, never half-written."""
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "stream": self.stream.state_dict(), "step": self.state.step,
-                 "prompts_truncated": self.prompts.truncated, "monitor": self.monitor.state_dict()}
+                 "prompts_truncated": self.prompts.truncated, "monitor": self.monitor.state_dict(),
+                 "teacher": optional(self.teacher, "state_dict", default={}), "teachers": teacher_set(self.cfg)}
         return checkpoint.save(self.acc, self.out / "checkpoints" / f"step-{self.state.step:07d}",
                                student=self.acc.unwrap_model(self.model).model, state=state,
                                keep_last=self.cfg.output.keep_last)
@@ -336,15 +376,17 @@ class Distiller:
         return True
 
     def _apply_state(self, state: dict) -> None:
+        check_teacher_set(state.get("teachers"), teacher_set(self.cfg))  # ResumeMismatch: trained with others
         self.stream.load_state_dict(state["stream"])  # a changed dataset: ValueError, no older checkpoint helps
         try:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             if "monitor" in state:  # health warnings fire once per run, not again after each resume
                 self.monitor.load_state_dict(state["monitor"])
+            optional(self.teacher, "load_state_dict", state.get("teacher", {}))  # an EMA teacher's weights
         except (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError) as e:
-            raise checkpoint.CheckpointError(f"its optimizer, scheduler or health-monitor state does not fit this "
-                                             f"run ({type(e).__name__}: {e})") from None
+            raise checkpoint.CheckpointError(f"its optimizer, scheduler, health-monitor or teacher state does not fit "
+                                             f"this run ({type(e).__name__}: {e})") from None
         self.state.step = state["step"]
         self.prompts.truncated = state.get("prompts_truncated", 0)
 

@@ -33,7 +33,12 @@ Versions and dtypes (both forms; a version outside these is refused with a WireE
 
     version 1   "f4" float32, "i4" int32
     version 2   adds "u2" uint16 and "f2" float16; the layout is otherwise the same
-    version 3   the dtypes of version 2, plus the crc32 (binary: a prefix field; JSON: per array)
+    version 3   the dtypes of version 2, plus the crc32 (binary: a prefix field; JSON: per array), and
+                "b2" bfloat16 (the upper 16 bits of a float32, round to nearest even; numpy has no
+                bfloat16, so a b2 array reads as numpy's 2-byte void dtype `BF16`, made a float32 copy
+                by `bfloat16_to_float32` or a torch.bfloat16 view by `to_tensor`). b2 is an optional
+                extension of version 3: only hidden states and an output projection use it, and a
+                peer receives them only after asking for them (a client that never asks never sees b2)
 
 The server answers in the version the request came in (a v1 client gets f4/i4 replies, as before;
 a v2 client gets replies without a checksum, which it could not read otherwise). The client asks in
@@ -75,9 +80,10 @@ JSON_MEDIA_TYPE = "application/json"
 _PREFIX = struct.Struct("<4sHHI")  # magic, version, flags, header length
 _CRC = struct.Struct("<I")  # version 3: crc32 right after the prefix
 CHECKSUM_VERSION = 3  # the first version whose payloads carry a crc32
-_DTYPES = {"f4": np.dtype("<f4"), "i4": np.dtype("<i4"), "f2": np.dtype("<f2"), "u2": np.dtype("<u2")}
+BF16 = np.dtype("V2")  # how a b2 (bfloat16) array reads: raw 2-byte items (see `to_tensor`, `bfloat16_to_float32`)
+_DTYPES = {"f4": np.dtype("<f4"), "i4": np.dtype("<i4"), "f2": np.dtype("<f2"), "u2": np.dtype("<u2"), "b2": BF16}
 # every version this side reads -> its dtypes
-VERSION_DTYPES = {1: ("f4", "i4"), 2: ("f4", "i4", "f2", "u2"), 3: ("f4", "i4", "f2", "u2")}
+VERSION_DTYPES = {1: ("f4", "i4"), 2: ("f4", "i4", "f2", "u2"), 3: ("f4", "i4", "f2", "u2", "b2")}
 READ_VERSIONS = tuple(sorted(VERSION_DTYPES))
 LOGPROB_DTYPES = {"float32": "f4", "float16": "f2"}  # request meta "logprob_dtype" -> wire dtype
 FP16_MAX = 65504.0  # largest finite float16
@@ -113,8 +119,43 @@ def to_float16(array: np.ndarray) -> np.ndarray:
     return out
 
 
+def to_bfloat16(array) -> np.ndarray:
+    """bfloat16 bits (numpy `BF16`) of a float array or tensor: round to nearest even (torch's cast), inf/NaN kept."""
+    if isinstance(array, np.ndarray) and array.dtype == BF16:
+        return np.ascontiguousarray(array)
+    if isinstance(array, torch.Tensor):
+        tensor = array.detach().cpu()
+    else:
+        tensor = torch.from_numpy(np.asarray(array, np.float32))
+    if not tensor.dtype.is_floating_point:
+        raise TypeError(f"bfloat16 needs a float array, got {tensor.dtype}")
+    bits = tensor.to(torch.bfloat16).contiguous().view(torch.int16).numpy()
+    return bits.view(np.uint16).astype("<u2", copy=False).view(BF16)
+
+
+def bfloat16_to_float32(bits: np.ndarray) -> np.ndarray:
+    """float32 copy of a b2 (`BF16`) array: exact (a bfloat16 is the upper half of a float32)."""
+    return (np.ascontiguousarray(bits).view("<u2").astype(np.uint32) << 16).view(np.float32)
+
+
+def to_tensor(array: np.ndarray) -> torch.Tensor:
+    """A torch view of a decoded array; b2 (`BF16`) arrays become torch.bfloat16 (no copy)."""
+    if array.dtype == BF16:
+        return torch.from_numpy(np.ascontiguousarray(array).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
+
+
 def _as_wire_array(name: str, array, code: str | None = None) -> tuple[str, np.ndarray]:
-    """(dtype code, little-endian C-contiguous array). code None: floats -> f4, ints -> i4."""
+    """(dtype code, little-endian C-contiguous array). code None: floats -> f4, ints -> i4 (bfloat16 tensors
+    and `BF16` arrays -> b2)."""
+    if code == "b2" or (isinstance(array, torch.Tensor) and array.dtype == torch.bfloat16) or (
+            isinstance(array, np.ndarray) and array.dtype == BF16):
+        if code not in (None, "b2"):
+            raise TypeError(f"array {name!r}: bfloat16 values go on the wire as b2, not {code}")
+        try:
+            return "b2", to_bfloat16(array)
+        except TypeError as exc:
+            raise TypeError(f"array {name!r}: {exc}") from None
     if isinstance(array, torch.Tensor):
         array = array.detach().cpu().numpy()
     array = np.asarray(array)
@@ -145,7 +186,8 @@ def _wire_arrays(arrays: dict, dtypes: dict | None, version: int, field: str):
             continue
         code, array = _as_wire_array(name, array, (dtypes or {}).get(name))
         if code not in allowed:
-            raise ValueError(f"array {name!r}: dtype {code} needs wire version 2 (writing version {version})")
+            first = min(v for v, codes in VERSION_DTYPES.items() if code in codes)
+            raise ValueError(f"array {name!r}: dtype {code} needs wire version {first} (writing version {version})")
         yield name, code, array
 
 
@@ -182,6 +224,30 @@ def pack(meta: dict, arrays: dict[str, object], *, dtypes: dict[str, str] | None
     if version >= CHECKSUM_VERSION:
         _CRC.pack_into(out, _PREFIX.size, _body_crc32(out, prefix))
     return bytes(out)
+
+
+def pack_parts(meta: dict, arrays: dict[str, object], *, dtypes: dict[str, str] | None = None,
+               version: int = VERSION) -> list[memoryview]:
+    """`pack`'s body as pieces to stream: b"".join(pack_parts(...)) == pack(...), but the arrays' bytes
+    are views, never copied (a 1 GB output projection is sent without a second 1 GB buffer)."""
+    entries, blobs, offset = [], [], 0
+    for name, code, array in _wire_arrays(arrays, dtypes, version, "version"):
+        entries.append([name, code, list(array.shape), offset])
+        padded = -(-array.nbytes // 8) * 8
+        blobs += [memoryview(array.reshape(-1).view(np.uint8)), memoryview(bytes(padded - array.nbytes))]
+        offset += padded
+    prefix = _prefix_size(version)
+    header = orjson.dumps({"meta": meta, "arrays": entries})
+    header += b" " * ((-(prefix + len(header))) % 8)
+    head = bytearray(prefix + len(header))
+    head[:_PREFIX.size] = _PREFIX.pack(MAGIC, version, 0, len(header))
+    head[prefix:] = header
+    if version >= CHECKSUM_VERSION:
+        crc = zlib.crc32(memoryview(head)[prefix:], zlib.crc32(memoryview(head)[:_PREFIX.size]))
+        for blob in blobs:
+            crc = zlib.crc32(blob, crc)
+        _CRC.pack_into(head, _PREFIX.size, crc)
+    return [memoryview(bytes(head))] + [blob for blob in blobs if len(blob)]
 
 
 def _read_prefix(body) -> tuple[int, int, int]:
@@ -305,7 +371,8 @@ def _check_entry(name, code, shape, version: int) -> tuple[np.dtype, tuple[int, 
         raise WireError("arrays", f"array name must be a non-empty string, got {name!r}"[:200])
     allowed = VERSION_DTYPES[version]
     if code not in allowed:
-        extra = " (f2/u2 need wire version 2)" if isinstance(code, str) and code in _DTYPES else ""
+        extra = (f" (dtype {code}: need wire version {min(v for v, c in VERSION_DTYPES.items() if code in c)})"
+                 if isinstance(code, str) and code in _DTYPES else "")
         raise WireError(f"arrays.{name}.dtype", f"must be one of {list(allowed)} in wire version {version}, "
                                                 f"got {code!r}{extra}"[:200])
     if (not isinstance(shape, list) or len(shape) > _MAX_NDIM

@@ -28,3 +28,14 @@ def test_files_are_prompt_rows_and_bad_split_is_named():
             assert all(set(json.loads(line)) == {"prompt"} for line in f)
     with pytest.raises(ValueError, match="'test'.*'train', 'heldout'"):
         builtin_prompt_path("test")
+
+
+def test_the_unseen_set_is_not_a_rewording_of_any_training_or_heldout_prompt():
+    import difflib
+
+    seen = [p.lower() for p in load_builtin_prompts("train") + load_builtin_prompts("heldout")]
+    unseen = load_builtin_prompts("unseen")
+    assert len(unseen) == 16 and len(set(unseen)) == 16
+    for p in unseen:
+        closest = max(difflib.SequenceMatcher(None, p.lower(), s).ratio() for s in seen)
+        assert closest < 0.7, (p, difflib.get_close_matches(p.lower(), seen, n=1, cutoff=0.0))

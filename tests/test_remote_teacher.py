@@ -139,9 +139,10 @@ def test_openai_protocol_against_our_completions_route(model, servers):
 
 def test_clear_errors_without_retrying(servers):
     rollouts = make_rollouts()
-    with RemoteTeacher(servers[0].url, max_wait_s=5) as teacher:
-        with pytest.raises(ValueError, match="hidden states"):
+    with RemoteTeacher(servers[0].url, protocol="openai", max_wait_s=5) as teacher:  # protege's: test_remote_hidden
+        with pytest.raises(ValueError, match="cannot give hidden states"):
             teacher.score(rollouts, ScoreRequest(hidden=True))
+    with RemoteTeacher(servers[0].url, max_wait_s=5) as teacher:
         start = time.monotonic()
         with pytest.raises(ValueError, match=r"HTTP 400.*topk=999"):
             teacher.score(rollouts, ScoreRequest(topk=999))

@@ -7,6 +7,8 @@ files with rows `{"prompt": "..."}`:
 
     train    ~85% of the prompts, for training
     heldout  ~15%, for evaluation; it includes SHOWCASE_PROMPTS
+    unseen   16 questions written later, never used for training nor for choosing the demo's recipe
+             (no near-duplicate of a train/heldout prompt): `protege demo` reports on them too
 
     >>> from protege.prompts import load_builtin_prompts
     >>> len(load_builtin_prompts("train")) > 300
@@ -18,7 +20,7 @@ from __future__ import annotations
 import json
 import pathlib
 
-SPLITS = ("train", "heldout")
+SPLITS = ("train", "heldout", "unseen")
 
 # Five held-out prompts whose answers a report shows side by side (teacher / student before / after).
 SHOWCASE_PROMPTS = [

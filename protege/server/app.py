@@ -5,10 +5,12 @@ Routes (JSON errors {"error": "..."} everywhere, never a dead server):
     GET  /v1/models               vLLM/OpenAI model list (TRL reads data[0].id)
     GET  /v1/info                 model, vocab size, backend, dtype, limits, wire versions
     GET  /metrics                 Prometheus text
+    GET  /v1/output_projection    the teacher's lm_head weight and its sha256 (protege.server.projection)
     POST /v1/score                protege's own: binary (application/octet-stream) or JSON body;
                                   top-k, logprobs at query ids, logprob of each actual token;
                                   replies in the request's wire version (v2: uint16 ids when the
-                                  vocabulary fits, float16 logprobs on request; see protege.wire)
+                                  vocabulary fits, float16 logprobs on request; see protege.wire);
+                                  final hidden states on request (hidden_dtype, protege.server.projection)
     POST /v1/completions          vLLM's scoring subset used by TRL 1.16 (prompt_logprobs)
     POST /get_sequence_logprobs/  TRL 1.3-1.8's endpoint (JSON lists or base64 reply)
 
@@ -43,7 +45,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from protege.server import compat, parse
+from protege.server import compat, parse, projection
 from protege.server.backends import Backend
 from protege.server.batch import RequestError
 from protege.server.batcher import Batcher, Overloaded
@@ -133,6 +135,7 @@ def create_app(backend: Backend, settings: ServerSettings | None = None, *, toke
         route("/v1/info", info, ["GET"]),
         route("/metrics", prometheus, ["GET"]),
         route("/v1/score", score, ["POST"]),
+        route("/v1/output_projection", projection.output_projection, ["GET"]),
         route("/v1/completions", completions, ["POST"]),
         route("/get_sequence_logprobs/", trl_sequence_logprobs, ["POST"]),
         route("/get_sequence_logprobs", trl_sequence_logprobs, ["POST"]),
@@ -158,8 +161,9 @@ def route(path: str, handler, methods: list[str], *, auth: bool = True) -> Route
             response = await handler(request)
         except Exception as exc:  # noqa: BLE001 - one request's failure never takes the server down
             response = _error_response(path, exc)
+        bytes_out = len(response.body) if hasattr(response, "body") else int(response.headers["content-length"])
         served.metrics.observe_request(name, response.status_code, time.perf_counter() - start,
-                                       request.state.bytes_in, len(response.body))
+                                       request.state.bytes_in, bytes_out)
         return response
 
     return Route(path, endpoint, methods=methods)
@@ -222,8 +226,10 @@ async def score(request: Request) -> Response:
     accept = request.headers.get("accept", "")
     binary = BINARY_MEDIA_TYPE in accept or (kind == BINARY_MEDIA_TYPE and "json" not in accept)
     meta = {"model": served.model_name, "topk": batch.topk, "temperature": batch.temperature}
-    content = encode_score_response(result, meta, binary=binary, vocab_size=vocab,
-                                    logprob_dtype=reply.logprob_dtype, version=reply.version)
+    if reply.hidden_dtype:
+        meta.update(await projection.hidden_meta(request, result, reply.hidden_dtype))
+    content = encode_score_response(result, meta, binary=binary, vocab_size=vocab, logprob_dtype=reply.logprob_dtype,
+                                    version=reply.version, hidden_dtype=reply.hidden_dtype)
     return Response(content, media_type=BINARY_MEDIA_TYPE if binary else "application/json")
 
 
@@ -277,7 +283,8 @@ async def info(request: Request) -> Response:
         "max_k": limits.max_k, "max_query_ids": limits.max_query_ids, "max_seq_tokens": limits.max_seq_tokens,
         "max_body_bytes": limits.max_body_bytes, "max_request_seqs": limits.max_request_seqs,
         "max_request_tokens": limits.max_request_tokens, "max_batch_seqs": settings.max_batch_seqs,
-        "max_batch_tokens": settings.max_batch_tokens, "batching": settings.batching})
+        "max_batch_tokens": settings.max_batch_tokens, "batching": settings.batching,
+        "output_projection": await projection.info(request)})
 
 
 async def prometheus(request: Request) -> Response:

@@ -82,7 +82,7 @@ class HFBackend:
             m = batch.query_ids[0].shape[1]
             query = torch.zeros((n, t, m), dtype=torch.long)  # (N, T, M)
             query[completion_mask] = torch.from_numpy(np.concatenate(batch.query_ids).astype(np.int64))
-        request = ScoreRequest(topk=batch.topk, query_ids=query, temperature=batch.temperature)
+        request = ScoreRequest(topk=batch.topk, query_ids=query, temperature=batch.temperature, hidden=batch.hidden)
         signal = score_rows(self.model, prompt_ids, completion_ids, completion_mask, request,
                             pad_id=self.pad_id, token_budget=self.token_budget,
                             chunk_positions=self.chunk_positions)
@@ -93,6 +93,8 @@ class HFBackend:
             out["topk_logprobs"] = signal.topk_logprobs.numpy()
         if query is not None:
             out["query_logprobs"] = signal.query_logprobs.numpy()
+        if batch.hidden:
+            out["hidden_states"] = signal.hidden_states.float().numpy()  # (N, T, H), exact for bf16/fp16 models
         return out
 
 
@@ -172,6 +174,10 @@ class VLLMBackend:
                                "logprobs at caller-given ids (vLLM's prompt logprobs give the teacher's own "
                                "top-K and the actual tokens only). Use loss.support=teacher or sampled, or "
                                "serve the teacher with --backend hf for loss.support=student|union.")
+        if batch.hidden:
+            raise RequestError(422, "hidden_dtype: this teacher server runs the vllm backend, which does not give "
+                               "hidden states; serve the teacher with --backend hf for loss.support=full, or use "
+                               "loss.support=teacher|sampled.")
         if abs(batch.temperature - self.temperature) > 1e-6:
             raise RequestError(422, f"temperature {batch.temperature:g}: this vllm-backend server scores at "
                                f"temperature {self.temperature:g} only (vLLM's prompt logprobs ignore the "

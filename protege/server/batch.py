@@ -23,18 +23,21 @@ class Batch:
     topk: int = 0
     query_ids: list[np.ndarray] | None = None  # each (L_i - P_i, M) int, or None
     temperature: float = 1.0
+    hidden: bool = False  # also return the final hidden states at the completion positions
 
 
 class ScoreResult(TypedDict, total=False):
     """A backend's reply to a Batch: padded arrays over completion positions (the tokens after the
     prompt), T = the longest completion, padding 0, logprobs = log_softmax(logits / temperature).
-    A plain dict at run time; topk_* only when the batch asked for top-k, query_logprobs only with query_ids."""
+    A plain dict at run time; topk_* only when the batch asked for top-k, query_logprobs only with query_ids,
+    hidden_states only with hidden."""
 
     completion_lengths: np.ndarray  # (N,) i4
     token_logprobs: np.ndarray  # (N, T) f4: teacher logprob of each actual token
     topk_ids: np.ndarray  # (N, T, K) i4: the teacher's own top-K, sorted by logprob, descending
     topk_logprobs: np.ndarray  # (N, T, K) f4
     query_logprobs: np.ndarray  # (N, T, M) f4: teacher logprobs at the ids the caller sent
+    hidden_states: np.ndarray  # (N, T, H) f4: final hidden states predicting each completion token (when asked)
 
 
 class RequestError(Exception):

@@ -225,12 +225,13 @@ class Batcher:
 
 def _rows(batch: Batch, start: int, stop: int) -> Batch:
     return Batch(sequences=batch.sequences[start:stop], prompt_lengths=batch.prompt_lengths[start:stop],
-                 topk=batch.topk, temperature=batch.temperature,
+                 topk=batch.topk, temperature=batch.temperature, hidden=batch.hidden,
                  query_ids=None if batch.query_ids is None else batch.query_ids[start:stop])
 
 
 def _merge(batches: list[Batch], temperature: float) -> Batch:
-    """One Batch from several: k = the largest k; query widths padded with id 0 to the widest."""
+    """One Batch from several: k = the largest k; query widths padded with id 0 to the widest; hidden states
+    when any asks."""
     k = max(b.topk for b in batches)
     widths = [b.query_ids[0].shape[1] for b in batches if b.query_ids is not None]
     query = None
@@ -244,7 +245,7 @@ def _merge(batches: list[Batch], temperature: float) -> Batch:
                 query.extend(q if q.shape[1] == m else np.pad(q, ((0, 0), (0, m - q.shape[1]))) for q in b.query_ids)
     return Batch(sequences=[s for b in batches for s in b.sequences],
                  prompt_lengths=[p for b in batches for p in b.prompt_lengths],
-                 topk=k, query_ids=query, temperature=temperature)
+                 topk=k, query_ids=query, temperature=temperature, hidden=any(b.hidden for b in batches))
 
 
 def _slice(result: ScoreResult, start: int, stop: int, batch: Batch) -> ScoreResult:
@@ -257,6 +258,8 @@ def _slice(result: ScoreResult, start: int, stop: int, batch: Batch) -> ScoreRes
         out["topk_logprobs"] = result["topk_logprobs"][start:stop, :t, :batch.topk]
     if batch.query_ids is not None:
         out["query_logprobs"] = result["query_logprobs"][start:stop, :t, :batch.query_ids[0].shape[1]]
+    if batch.hidden:
+        out["hidden_states"] = result["hidden_states"][start:stop, :t]
     return out
 
 

@@ -9,7 +9,8 @@ vectorised (numpy min/max per row, a C-level type scan for booleans), never id b
 
 /v1/score parsing also yields the `ReplyFormat`: the reply goes out in the wire version the request
 came in (binary or base64-JSON; plain JSON requests may name one with "wire_version", default the
-current), with the logprob dtype the request asks for ("logprob_dtype", version 2 only).
+current), with the logprob dtype the request asks for ("logprob_dtype", version 2 only) and, when it
+asks for them, the teacher's hidden states in "hidden_dtype" (version 3 only).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import numpy as np
 import orjson
 
 from protege.server.batch import Batch, RequestError
-from protege.wire import LOGPROB_DTYPES, READ_VERSIONS, VERSION, WireError, read_binary, read_json_dict
+from protege.wire import (HIDDEN_DTYPES, HIDDEN_VERSION, LOGPROB_DTYPES, READ_VERSIONS, VERSION, WireError, read_binary,
+                          read_json_dict)
 
 
 MIN_TEMPERATURE = 1e-3  # below this logits / T overflow float32 for real models (1e-300 gave NaN logprobs)
@@ -45,10 +47,11 @@ class ReplyFormat:
 
     version: int = VERSION
     logprob_dtype: str = "float32"
+    hidden_dtype: str | None = None  # hidden states asked for, in this dtype
 
 
 def get_reply_format(obj: dict, version: int) -> ReplyFormat:
-    """The optional "logprob_dtype" of a request (meta or plain JSON body), in wire `version`."""
+    """The optional "logprob_dtype" and "hidden_dtype" of a request (meta or plain JSON body), in wire `version`."""
     value = obj.get("logprob_dtype", "float32")
     if value is None:
         value = "float32"
@@ -57,7 +60,12 @@ def get_reply_format(obj: dict, version: int) -> ReplyFormat:
                   f"got {str(value)[:40]!r}")
     if value != "float32" and version < 2:
         raise bad(f"logprob_dtype={value!r} needs wire version 2; this request is version {version}")
-    return ReplyFormat(version=version, logprob_dtype=value)
+    hidden = obj.get("hidden_dtype")
+    if hidden is not None and (not isinstance(hidden, str) or hidden not in HIDDEN_DTYPES):
+        raise bad(f"hidden_dtype must be one of {', '.join(repr(k) for k in HIDDEN_DTYPES)}, got {str(hidden)[:40]!r}")
+    if hidden is not None and version < HIDDEN_VERSION:
+        raise bad(f"hidden_dtype={hidden!r} needs wire version {HIDDEN_VERSION}; this request is version {version}")
+    return ReplyFormat(version=version, logprob_dtype=value, hidden_dtype=hidden)
 
 
 def bad(message: str) -> RequestError:
@@ -192,12 +200,13 @@ def _sequences(value, vocab: int, limits: Limits, name: str = "sequences") -> li
     return [_id_row(row, f"{name}[{i}]", vocab) for i, row in enumerate(value)]
 
 
-SCORE_FIELDS = {"sequences", "prompt_lengths", "topk", "query_ids", "temperature", "logprob_dtype", "wire_version"}
+SCORE_FIELDS = {"sequences", "prompt_lengths", "topk", "query_ids", "temperature", "logprob_dtype", "wire_version",
+                "hidden_dtype"}
 
 
 def score_batch_from_json(obj: dict, vocab: int, limits: Limits) -> tuple[Batch, ReplyFormat]:
     """/v1/score JSON body: {sequences, prompt_lengths, topk?, query_ids?, temperature?, logprob_dtype?,
-    wire_version?}, or the base64 wire form (an object with "protege_wire")."""
+    hidden_dtype?, wire_version?}, or the base64 wire form (an object with "protege_wire")."""
     if "protege_wire" in obj:
         if not isinstance(obj["protege_wire"], int) or isinstance(obj["protege_wire"], bool):
             raise bad(f"protege_wire must be an integer wire version ({', '.join(map(str, READ_VERSIONS))}), "
@@ -228,7 +237,7 @@ def score_batch_from_json(obj: dict, vocab: int, limits: Limits) -> tuple[Batch,
         query = [_id_row(r, f"query_ids[{i}]", vocab, ndim=2) for i, r in enumerate(rows)]
         _check_query_shapes(query, sequences, prompt_lengths, limits)
     return Batch(sequences=sequences, prompt_lengths=prompt_lengths, topk=topk, query_ids=query,
-                 temperature=temperature), reply
+                 temperature=temperature, hidden=reply.hidden_dtype is not None), reply
 
 
 def _check_query_shapes(query: list[np.ndarray], sequences, prompt_lengths, limits: Limits) -> None:
@@ -252,8 +261,8 @@ def score_batch_from_binary(body: bytes, vocab: int, limits: Limits) -> tuple[Ba
 def score_batch_from_wire(meta: dict, arrays: dict[str, np.ndarray], vocab: int, limits: Limits,
                           version: int = VERSION) -> tuple[Batch, ReplyFormat]:
     """Arrays tokens (S,), sequence_lengths (N,), prompt_lengths (N,), query_ids (C, M)?; meta topk,
-    temperature, logprob_dtype? (integer arrays: i4, or u2 from version 2)."""
-    check_keys(meta, {"topk", "temperature", "logprob_dtype"}, "the request meta")
+    temperature, logprob_dtype?, hidden_dtype? (integer arrays: i4, or u2 from version 2)."""
+    check_keys(meta, {"topk", "temperature", "logprob_dtype", "hidden_dtype"}, "the request meta")
     check_keys(arrays, {"tokens", "sequence_lengths", "prompt_lengths", "query_ids"}, "the request arrays")
     reply = get_reply_format(meta, version)
     for key in ("tokens", "sequence_lengths", "prompt_lengths"):
@@ -288,7 +297,7 @@ def score_batch_from_wire(meta: dict, arrays: dict[str, np.ndarray], vocab: int,
         check_ids(q, "query_ids", vocab)
         query = np.split(q.astype(np.int32, copy=False), np.cumsum(lengths - plens)[:-1])
     return Batch(sequences=sequences, prompt_lengths=prompt_lengths, topk=topk, query_ids=query,
-                 temperature=temperature), reply
+                 temperature=temperature, hidden=reply.hidden_dtype is not None), reply
 
 
 TRL_FIELDS = {"sequences", "prompt_lengths", "top_logprobs", "temperature", "response_format"}

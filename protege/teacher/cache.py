@@ -6,7 +6,7 @@ caching it is exact: `CachedTeacher(inner, ...)` keys every row by
     manifest hash   sha256 of the teacher's identity (teacher_manifest): for an in-process teacher the
                     sha256 of every weight tensor (names, dtypes, shapes, bytes) and of its model
                     config; for a server its reported model, backend, dtype, vocabulary size, the
-                    wire's logprob dtype, and teacher.cache_revision (a server reports only a name:
+                    wire's logprob and hidden-state dtypes, and teacher.cache_revision (a server reports only a name:
                     bump the revision when the weights behind that name change)
     request tag     topk k, temperature (exact float), entropy flag, hidden flag, number of query ids
     token ids       the row's prompt ids and completion ids (its own length, no padding), and its
@@ -86,6 +86,7 @@ def teacher_manifest(teacher, tcfg) -> dict:
     elif isinstance(teacher, RemoteTeacher):
         served = teacher.info() if teacher.protocol == "protege" else {"model": teacher.model}
         identity = {"kind": "server", "protocol": teacher.protocol, "logprob_dtype": teacher.logprob_dtype,
+                    "hidden_dtype": getattr(teacher, "hidden_dtype", None),
                     **{k: served.get(k) for k in ("model", "backend", "dtype", "vocab_size")}}
         about = {"urls": list(teacher.urls)}
     elif hasattr(teacher, "cache_manifest"):

@@ -23,7 +23,9 @@ protocol="protege": binary POST /v1/score (top-k, logprobs at query ids, actual-
     float32, or float16 with `logprob_dtype="float16"` (half the logprob bytes, <= 4.9e-4 relative
     error, max 0.0078 absolute for logprobs in [-30, 0]; see protege.wire), the whole body under a
     crc32. A server that reads only older versions (an older protege) is detected from its 400 and
-    spoken to in version 2 (no checksum), or 1 (float32 logprobs only), from then on.
+    spoken to in version 2 (no checksum), or 1 (float32 logprobs only), from then on. With
+    ScoreRequest(hidden=True) (loss.support=full) it sends the teacher's final hidden states in
+    `hidden_dtype`, and `output_weight` is the teacher's projection (protege.teacher.projection).
 protocol="openai":  POST /v1/completions with prompt_logprobs, what vLLM serves (`--max-logprobs` >= k).
     It cannot return logprobs at ids the client picks, so query_ids raise a ValueError. Its prompt
     logprobs are log_softmax(logits) whatever the request's temperature (vLLM 0.32, even with
@@ -54,8 +56,10 @@ import torch
 
 from protege import wire
 from protege.teacher.base import ScoreRequest
+from protege.teacher.projection import RemoteProjection
 from protege.teacher.replies import (InvalidReply, TeacherReplyError, check_score_reply, decode_score_reply,
-                                     json_object, local_vocab_size, parse_completions_reply)
+                                     error_message, json_object, local_vocab_size, parse_completions_reply,
+                                     retry_after_seconds)
 from protege.records import Rollouts, TeacherSignal
 
 __all__ = ["RemoteTeacher", "TeacherRefused", "TeacherReplyError", "TeacherUnavailable"]
@@ -88,7 +92,8 @@ class RemoteTeacher:
     def __init__(self, urls: str | list[str], *, api_key: str | None = None, timeout: float = 300.0,
                  max_retries: int = 100, max_wait_s: float = 600.0, chunk_tokens: int = 32768,
                  concurrency: int = 4, protocol: str = "protege", vocab_size: int | None = None,
-                 model: str | None = None, logprob_dtype: str = "float32", max_invalid_replies: int = 3):
+                 model: str | None = None, logprob_dtype: str = "float32", max_invalid_replies: int = 3,
+                 hidden_dtype: str = "float16", projection_cache: str | None = None):
         urls = [urls] if isinstance(urls, str) else list(urls)
         if not urls:
             raise ValueError("RemoteTeacher needs at least one server URL (teacher.urls)")
@@ -106,7 +111,8 @@ class RemoteTeacher:
             raise ValueError(f"logprob_dtype={logprob_dtype!r} applies to protocol='protege' only "
                              "(an OpenAI-compatible server answers JSON text)")
         self.urls = [check_url(u) for u in urls]
-        self.logprob_dtype = logprob_dtype
+        self.logprob_dtype, self.hidden_dtype = logprob_dtype, hidden_dtype
+        self.projection = RemoteProjection(self.urls, projection_cache, hidden_dtype)
         self._wire_version = wire.VERSION  # lowered when a server turns the newer versions down
         self.protocol = protocol
         self.chunk_tokens = chunk_tokens
@@ -165,6 +171,13 @@ class RemoteTeacher:
         """The server's /v1/info (protege servers only)."""
         return self._get("/v1/info")
 
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """(V, H) the teacher's output projection (fetched once, verified by its sha256; see hidden=True)."""
+        if self.projection.weight is None:
+            self.projection.load(self.info(), lambda path, check: self._request("GET", path, check=check))
+        return self.projection.weight
+
     def _models_entry(self) -> dict:
         """The first model of the server's /v1/models (cached)."""
         if self._model_entry is None:
@@ -193,9 +206,9 @@ class RemoteTeacher:
 
     def score(self, rollouts: Rollouts, request: ScoreRequest) -> TeacherSignal:
         """The teacher's signal for every completion position of `rollouts`; each reply checked first."""
-        if request.hidden:
-            raise ValueError("a remote teacher cannot give hidden states (ScoreRequest.hidden=True); "
-                             "use a top-k support (topk=K or query_ids) with a remote teacher, or a LocalTeacher")
+        if request.hidden and self.protocol != "protege":
+            raise ValueError("protocol='openai' cannot give hidden states (ScoreRequest.hidden=True, "
+                             "loss.support=full); serve the teacher with `protege serve-teacher` or a top-k support")
         if not (request.temperature > 0 and math.isfinite(request.temperature)):
             raise ValueError(f"temperature must be a finite number > 0, got {request.temperature}")
         if self.protocol == "openai" and request.query_ids is not None:
@@ -220,7 +233,9 @@ class RemoteTeacher:
             token_logprobs=torch.zeros((n, t), dtype=torch.float32),  # (N, T)
             topk_ids=torch.zeros((n, t, k), dtype=torch.long) if k else None,  # (N, T, K)
             topk_logprobs=torch.zeros((n, t, k), dtype=torch.float32) if k else None,  # (N, T, K)
-            query_logprobs=torch.zeros((n, t, query.shape[2]), dtype=torch.float32) if query is not None else None)
+            query_logprobs=torch.zeros((n, t, query.shape[2]), dtype=torch.float32) if query is not None else None,
+            hidden_states=torch.zeros((n, t, self.output_weight.shape[1]), dtype=self.projection.hidden_torch_dtype)
+            if request.hidden else None)  # (N, T, H) in the wire dtype
         comp_lens = mask.sum(1).tolist()
         rows = [i for i in range(n) if comp_lens[i] > 0]
         if not rows:
@@ -250,6 +265,8 @@ class RemoteTeacher:
                 out.topk_logprobs[idx, :tc] = result["topk_logprobs"]
             if query is not None:
                 out.query_logprobs[idx, :tc] = result["query_logprobs"]
+            if request.hidden:
+                out.hidden_states[idx, :tc] = result["hidden_states"]
         return out
 
     def _chunks(self, rows: list[int], sequences: dict[int, np.ndarray]) -> list[list[int]]:
@@ -271,17 +288,21 @@ class RemoteTeacher:
             query_ids = torch.cat([query[i, : comp_lens[i]] for i in chunk]).to(torch.int32).numpy()
         lengths = [comp_lens[i] for i in chunk]
         m = None if query is None else int(query.shape[2])
+        hidden = (self.hidden_dtype, self.projection.hidden_spec()) if request.hidden else (None, None)
         headers = {"Content-Type": wire.BINARY_MEDIA_TYPE, "Accept": wire.BINARY_MEDIA_TYPE}
         while True:
             version = self._wire_version
             body = wire.encode_score_request([sequences[i] for i in chunk], prompt_lengths, topk=request.topk,
                                              temperature=request.temperature, query_ids=query_ids,
-                                             logprob_dtype=self.logprob_dtype, version=version)
+                                             logprob_dtype=self.logprob_dtype, version=version, hidden_dtype=hidden[0])
 
             def check(response: httpx.Response, version=version) -> dict[str, torch.Tensor]:
-                got, tensors = decode_score_reply(response.content, response.headers.get("content-type", ""))
+                got, meta, tensors = decode_score_reply(response.content, response.headers.get("content-type", ""),
+                                                        with_meta=True)
+                if hidden[0]:
+                    self.projection.check_reply(meta, str(response.url))
                 return check_score_reply(got, tensors, asked_version=version, lengths=lengths, k=request.topk,
-                                         m=m, vocab_size=vocab, logprob_dtype=self.logprob_dtype)
+                                         m=m, vocab_size=vocab, logprob_dtype=self.logprob_dtype, hidden=hidden[1])
 
             try:
                 return self._request("POST", "/v1/score", check=check, content=body, headers=headers)
@@ -362,30 +383,13 @@ class RemoteTeacher:
             return False, f"{url}: {type(exc).__name__}: {exc}", None
         status = response.status_code
         if status >= 500 or status == 429:
-            return False, f"{url}: HTTP {status}: {_error_message(response)}", _retry_after(
+            return False, f"{url}: HTTP {status}: {error_message(response)}", retry_after_seconds(
                 response.headers.get("retry-after"))
         if status >= 400:
             raise TeacherRefused(f"teacher server refused the request ({url}, HTTP {status}): "
-                                 f"{_error_message(response)}", status)
+                                 f"{error_message(response)}", status)
         try:
             return True, check(response) if check is not None else response, None
         except InvalidReply as exc:
             return False, exc, None
 
-
-def _error_message(response: httpx.Response) -> str:
-    try:
-        body = orjson.loads(response.content)
-        if isinstance(body, dict) and "error" in body:
-            error = body["error"]
-            return error.get("message", str(error)) if isinstance(error, dict) else str(error)
-    except orjson.JSONDecodeError:
-        pass
-    return response.text[:500]
-
-
-def _retry_after(value: str | None) -> float | None:
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None

@@ -21,7 +21,10 @@ What a reply must be (vectorised checks, no Python loop over elements):
   a distribution cannot hold more than all of it; mass_tol 1e-3 for float32, 1e-2 for float16
   logprobs, whose relative error of 2^-11 moves a sum of probabilities by at most 2^-11 * entropy);
 - protocol "protege": the reply is in the wire version asked for (version 3 carries a crc32 that
-  protege.wire verifies, so flipped or truncated bytes never decode into numbers).
+  protege.wire verifies, so flipped or truncated bytes never decode into numbers);
+- hidden states (when asked): (n, T, H) with H the teacher projection's width, in the dtype asked
+  for (float32, float16 or bfloat16), every value finite (the reply's projection hash is checked by
+  protege.teacher.projection).
 """
 
 from __future__ import annotations
@@ -61,10 +64,12 @@ class TeacherReplyError(ValueError):
         self.url, self.field = url, error.field
 
 
-def expected_shapes(lengths: list[int], k: int, m: int | None) -> dict[str, tuple[int, ...]]:
+def expected_shapes(lengths: list[int], k: int, m: int | None, hidden_size: int | None = None) -> dict[str, tuple]:
     """The arrays a score reply for rows of completion `lengths` must hold, with their shapes."""
     n, t = len(lengths), max(lengths)
     shapes = {"completion_lengths": (n,), "token_logprobs": (n, t)}
+    if hidden_size is not None:
+        shapes["hidden_states"] = (n, t, hidden_size)
     if k:
         shapes["topk_ids"] = shapes["topk_logprobs"] = (n, t, k)
     if m is not None:
@@ -73,11 +78,13 @@ def expected_shapes(lengths: list[int], k: int, m: int | None) -> dict[str, tupl
 
 
 def check_score_reply(version: int, tensors: dict[str, torch.Tensor], *, asked_version: int, lengths: list[int],
-                      k: int, m: int | None, vocab_size: int, logprob_dtype: str) -> dict[str, torch.Tensor]:
-    """The arrays of a decoded /v1/score reply, after every check above (InvalidReply otherwise)."""
+                      k: int, m: int | None, vocab_size: int, logprob_dtype: str,
+                      hidden: tuple[int, torch.dtype] | None = None) -> dict[str, torch.Tensor]:
+    """The arrays of a decoded /v1/score reply, after every check above (InvalidReply otherwise).
+    hidden: (H, dtype) of the hidden states asked for, or None."""
     if version != asked_version:
         raise InvalidReply("version", f"asked for wire version {asked_version}, the reply is version {version}")
-    shapes = expected_shapes(lengths, k, m)
+    shapes = expected_shapes(lengths, k, m, None if hidden is None else hidden[0])
     for name, shape in shapes.items():
         if name not in tensors:
             raise InvalidReply(name, f"missing from the reply (it holds {sorted(tensors)})")
@@ -88,7 +95,16 @@ def check_score_reply(version: int, tensors: dict[str, torch.Tensor], *, asked_v
         raise InvalidReply("completion_lengths", f"{got.tolist()[:8]} for rows of {lengths[:8]} completion tokens")
     out = {name: tensors[name] for name in shapes}
     check_values(out, lengths, vocab_size, MASS_TOL[logprob_dtype])
+    if hidden is not None:
+        check_hidden(out["hidden_states"], hidden[1])
     return out
+
+
+def check_hidden(x: torch.Tensor, dtype: torch.dtype) -> None:
+    """Hidden states in the dtype asked for, every value finite (NaN or inf: InvalidReply)."""
+    if x.dtype != dtype:
+        raise InvalidReply("hidden_states", f"came as {x.dtype}; asked for {dtype}")
+    _fail_where("hidden_states", ~torch.isfinite(x), x, "not finite (NaN or inf)")
 
 
 def check_values(arrays: dict[str, torch.Tensor], lengths: list[int], vocab_size: int, mass_tol: float) -> None:
@@ -112,17 +128,38 @@ def _fail_where(name: str, bad: torch.Tensor, values: torch.Tensor, what: str) -
         raise InvalidReply(name, f"{int(bad.sum())} value(s) {what}, e.g. {values[where].item()} at {list(where)}")
 
 
-def decode_score_reply(body: bytes, content_type: str) -> tuple[int, dict[str, torch.Tensor]]:
-    """(wire version, tensors) of a /v1/score reply body; InvalidReply when it is not a readable one."""
+def decode_score_reply(body: bytes, content_type: str, *, with_meta: bool = False) -> tuple:
+    """(wire version, tensors) of a /v1/score reply body, or (version, meta, tensors) `with_meta`;
+    InvalidReply when it is not a readable one."""
     media = content_type.split(";")[0].strip().lower()
     if media not in (wire.BINARY_MEDIA_TYPE, wire.JSON_MEDIA_TYPE):
         raise InvalidReply("content-type", f"{content_type!r} is not a protege score reply (it starts "
                                            f"{bytes(body[:60])!r}); is this a protege teacher server?")
     try:
-        version, _, tensors = wire.read_score_response(body, content_type)
+        version, meta, tensors = wire.read_score_response(body, content_type)
     except wire.WireError as exc:
         raise InvalidReply(exc.field, exc.message) from None
-    return version, tensors
+    return (version, meta, tensors) if with_meta else (version, tensors)
+
+
+def error_message(response) -> str:
+    """The message of a server's error reply: {"error": "..."} or {"error": {"message": ...}}, else its text."""
+    try:
+        body = orjson.loads(response.content)
+        if isinstance(body, dict) and "error" in body:
+            error = body["error"]
+            return error.get("message", str(error)) if isinstance(error, dict) else str(error)
+    except orjson.JSONDecodeError:
+        pass
+    return response.text[:500]
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (None when absent or not a number)."""
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
 
 
 def json_object(body: bytes) -> dict:

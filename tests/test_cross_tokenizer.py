@@ -1,0 +1,178 @@
+"""Cross-tokenizer teachers: losses pinned to the same-tokenizer ones, ULD against GOLD, a training run that
+lowers held-out span-level KL, and a teacher with another tokenizer behind a real server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from cross_tokenizers import bpe
+from tiny import make_model, make_plain_model, make_tokenizer
+
+from protege import build
+from protege.config import LossConfig, load_config
+from protege.data import Example, PromptTokenizer
+from protege.forward import HiddenStates, forward_completion_hidden, output_weight
+from protege.losses.cross_tokenizer import uld_loss
+from protege.modeling import eos_ids
+from protege.objective import Objective
+from protege.rollout import hf as hf_rollout
+from protege.teacher.cross_tokenizer import CrossTokenizerTeacher
+from protege.teacher.local import LocalTeacher
+
+PROMPTS = ["what is 3+4?", "name a colour", "say hi", "count to 5", "2 words, please", "é or e?"]
+
+
+def buffer(student, tok, n=6, seed=0, max_new_tokens=14):
+    pt = PromptTokenizer(tok, 64)
+    examples = [Example(messages=[{"role": "user", "content": p}]) for p in PROMPTS[:n]]
+    torch.manual_seed(seed)
+    r = hf_rollout.generate(student, [pt.prompt_ids(e) for e in examples], max_new_tokens=max_new_tokens,
+                            eos_ids=eos_ids(tok), pad_id=0, record_topk=4)
+    r.examples = examples
+    return r
+
+
+def per_token(objective, student, mb, signal, teacher_weight=None):
+    hidden = forward_completion_hidden(HiddenStates(student), mb.prompt_ids, mb.completion_ids, mb.completion_mask, 0)
+    return objective.per_token_loss(hidden, output_weight(student), mb, signal, teacher_weight)
+
+
+@pytest.fixture(scope="module")
+def same_pair():
+    tok = make_tokenizer()
+    student, teacher = make_model(2, 2), make_model(3, 1)
+    local = LocalTeacher(teacher, pad_id=0)
+    cross = CrossTokenizerTeacher(local, tok, tok, student_vocab_size=128, student_eos_ids=eos_ids(tok),
+                                  teacher_eos_ids=eos_ids(tok))
+    return tok, student, local, cross
+
+
+@pytest.mark.parametrize("name", ["reverse_kl", "jsd", "forward_kl"])
+def test_shared_topk_equals_same_tokenizer_teacher_topk_loss(same_pair, name):
+    """Pinned: through the cross-tokenizer path with the same tokenizer on both sides, every token is a 1:1
+    span, the vocabulary map is the identity and the loss equals loss.support=teacher (remote top-k)."""
+    tok, student, local, cross = same_pair
+    mb = buffer(student, tok)
+    same = Objective.build(LossConfig(name=name, support="teacher", top_k=8), teacher_local=False)
+    ct = Objective.build(LossConfig(name=name, cross_tokenizer="shared_topk", top_k=8), teacher_local=True,
+                         cross_tokenizer=True)
+    sig = cross.score(mb, ct.teacher_request(mb))
+    assert sig.cross.stats["cross/one_to_one_share"] == 1.0
+    torch.testing.assert_close(sig.token_logprobs, local.score(mb, ct.teacher_request(mb)).token_logprobs)
+    with torch.no_grad():
+        want = per_token(same, student, mb, local.score(mb, same.teacher_request(mb)))
+        got = per_token(ct, student, mb, sig)
+    assert float(want.abs().sum()) > 0.1
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_span_estimator_equals_sampled_pg_on_one_to_one_spans(same_pair):
+    tok, student, local, cross = same_pair
+    mb = buffer(student, tok, seed=1)
+    pg = Objective.build(LossConfig(name="sampled_pg"), teacher_local=True)
+    ct = Objective.build(LossConfig(cross_tokenizer="span"), teacher_local=True, cross_tokenizer=True)
+    want = per_token(pg, student, mb, local.score(mb, pg.teacher_request(mb)))
+    got = per_token(ct, student, mb, cross.score(mb, ct.teacher_request(mb)))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_uld_equals_gold_on_merged_groups():
+    """Our ULD with K covering the vocabulary = GOLD's ULDLoss (observed merge, full sorted L1) on groups."""
+    from trl.experimental.gold.gold_trainer import ULDLoss
+
+    torch.manual_seed(0)
+    s_probs, t_probs = torch.randn(5, 11).softmax(-1), torch.randn(4, 17).softmax(-1)  # (Ts, Vs), (Tt, Vt)
+    s_tok, t_tok = torch.randint(0, 11, (5,)), torch.randint(0, 17, (4,))
+    s_groups, t_groups = [[0], [1, 2], [3, 4]], [[0, 1], [2], [3]]
+    gold = ULDLoss.__new__(ULDLoss)
+    gold.token_merge_strategy = "observed"
+    s_al = gold._merge_probabilities_with_alignment_groups(s_probs, s_groups, s_tok.tolist())
+    t_al = gold._merge_probabilities_with_alignment_groups(t_probs, t_groups, t_tok.tolist())
+    pad = torch.nn.functional.pad
+    want = (pad(s_al.sort(-1, descending=True).values, (0, 6)) - t_al.sort(-1, descending=True).values).abs().sum()
+    first_s, first_t = [g[0] for g in s_groups], [g[0] for g in t_groups]
+    rest = lambda p, tokens, groups: torch.stack([sum((p[i, tokens[i]].log() for i in g[1:]), torch.tensor(0.0))  # noqa
+                                                  for g in groups])
+    got = uld_loss(s_probs[first_s].log(), rest(s_probs, s_tok, s_groups), t_probs[first_t].log(),
+                   rest(t_probs, t_tok, t_groups))
+    torch.testing.assert_close(got.sum(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def other_pair(tmp_path_factory):
+    """A char-level student and a teacher with a ByteLevel BPE trained here (saved, for the server test)."""
+    root = tmp_path_factory.mktemp("cross")
+    t_tok = bpe(300)
+    t_tok.chat_template = "{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}Assistant:"
+    t_tok.save_pretrained(root / "teacher_tok")
+    rows = [{"prompt": f"what is {i % 7}+{i % 5}?", "completion": str(i % 7 + i % 5)} for i in range(40)]
+    (root / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"tok": make_tokenizer(), "t_tok": t_tok, "teacher": make_plain_model(len(t_tok), seed=3), "root": root}
+
+
+def distiller(pair, overrides, **kw):
+    from protege.trainer import Distiller
+
+    cfg = load_config(None, ["student.path=s", "teacher.path=t", f"data.path={pair['root'] / 'd.jsonl'}",
+                             f"output.dir={pair['root'] / 'out'}", "output.report_to=none", "train.num_threads=1",
+                             "train.prompts_per_step=8", "train.micro_batch_size=8", "rollout.max_new_tokens=12",
+                             "data.eval_fraction=0.25", "data.eval_prompts=10", "output.diagnostics_top_k=4",
+                             *overrides])
+    return Distiller(cfg, student=make_model(2, 2), tokenizer=pair["tok"], **kw)
+
+
+def test_cross_run_lowers_heldout_span_kl(other_pair):
+    """A span-estimator run with a teacher of another tokenizer: held-out span-level reverse KL (eval/rkl,
+    per student token) drops, and the alignment diagnostics are logged."""
+    d = distiller(other_pair, ["optim.lr=3e-3", "train.max_steps=12"], teacher_model=other_pair["teacher"],
+                  teacher_tokenizer=other_pair["t_tok"])
+    assert d.cross and isinstance(d.teacher, CrossTokenizerTeacher)
+    before = d._evaluate()["rkl"]
+    history = [d.train_step() for _ in range(12)]
+    after = d._evaluate()["rkl"]
+    assert after < 0.7 * before, (before, after)
+    assert 0 < history[-1]["cross/one_to_one_share"] <= 1 and history[-1]["cross/span_len_max"] >= 1
+
+
+def test_teacher_with_another_tokenizer_over_http(other_pair):
+    """`protege serve-teacher`'s app on 127.0.0.1 with the teacher model; the run names only its URL and
+    tokenizer: same signal as in-process, and training steps run."""
+    from protege.server import HFBackend, create_app
+    from protege.server.background import serve_in_thread
+
+    with serve_in_thread(create_app(HFBackend(other_pair["teacher"], model_name="t"), max_k=32)) as server:
+        d = distiller(other_pair, ["teacher.path=null", f"teacher.urls=[{server.url}]", "train.max_steps=2",
+                                   f"teacher.tokenizer={other_pair['root'] / 'teacher_tok'}",
+                                   "loss.cross_tokenizer=shared_topk", "loss.top_k=8"])
+        assert d.cross
+        mb = d.collect(0)
+        request = d.objective.teacher_request(mb)
+        remote = d.teacher.score(mb, request)
+        local = CrossTokenizerTeacher(LocalTeacher(other_pair["teacher"], pad_id=0), other_pair["tok"],
+                                      d.teacher_tok, student_vocab_size=128, student_eos_ids=eos_ids(other_pair["tok"]),
+                                      teacher_eos_ids=eos_ids(d.teacher_tok)).score(mb, request)
+        torch.testing.assert_close(remote.token_logprobs, local.token_logprobs, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(remote.cross.topk_ids, local.cross.topk_ids)
+        m = d.train_step(mb, remote)
+        assert m["loss"] == m["loss"] and "cross/one_to_one_share" in m
+
+
+def test_mode_detection_and_start_up_errors(other_pair):
+    tok, t_tok = other_pair["tok"], other_pair["t_tok"]
+    cfg = load_config(None, ["student.path=s", "teacher.path=t"])
+    assert build.cross_tokenizer_mode(cfg, tok, t_tok)[1] is True
+    assert build.cross_tokenizer_mode(cfg, tok, make_tokenizer())[1] is False
+    on = load_config(None, ["student.path=s", "teacher.path=s", "teacher.cross_tokenizer=on"])
+    assert build.cross_tokenizer_mode(on, tok) == (tok, True)  # forced, no tokenizer of its own: the student's
+    off = load_config(None, ["student.path=s", "teacher.path=t", "teacher.cross_tokenizer=off"])
+    assert build.cross_tokenizer_mode(off, tok, t_tok) == (None, False)
+    with pytest.raises(ValueError, match="mix.seq_kd"):
+        build.cross_tokenizer_mode(load_config(None, ["student.path=s", "teacher.path=t", "mix.seq_kd=true",
+                                                      "mix.lmbda=0"]), tok, t_tok)
+    with pytest.raises(ValueError, match="mix.lmbda=1"):
+        build.cross_tokenizer_mode(load_config(None, ["student.path=s", "teacher.path=t", "mix.lmbda=0.5"]), tok, t_tok)
+    with pytest.raises(ValueError, match="teacher.tokenizer"):
+        build.cross_tokenizer_mode(load_config(None, ["student.path=s", "teacher.path=t",
+                                                      "teacher.tokenizer=/nonexistent/tok"]), tok)
