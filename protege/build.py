@@ -16,6 +16,7 @@ from protege.api_kinds import API_KINDS, needs_logprobs
 from protege.config import Config, teacher_configs
 from protege.forward import check_supported, output_weight
 from protege.objective import Objective
+from protege.teacher import cache
 from protege.teacher.base import Teacher
 from protege.teacher.privileged import check_data  # noqa: F401  (the trainer's start-up check of the rows)
 
@@ -168,16 +169,16 @@ def _teacher_source(cfg: Config, teacher_model, *, pad_id: int, device, objectiv
     if t.urls:
         from protege.teacher.remote import RemoteTeacher
 
-        return RemoteTeacher(t.urls, api_key=t.api_key or os.environ.get("PROTEGE_API_KEY"), protocol=t.protocol,
-                             timeout=t.timeout_s, max_wait_s=t.max_wait_s, logprob_dtype=t.logprob_dtype,
-                             vocab_size=t.vocab_size, hidden_dtype=t.hidden_dtype,
-                             projection_cache=t.projection_cache), None
+        return cache.wrap(t, RemoteTeacher(t.urls, api_key=t.api_key or os.environ.get("PROTEGE_API_KEY"),
+                                           protocol=t.protocol, timeout=t.timeout_s, max_wait_s=t.max_wait_s,
+                                           logprob_dtype=t.logprob_dtype, vocab_size=t.vocab_size,
+                                           hidden_dtype=t.hidden_dtype, projection_cache=t.projection_cache)), None
     from protege.modeling import load_model
     from protege.teacher.local import LocalTeacher
 
     model = (teacher_model if teacher_model is not None else load_model(t.path, t.dtype)).to(device)
-    return LocalTeacher(model, pad_id=pad_id, token_budget=t.batch_tokens,
-                        chunk_positions=objective.scoring_chunk), model
+    return cache.wrap(t, LocalTeacher(model, pad_id=pad_id, token_budget=t.batch_tokens,
+                                      chunk_positions=objective.scoring_chunk)), model
 
 
 def check_vocabularies(teacher, student) -> None:

@@ -5,6 +5,7 @@
     protege prune --model M --keep 24 --out student/
     protege eval --student student/ --teacher smollm2   # held-out KL and greedy-answer metrics
     protege serve-teacher --model M --port 8000
+    protege cache-teacher config.yaml --teacher.cache_dir cache/ --data.path completions.jsonl
     protege config                     # every config field with its default
 """
 
@@ -76,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_config)
     _add_prune(sub)
     _add_eval(sub)
+    from protege.teacher import precompute
+
+    precompute.add_parser(sub)  # protege cache-teacher
 
     try:
         from protege.server import cli as server_cli
@@ -127,8 +131,8 @@ def _add_eval(sub) -> None:
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
-    """`train`'s config overrides are not argparse options: (argv for argparse, the overrides)."""
-    if not argv or argv[0] != "train":
+    """The config overrides of `train` and `cache-teacher` are not argparse options: (argv for argparse, them)."""
+    if not argv or argv[0] not in ("train", "cache-teacher"):
         return argv, []
     head = [a for a in argv[1:2] if not a.startswith("-") and "=" not in a]
     tail = argv[1 + len(head):]

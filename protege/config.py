@@ -69,6 +69,15 @@ class TeacherConfig(_Section):
                                    "config.json 'vocab_size'), for an OpenAI-compatible server that does not report "
                                    "it (stock vllm serve). None: the server's own figure, else the config.json of "
                                    "the model it serves when readable here.")
+    cache_dir: str | None = Field(None, description="Teacher-score cache folder (off when None): the teacher's "
+                                  "answers are stored per (teacher, token ids, request) and reused by later epochs, "
+                                  "reruns and resumes (see docs/remote_teachers.md; `protege cache-teacher` fills "
+                                  "it ahead of a run).")
+    cache_hidden: bool = Field(False, description="Cache an in-process teacher's hidden states too (H floats per "
+                               "token), which loss.support=full|teacher|student|union with teacher.path reads.")
+    cache_revision: str | None = Field(None, description="Extra identity string in the cache's teacher manifest "
+                                       "(e.g. the served weights' revision): a server reports only a model name, so "
+                                       "change this when the weights behind that name change.")
     self: Literal["base", "ema", "live"] | None = Field(
         None, description="The student as its own teacher (self-distillation; usually with privileged context, "
         "docs/teachers.md): base = the starting weights (with LoRA: the adapter disabled, no second copy), ema = an "
@@ -324,10 +333,30 @@ class Config(_Section):
         if loss.token_clip is not None and loss.name == "sampled_pg":
             raise ValueError("loss.token_clip clamps a divergence at [0, clip]; sampled_pg's per-token surrogate "
                              "-rho*A is signed by design: use loss.ratio_clip instead, or unset loss.token_clip")
+        for t in teacher_configs(self):
+            check_cache(t, loss)
         if any(t.protocol == "openai" for t in teacher_configs(self)) and loss.support in ("student", "union"):
             raise ValueError("teacher.protocol=openai cannot return logprobs at the student's ids: use "
                              "loss.support=teacher|sampled, or protege serve-teacher")
         return self
+
+
+def check_cache(t: TeacherConfig, loss: LossConfig) -> None:
+    """teacher.cache_* settings that cannot work, refused at start-up (see protege.teacher.cache)."""
+    if t.cache_dir is None:
+        if t.cache_hidden:
+            raise ValueError("teacher.cache_hidden=true needs teacher.cache_dir (the cache folder)")
+        return
+    if t.self is not None:
+        raise ValueError(f"teacher.cache_dir with teacher.self={t.self}: the student changes as it trains, so its "
+                         "answers cannot be cached; unset teacher.cache_dir")
+    token_level = loss.name in ("sampled_pg", "sft") or loss.support == "sampled"
+    cross = t.cross_tokenizer == "on" or t.tokenizer is not None  # a cross-tokenizer teacher is asked for top-k
+    reads_hidden = not token_level and not cross and (t.path is not None or loss.support == "full")
+    if reads_hidden and not t.cache_hidden:
+        raise ValueError(f"teacher.cache_dir with loss.support={loss.support} and this teacher: the loss reads the "
+                         "teacher's hidden states; set teacher.cache_hidden=true to cache them, or use "
+                         "loss.support=sampled (or loss.name=sampled_pg|sft), or a top-k support with teacher.urls")
 
 
 def teacher_configs(cfg: Config) -> list[TeacherConfig]:

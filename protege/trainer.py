@@ -43,6 +43,7 @@ from protege.losses import reduce_tokens
 from protege.rollout.base import RolloutEngine, Sampling
 from protege.records import Rollouts, TeacherSignal
 from protege.teacher.base import Teacher, optional
+from protege.teacher.cache import cache_metrics
 from protege.teacher.several import check_routing, check_teacher_set, per_teacher_metrics, teacher_set
 
 log = logging.getLogger("protege")
@@ -253,6 +254,7 @@ class Distiller:
         m["teacher_nll"] = float(-signal.token_logprobs[mask].mean())
         if signal.cross is not None:  # a teacher with another tokenizer: the alignment's diagnostics
             m.update(signal.cross.stats)
+        m.update(cache_metrics(self.teacher))  # cache/hits, misses, teacher_calls, ... ({} without teacher.cache_dir)
         m.update(self._health(buffer, signal, student_rows))
         m.update(optional(self.teacher, "step_metrics", default={}))  # e.g. privileged_leak
         m.update(per_teacher_metrics(buffer, signal, row_loss, self.cfg.output.diagnostics_top_k))  # several teachers

@@ -15,6 +15,7 @@ HARDENING = "tests/test_server_hardening.py"
 BATCHER = "tests/test_batcher.py"
 DATA = "tests/test_data.py"
 LOSSES = "tests/test_losses.py"
+CACHE = "tests/test_teacher_cache.py"
 
 
 def m(name, file, old, new, tests, why):
@@ -99,6 +100,16 @@ MUTATIONS = [
     m("server-temperature-floor-gone", "protege/server/parse.py", "    if 0 < value < MIN_TEMPERATURE:\n",
       "    if 0 < value < 0.0:\n",
       HARDENING, "denormal temperatures accepted (NaN logprobs with 200)"),
+    # ---- teacher-score cache
+    m("cache-sha256-unchecked", "protege/teacher/cache_store.py",
+      "if hashlib.sha256(memoryview(body)[_PREFIX.size:]).digest() != digest:", "if False:", CACHE,
+      "a shard with a flipped byte is used"),
+    m("cache-lossy-float16", "protege/teacher/cache_store.py",
+      'if np.array_equal(small.astype("<f4").view("<u4"), a.view("<u4")):', "if True:", CACHE,
+      "float32 logprobs stored as float16: a warm run trains on other numbers"),
+    m("cache-key-without-weights", "protege/teacher/cache.py",
+      'identity = {"kind": "in-process", "weights_sha256": weights_sha256(teacher.model),',
+      'identity = {"kind": "in-process",', CACHE, "another teacher's cache is read"),
     # ---- data
     m("data-splitlines", "protege/data.py", 'text.split("\\n")', "text.splitlines()", DATA,
       "JSONL split on U+2028 / U+0085 inside valid rows"),
