@@ -7,6 +7,11 @@ output/checkpoints/step-N/ holds
     rng-<rank>.pt       each process's torch (CPU, CUDA) and python RNG state (tensors and plain lists)
     manifest.json       written last: size and sha256 of every other file, and the process count
 
+An FSDP2 student (protege/fsdp.py) is saved as each rank's shards instead of student/, with nothing
+gathered: student-<rank>.safetensors (its local shards: every tensor, or the trainable ones under
+LoRA) and optimizer-<rank>.pt (its optimizer state, local shards); trainer_state.pt then keeps only
+the optimizer's param_groups. A single-process or DDP checkpoint is unchanged.
+
 Everything is written into step-N.tmp/ and renamed at the end; folders ending in .tmp are ignored
 on resume. Loading never unpickles objects (`torch.load(weights_only=True)`), and a checkpoint is
 only used after `read` has checked it: every file matches the manifest (a truncated, rewritten or
@@ -45,17 +50,22 @@ class ResumeMismatch(ValueError):
 
 
 # ----------------------------------------------------------------------------------- writing
-def save(acc, folder: Path, *, student, state: dict, keep_last: int) -> Path:
-    """Collective: every process must call it. `student` is the unwrapped HF/PEFT model."""
+def save(acc, folder: Path, *, student, state: dict, keep_last: int, sharded: bool = False) -> Path:
+    """Collective: every process must call it. `student` is the unwrapped HF/PEFT model. sharded (FSDP2):
+    state["optimizer"] is this rank's local optimizer state, saved per rank with the student's shards."""
     final = Path(folder)
     tmp = final.with_name(final.name + ".tmp")
     acc.wait_for_everyone()
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        student.save_pretrained(tmp / "student", safe_serialization=True)
-        torch.save(state, tmp / "trainer_state.pt")
+        if not sharded:
+            student.save_pretrained(tmp / "student", safe_serialization=True)
+        groups = {"state": {}, "param_groups": state["optimizer"]["param_groups"]}
+        torch.save({**state, "optimizer": groups} if sharded else state, tmp / "trainer_state.pt")
     acc.wait_for_everyone()
+    if sharded:
+        _save_shard(tmp, acc.process_index, student, state["optimizer"])
     torch.save(rng_state(), tmp / f"rng-{acc.process_index}.pt")
     acc.wait_for_everyone()
     if acc.is_main_process:
@@ -67,6 +77,19 @@ def save(acc, folder: Path, *, student, state: dict, keep_last: int) -> Path:
             shutil.rmtree(old, ignore_errors=True)
     acc.wait_for_everyone()
     return final
+
+
+def _save_shard(folder: Path, rank: int, student, optimizer_state: dict) -> None:
+    from safetensors.torch import save_file
+
+    from protege import fsdp
+
+    save_file(fsdp.local_state(student, _has_adapters(student)), folder / f"student-{rank}.safetensors")
+    torch.save(optimizer_state, folder / f"optimizer-{rank}.pt")
+
+
+def _has_adapters(student) -> bool:
+    return hasattr(student, "peft_config")
 
 
 def rng_state() -> dict:
@@ -113,10 +136,16 @@ class Snapshot:
     rng: dict
     weights: dict
     adapters: bool
+    sharded: bool = False  # FSDP2: this rank's local shards
 
     def apply(self, student) -> None:
         """Load the weights into `student` in place (then drop this copy) and restore this process's RNG."""
-        _load_weights(student, self.weights, self.adapters)
+        if self.sharded:
+            from protege import fsdp
+
+            fsdp.load_local_state(student, self.weights, self.adapters)
+        else:
+            _load_weights(student, self.weights, self.adapters)
         self.weights = {}
         set_rng_state(self.rng)
 
@@ -129,8 +158,38 @@ def read(acc, folder: Path, *, student) -> Snapshot:
     _check_state(state, folder)
     rng = _torch_file(folder / f"rng-{acc.process_index}.pt")
     _check_rng(rng, folder / f"rng-{acc.process_index}.pt")
+    if (folder / f"student-{acc.process_index}.safetensors").exists():  # FSDP2 shards
+        return _read_shard(folder, acc.process_index, student, state, rng)
     weights, adapters = read_weights(student, folder / "student")
     return Snapshot(folder, state, rng, weights, adapters)
+
+
+def _read_shard(folder: Path, rank: int, student, state: dict, rng: dict) -> Snapshot:
+    """This rank's FSDP2 shards, checked against the sharded student (names, local shapes, finite values)."""
+    from safetensors.torch import load_file
+
+    from protege import fsdp
+
+    path = folder / f"student-{rank}.safetensors"
+    try:
+        weights = load_file(path)
+    except Exception as e:  # truncated or garbage safetensors
+        raise CheckpointError(f"the weight shards in {path} are unreadable ({type(e).__name__}: {e})") from None
+    adapters = _has_adapters(student)
+    want = fsdp.local_shapes(student, adapters)
+    if {k: tuple(v.shape) for k, v in weights.items()} != want:
+        raise CheckpointError(f"the weight shards in {path} do not match this rank's shards of the student "
+                              f"(missing {sorted(set(want) - set(weights))[:3]}, unexpected "
+                              f"{sorted(set(weights) - set(want))[:3]}); resume with the same model, LoRA "
+                              "settings and process count")
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"the weight shards in {path} are not finite (NaN or inf in {bad[:3]})")
+    optimizer = _torch_file(folder / f"optimizer-{rank}.pt")
+    if not isinstance(optimizer, dict) or not isinstance(optimizer.get("param_groups"), list) \
+            or not isinstance(optimizer.get("state"), dict):
+        raise CheckpointError(f"{folder / f'optimizer-{rank}.pt'} is not an optimizer state_dict")
+    return Snapshot(folder, {**state, "optimizer": optimizer}, rng, weights, adapters, sharded=True)
 
 
 def load(acc, folder: Path, *, student) -> dict:

@@ -33,12 +33,12 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from protege import build, checkpoint
+from protege import build, checkpoint, fsdp
 from protege.config import Config, check_vocab_bounds
 from protege.data import PromptStream, PromptTokenizer, load_prompt_sets
 from protege.diagnostics import HealthMonitor, sampled_rkl, step_health, truncation_rate
 from protege.hardware import use_bf16
-from protege.forward import HiddenStates, forward_completion_hidden, output_weight
+from protege.forward import HiddenStates, forward_completion_hidden
 from protege.losses import reduce_tokens
 from protege.rollout.base import RolloutEngine, Sampling
 from protege.records import Rollouts, TeacherSignal
@@ -100,6 +100,9 @@ class Distiller:
                                  top_p=r.top_p, top_k=r.top_k, record_topk=self.objective.rollout_topk)
         self.optimizer, self.scheduler = build.build_optimizer(cfg, self.student, self.max_steps)
         self.model, self.optimizer = self.acc.prepare(HiddenStates(self.student), self.optimizer)
+        self.sharded = fsdp.is_sharded(self.model)  # FSDP2 (protege/fsdp.py)
+        if self.sharded:
+            fsdp.after_prepare(cfg, self.model, self.student, self.acc.device)
         self.state = RunState()
         self.monitor = HealthMonitor()
         if cfg.output.report_to != "none":
@@ -151,19 +154,20 @@ class Distiller:
         if self.engine is None:
             self.engine = build.build_rollout_engine(self.cfg, self.student, pad_id=self.tok.pad_token_id,
                                                      bf16=self.bf16, seed=self.cfg.train.seed + self.acc.process_index)
+            if self.sharded:  # FSDP2: one generate call per rank and buffer, so every rank makes the same calls
+                self.engine.batch_tokens = 1 << 62
         return self.engine
 
     @torch.no_grad()
     def _student_topk(self, buffer: Rollouts, k: int) -> torch.Tensor:
         """(N, T, k) student top-k ids for rows that were not sampled by the student (remote teachers)."""
         out = torch.zeros((*buffer.completion_ids.shape, k), dtype=torch.long)
-        weight = output_weight(self.student)
         for s in range(0, len(buffer), self.cfg.train.micro_batch_size):
             rows = list(range(s, min(s + self.cfg.train.micro_batch_size, len(buffer))))
             mb = buffer.select(rows)
             h = forward_completion_hidden(self.model, mb.prompt_ids, mb.completion_ids.to(self.acc.device),
                                           mb.completion_mask, self.tok.pad_token_id)
-            out[rows, : h.shape[1]] = (h @ weight.T).topk(k, -1).indices.cpu()
+            out[rows, : h.shape[1]] = (h @ fsdp.gathered_output_weight(self.student).T).topk(k, -1).indices.cpu()
         return out
 
     # -------------------------------------------------------------------------------- one step
@@ -188,10 +192,11 @@ class Distiller:
         """Micro-batched forward/backward of the objective, then one optimizer step (and the engine sync)."""
         cfg, acc = self.cfg, self.acc
         num_tokens = int(acc.reduce(torch.tensor(buffer.num_tokens, device=acc.device), reduction="sum"))
-        weight = output_weight(self.student)  # (V, H)
         teacher_weight = self.teacher.output_weight if self.objective.teacher_local else None  # (V, H) or None
         order = sorted(range(len(buffer)), key=lambda i: len(buffer.prompt_ids[i]) + int(buffer.completion_mask[i].sum()))
         mbs = [order[s: s + cfg.train.micro_batch_size] for s in range(0, len(order), cfg.train.micro_batch_size)]
+        scale = fsdp.micro_batch_weights(acc, len(mbs), self.sharded)  # FSDP2: the same count on every rank
+        mbs += [mbs[0]] * (len(scale) - len(mbs))
         loss_sum = 0.0
         self.model.train()
         for i, rows in enumerate(mbs):
@@ -202,8 +207,10 @@ class Distiller:
                     torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 hidden = forward_completion_hidden(self.model, mb.prompt_ids, mb.completion_ids.to(acc.device),
                                                    mb.completion_mask, self.tok.pad_token_id)  # (B, T, H)
+                weight = fsdp.gathered_output_weight(self.student)  # (V, H), after the forward (FSDP2 gathers it)
                 per_token = self.objective.per_token_loss(hidden, weight, mb, sig, teacher_weight)  # (B, T)
                 loss = reduce_tokens(per_token, mb.completion_mask.to(acc.device), num_tokens)
+                loss = loss if scale[i] == 1.0 else loss * scale[i]
                 acc.backward(loss * acc.num_processes)  # DDP averages over ranks; we want the sum
             loss_sum += float(loss.detach())
         grad_norm = None
@@ -312,12 +319,13 @@ class Distiller:
     # --------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
         """output/checkpoints/step-N (see protege/checkpoint.py): complete or absent, never half-written."""
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+        optimizer = fsdp.local_optimizer_state(self.optimizer) if self.sharded else self.optimizer.state_dict()
+        state = {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
                  "stream": self.stream.state_dict(), "step": self.state.step,
                  "prompts_truncated": self.prompts.truncated, "monitor": self.monitor.state_dict()}
         return checkpoint.save(self.acc, self.out / "checkpoints" / f"step-{self.state.step:07d}",
                                student=self.acc.unwrap_model(self.model).model, state=state,
-                               keep_last=self.cfg.output.keep_last)
+                               keep_last=self.cfg.output.keep_last, sharded=self.sharded)
 
     def load_checkpoint(self) -> bool:
         """Resume from the newest usable checkpoint (checked; older ones are fallbacks, see checkpoint.restore)."""
@@ -336,7 +344,10 @@ class Distiller:
     def _apply_state(self, state: dict) -> None:
         self.stream.load_state_dict(state["stream"])  # a changed dataset: ValueError, no older checkpoint helps
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
+            if self.sharded:
+                fsdp.load_optimizer_state(self.optimizer, state["optimizer"])
+            else:
+                self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             if "monitor" in state:  # health warnings fire once per run, not again after each resume
                 self.monitor.load_state_dict(state["monitor"])
@@ -356,11 +367,12 @@ class Distiller:
         return self.state.history
 
     def save_final(self) -> None:
+        full = fsdp.full_state(self.student) if self.sharded else None  # collective: gathered on every rank
         if self.acc.is_main_process:
             dst = self.out / "student"
             tmp = dst.with_name("student.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            self.acc.unwrap_model(self.model).model.save_pretrained(tmp, safe_serialization=True)
+            self.acc.unwrap_model(self.model).model.save_pretrained(tmp, safe_serialization=True, state_dict=full)
             self.tok.save_pretrained(tmp)
             shutil.rmtree(dst, ignore_errors=True)
             os.replace(tmp, dst)

@@ -1,0 +1,209 @@
+"""FSDP2 students (accelerate `fsdp_version: 2`): what protege does differently when the student is sharded.
+
+accelerate's `fsdp2_prepare_model` shards the student in place with torch's `fully_shard`: one group per
+decoder layer and a tail group [final norm, (tied) embedding, lm_head] that stays gathered after the
+forward (`reshard_after_forward=False`); every parameter becomes a DTensor sharded on dim 0. protege
+trains through the `HiddenStates` wrapper (the FSDP root), never through the lm_head module's forward:
+the chunked losses multiply the final hidden states by the lm_head weight themselves. So:
+
+- the lm_head weight is read AFTER the micro-batch's forward (`gathered_output_weight`), when FSDP
+  has gathered the tail group: it is then the group's unsharded nn.Parameter, the loss's gradient
+  accumulates into that parameter's .grad, and FSDP's own post-backward reduce-scatters it into the
+  sharded DTensor's gradient, averaged over ranks like every other parameter (the trainer's
+  `loss * world` turns the average into the sum). A weight still sharded at that point is gathered
+  with the owning group's `unshard()` (FSDP reshards and reduces it in its post-backward).
+- every rank runs the same number of forwards (each is a collective): the micro-batch count is the
+  largest over ranks, the extra ones run with weight 0 (`micro_batch_weights`); generation runs with
+  HF's `synced_gpus` (every rank steps until all have finished).
+- checkpoints hold each rank's local shards (`local_state`, `local_optimizer_state`): nothing is
+  gathered to one process to save or resume; the final `student/` folder is gathered (`full_state`).
+
+accelerate itself only shards on GPUs; on CPU (gloo) `build_accelerator` switches its state to FSDP
+when the launch asked for it (ACCELERATE_USE_FSDP=true, FSDP_VERSION=2), so the very same accelerate
+code path runs in the CPU tests.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from protege.forward import output_weight
+
+
+def requested() -> bool:
+    """True when the launch asked accelerate for FSDP2 (accelerate launch --config_file fsdp2.yaml sets these)."""
+    return (os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+            and os.environ.get("FSDP_VERSION", "1") == "2")
+
+
+def enable_on_cpu(acc) -> None:
+    """Switch a multi-process CPU accelerator to FSDP2 (accelerate keeps MULTI_CPU for CPU launches)."""
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if acc.distributed_type != DistributedType.MULTI_CPU:
+        return
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2)  # reads the FSDP_* variables of the launch
+    acc.state.fsdp_plugin = plugin
+    acc.state.distributed_type = DistributedType.FSDP
+
+
+def after_prepare(cfg, model: nn.Module, student: nn.Module, device) -> None:
+    """Checks and set-up of a sharded student, right after accelerate.prepare (collective).
+
+    The root (`model`, the HiddenStates wrapper) runs one tiny forward first: FSDP2 takes the first
+    module to run forward as its root, and generation calls the layers directly. Generation then runs
+    with synced_gpus and one generate call per rank and buffer, so every rank makes the same calls."""
+    if cfg.rollout.engine != "hf":
+        raise ValueError(f"rollout.engine={cfg.rollout.engine} with an FSDP2 student: the vLLM engine needs the "
+                         "whole student in one process; use rollout.engine=hf, or DDP")
+    if 0 < cfg.mix.lmbda < 1:
+        raise ValueError(f"mix.lmbda={cfg.mix.lmbda} with an FSDP2 student: a rank whose prompts all drew "
+                         "off-policy rows would skip generation while the others gather weights for it; use "
+                         "mix.lmbda=1 or 0 (or DDP)")
+    with torch.no_grad():
+        model(torch.zeros((1, 1), dtype=torch.long, device=device), torch.ones((1, 1), dtype=torch.long,
+                                                                                device=device))
+    mark_for_generate(student)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether `model` (or a module inside it) was sharded by fully_shard (FSDP2)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def _is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def gathered_output_weight(model: nn.Module) -> torch.Tensor:
+    """The (V, H) lm_head weight as a plain tensor through which gradients reach the parameter.
+
+    Unsharded model: `output_weight(model)` itself. FSDP2: read after the forward; a weight still
+    sharded (a DTensor) is gathered by its group's unshard(); FSDP's post-backward reshards it and
+    reduce-scatters its gradient."""
+    weight = output_weight(model)
+    if not _is_dtensor(weight):
+        return weight
+    _owner(model, weight).unshard()
+    weight = output_weight(model)
+    if _is_dtensor(weight):
+        raise RuntimeError("FSDP2: the lm_head weight is still sharded after unshard(); protege cannot compute the "
+                           "chunked loss on it. Report this with your accelerate FSDP config.")
+    return weight
+
+
+def _owner(model: nn.Module, param: torch.Tensor) -> nn.Module:
+    """The innermost FSDPModule that manages `param` (a module whose direct or nested parameter it is)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    best, depth = None, -1
+    for name, module in model.named_modules():
+        if isinstance(module, FSDPModule) and any(p is param for p in module.parameters()):
+            d = name.count(".") + bool(name)
+            if d > depth:
+                best, depth = module, d
+    if best is None:
+        raise RuntimeError("FSDP2: no sharded module holds the lm_head weight")
+    return best
+
+
+def reshard_all(model: nn.Module) -> None:
+    """Put every FSDP2 group back into its sharded state (the state checkpoints read)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def micro_batch_weights(acc, count: int, sharded: bool) -> list[float]:
+    """Weights of the micro-batches this rank runs: 1 for its own, 0 for the extra ones that make every rank
+    run the largest count (FSDP2: each forward and backward is a collective). Not sharded: [1.0] * count."""
+    if not sharded or acc.num_processes == 1:
+        return [1.0] * count
+    import torch.distributed as dist
+
+    most = torch.tensor(count, device=acc.device)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    most = int(most)
+    return [1.0] * count + [0.0] * (most - count)
+
+
+def mark_for_generate(student: nn.Module) -> None:
+    """Tell HF generate the model is FSDP-managed, so it runs with synced_gpus (all ranks step together)."""
+    from protege.forward import causal_lm
+
+    causal_lm(student)._is_fsdp_managed_module = True
+
+
+# ----------------------------------------------------------------------------------- checkpoints
+def _kept(student: nn.Module, adapters: bool) -> dict[str, torch.Tensor]:
+    """{name: tensor} of the state a checkpoint keeps: everything, or the trainable parameters under LoRA;
+    tensors sharing storage (a tied lm_head) once."""
+    trainable = {n for n, p in student.named_parameters() if p.requires_grad}
+    out, seen = {}, set()
+    for name, value in student.state_dict().items():
+        if adapters and name not in trainable:
+            continue
+        local = value.to_local() if _is_dtensor(value) else value
+        key = (local.untyped_storage().data_ptr(), local.storage_offset(), tuple(local.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = local
+    return out
+
+
+def local_state(student: nn.Module, adapters: bool) -> dict[str, torch.Tensor]:
+    """This rank's shards of the student's state (contiguous CPU copies)."""
+    reshard_all(student)
+    return {k: v.detach().contiguous().cpu().clone() for k, v in _kept(student, adapters).items()}
+
+
+def local_shapes(student: nn.Module, adapters: bool) -> dict[str, tuple]:
+    reshard_all(student)
+    return {k: tuple(v.shape) for k, v in _kept(student, adapters).items()}
+
+
+@torch.no_grad()
+def load_local_state(student: nn.Module, weights: dict[str, torch.Tensor], adapters: bool) -> None:
+    """Copy saved local shards into this rank's shards in place (names and shapes checked before)."""
+    reshard_all(student)
+    for name, local in _kept(student, adapters).items():
+        local.copy_(weights[name].to(local.dtype))
+
+
+def local_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """optimizer.state_dict() with every DTensor replaced by this rank's local shard."""
+    sd = optimizer.state_dict()
+    state = {i: {k: (v.to_local().clone() if _is_dtensor(v) else v) for k, v in s.items()}
+             for i, s in sd["state"].items()}
+    return {"state": state, "param_groups": sd["param_groups"]}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, sd: dict) -> None:
+    """optimizer.load_state_dict, turning local shards back into DTensors shaped like their parameters."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    state = {}
+    for i, s in sd["state"].items():
+        p = params[int(i)] if int(i) < len(params) else None
+        state[i] = {k: (DTensor.from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(),
+                                           run_check=False)
+                        if _is_dtensor(p) and isinstance(v, torch.Tensor) and v.dim() > 0 else v)
+                    for k, v in s.items()}
+    optimizer.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+
+
+def full_state(student: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole student's state gathered on every rank as plain CPU tensors (collective)."""
+    reshard_all(student)
+    return {k: (v.full_tensor() if _is_dtensor(v) else v).detach().cpu() for k, v in student.state_dict().items()}
