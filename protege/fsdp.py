@@ -41,13 +41,29 @@ def requested() -> bool:
 
 def enable_on_cpu(acc) -> None:
     """Switch a multi-process CPU accelerator to FSDP2 (accelerate keeps MULTI_CPU for CPU launches)."""
+    from accelerate import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     if acc.distributed_type != DistributedType.MULTI_CPU:
         return
     plugin = FullyShardedDataParallelPlugin(fsdp_version=2)  # reads the FSDP_* variables of the launch
     acc.state.fsdp_plugin = plugin
-    acc.state.distributed_type = DistributedType.FSDP
+    # both shared states: each new AcceleratorState() copies PartialState's distributed_type over its own
+    PartialState().distributed_type = acc.state.distributed_type = DistributedType.FSDP
+
+
+def before_prepare(acc, student: nn.Module) -> None:
+    """FSDP2: every rank's copy of the student made equal to rank 0's before sharding (collective).
+
+    fully_shard keeps each rank's own slice of its own tensors: weights initialised per rank (LoRA
+    adapters, seeded by train.seed + rank) would otherwise mix. DDP broadcasts them itself."""
+    if not getattr(acc, "is_fsdp2", False) or acc.num_processes == 1:
+        return
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for t in [*student.parameters(), *student.buffers()]:
+            dist.broadcast(t.data, src=0)
 
 
 def after_prepare(cfg, model: nn.Module, student: nn.Module, device) -> None:

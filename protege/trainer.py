@@ -99,6 +99,7 @@ class Distiller:
         self.sampling = Sampling(max_new_tokens=r.max_new_tokens, eos_ids=tuple(self.eos_ids), temperature=r.temperature,
                                  top_p=r.top_p, top_k=r.top_k, record_topk=self.objective.rollout_topk)
         self.optimizer, self.scheduler = build.build_optimizer(cfg, self.student, self.max_steps)
+        fsdp.before_prepare(self.acc, self.student)  # FSDP2: rank 0's weights everywhere (LoRA init)
         self.model, self.optimizer = self.acc.prepare(HiddenStates(self.student), self.optimizer)
         self.sharded = fsdp.is_sharded(self.model)  # FSDP2 (protege/fsdp.py)
         if self.sharded:
