@@ -65,7 +65,9 @@ def save(acc, folder: Path, *, student, state: dict, keep_last: int, sharded: bo
         torch.save({**state, "optimizer": groups} if sharded else state, tmp / "trainer_state.pt")
     acc.wait_for_everyone()
     if sharded:
-        _save_shard(tmp, acc.process_index, student, state["optimizer"])
+        from protege import fsdp
+
+        fsdp.save_shard(tmp, acc.process_index, student, state["optimizer"])
     torch.save(rng_state(), tmp / f"rng-{acc.process_index}.pt")
     acc.wait_for_everyone()
     if acc.is_main_process:
@@ -77,19 +79,6 @@ def save(acc, folder: Path, *, student, state: dict, keep_last: int, sharded: bo
             shutil.rmtree(old, ignore_errors=True)
     acc.wait_for_everyone()
     return final
-
-
-def _save_shard(folder: Path, rank: int, student, optimizer_state: dict) -> None:
-    from safetensors.torch import save_file
-
-    from protege import fsdp
-
-    save_file(fsdp.local_state(student, _has_adapters(student)), folder / f"student-{rank}.safetensors")
-    torch.save(optimizer_state, folder / f"optimizer-{rank}.pt")
-
-
-def _has_adapters(student) -> bool:
-    return hasattr(student, "peft_config")
 
 
 def rng_state() -> dict:
@@ -159,37 +148,12 @@ def read(acc, folder: Path, *, student) -> Snapshot:
     rng = _torch_file(folder / f"rng-{acc.process_index}.pt")
     _check_rng(rng, folder / f"rng-{acc.process_index}.pt")
     if (folder / f"student-{acc.process_index}.safetensors").exists():  # FSDP2 shards
-        return _read_shard(folder, acc.process_index, student, state, rng)
+        from protege import fsdp
+
+        weights, optimizer = fsdp.read_shard(folder, acc.process_index, student)
+        return Snapshot(folder, {**state, "optimizer": optimizer}, rng, weights, _has_adapters(student), sharded=True)
     weights, adapters = read_weights(student, folder / "student")
     return Snapshot(folder, state, rng, weights, adapters)
-
-
-def _read_shard(folder: Path, rank: int, student, state: dict, rng: dict) -> Snapshot:
-    """This rank's FSDP2 shards, checked against the sharded student (names, local shapes, finite values)."""
-    from safetensors.torch import load_file
-
-    from protege import fsdp
-
-    path = folder / f"student-{rank}.safetensors"
-    try:
-        weights = load_file(path)
-    except Exception as e:  # truncated or garbage safetensors
-        raise CheckpointError(f"the weight shards in {path} are unreadable ({type(e).__name__}: {e})") from None
-    adapters = _has_adapters(student)
-    want = fsdp.local_shapes(student, adapters)
-    if {k: tuple(v.shape) for k, v in weights.items()} != want:
-        raise CheckpointError(f"the weight shards in {path} do not match this rank's shards of the student "
-                              f"(missing {sorted(set(want) - set(weights))[:3]}, unexpected "
-                              f"{sorted(set(weights) - set(want))[:3]}); resume with the same model, LoRA "
-                              "settings and process count")
-    bad = [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if bad:
-        raise CheckpointError(f"the weight shards in {path} are not finite (NaN or inf in {bad[:3]})")
-    optimizer = _torch_file(folder / f"optimizer-{rank}.pt")
-    if not isinstance(optimizer, dict) or not isinstance(optimizer.get("param_groups"), list) \
-            or not isinstance(optimizer.get("state"), dict):
-        raise CheckpointError(f"{folder / f'optimizer-{rank}.pt'} is not an optimizer state_dict")
-    return Snapshot(folder, {**state, "optimizer": optimizer}, rng, weights, adapters, sharded=True)
 
 
 def load(acc, folder: Path, *, student) -> dict:
@@ -363,6 +327,25 @@ def _check_names(model, state: dict, folder: Path, adapters: bool) -> None:
     if missing or unexpected or shapes:
         raise CheckpointError(f"the weights in {folder} do not match the student: missing {sorted(missing)[:3]}, "
                               f"unexpected {sorted(unexpected)[:3]}, other shapes {sorted(shapes)[:3]}")
+
+
+def _has_adapters(student) -> bool:
+    return hasattr(student, "peft_config")
+
+
+def save_student(acc, student, tokenizer, dst: Path, *, sharded: bool = False) -> None:
+    """The final student/ folder (save_pretrained + tokenizer), replaced atomically. Collective when sharded
+    (FSDP2: the weights are gathered on every rank, rank 0 writes)."""
+    from protege import fsdp
+
+    full = fsdp.full_state(student) if sharded else None
+    if acc.is_main_process:
+        tmp = dst.with_name(dst.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        student.save_pretrained(tmp, safe_serialization=True, state_dict=full)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(dst, ignore_errors=True)
+        os.replace(tmp, dst)
 
 
 def load_student_weights(model, folder: Path) -> None:

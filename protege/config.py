@@ -158,7 +158,12 @@ class TrainConfig(_Section):
                                  "passes over the training prompts.")
     prompts_per_step: int = Field(8, ge=1, description="Prompts in one optimizer step (the generation buffer), "
                                   "over all processes.")
-    micro_batch_size: int = Field(4, ge=1, description="Rows per forward/backward.")
+    micro_batch_size: int = Field(4, ge=1, description="Rows per forward/backward (padded micro-batches).")
+    pack: bool = Field(False, description="Packed micro-batches: the rows of a micro-batch in one sequence with "
+                       "per-row position ids and attention blocked across rows, no padding; micro-batches are "
+                       "then formed by train.micro_batch_tokens instead of micro_batch_size (docs/scale.md).")
+    micro_batch_tokens: int = Field(4096, ge=16, description="train.pack: the most prompt+completion tokens of one "
+                                    "packed micro-batch (a longer row gets one of its own).")
     precision: Literal["fp32", "bf16", "auto"] = Field(
         "fp32", description="bf16 = autocast on student forward and generation (fast on GPUs and CPUs with AMX, "
         "very slow on CPUs without native bf16); auto = measure which is faster here.")

@@ -59,9 +59,13 @@ class HiddenStates(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """attention_mask (B, S) for padded rows; or None with position_ids restarting at 0 for every packed
+        row (protege/packing.py: transformers then masks attention across rows)."""
         decoder = _base(self.model).get_decoder()
-        return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False).last_hidden_state
 
     # What accelerate's FSDP2 preparation reads to shard an HF model (one group per decoder layer, a
     # tail group [final norm, embeddings, lm_head]): the wrapped model's answers (protege/fsdp.py).

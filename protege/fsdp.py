@@ -66,12 +66,14 @@ def before_prepare(acc, student: nn.Module) -> None:
             dist.broadcast(t.data, src=0)
 
 
-def after_prepare(cfg, model: nn.Module, student: nn.Module, device) -> None:
-    """Checks and set-up of a sharded student, right after accelerate.prepare (collective).
+def after_prepare(cfg, model: nn.Module, student: nn.Module, device) -> bool:
+    """Whether accelerate.prepare sharded the student; if so, checks and set-up (collective).
 
     The root (`model`, the HiddenStates wrapper) runs one tiny forward first: FSDP2 takes the first
     module to run forward as its root, and generation calls the layers directly. Generation then runs
     with synced_gpus and one generate call per rank and buffer, so every rank makes the same calls."""
+    if not is_sharded(model):
+        return False
     if cfg.rollout.engine != "hf":
         raise ValueError(f"rollout.engine={cfg.rollout.engine} with an FSDP2 student: the vLLM engine needs the "
                          "whole student in one process; use rollout.engine=hf, or DDP")
@@ -83,6 +85,7 @@ def after_prepare(cfg, model: nn.Module, student: nn.Module, device) -> None:
         model(torch.zeros((1, 1), dtype=torch.long, device=device), torch.ones((1, 1), dtype=torch.long,
                                                                                 device=device))
     mark_for_generate(student)
+    return True
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -223,3 +226,40 @@ def full_state(student: nn.Module) -> dict[str, torch.Tensor]:
     """The whole student's state gathered on every rank as plain CPU tensors (collective)."""
     reshard_all(student)
     return {k: (v.full_tensor() if _is_dtensor(v) else v).detach().cpu() for k, v in student.state_dict().items()}
+
+
+def save_shard(folder, rank: int, student: nn.Module, optimizer_state: dict) -> None:
+    """student-<rank>.safetensors (this rank's shards) and optimizer-<rank>.pt (its local optimizer state)."""
+    from safetensors.torch import save_file
+
+    save_file(local_state(student, hasattr(student, "peft_config")), folder / f"student-{rank}.safetensors")
+    torch.save(optimizer_state, folder / f"optimizer-{rank}.pt")
+
+
+def read_shard(folder, rank: int, student: nn.Module) -> tuple[dict, dict]:
+    """(weights, optimizer state) of this rank's shards, checked against the sharded student: names, local
+    shapes, finite values; CheckpointError says what is wrong."""
+    from safetensors.torch import load_file
+
+    from protege.checkpoint import CheckpointError
+
+    path, opt_path = folder / f"student-{rank}.safetensors", folder / f"optimizer-{rank}.pt"
+    try:
+        weights = load_file(path)
+        optimizer = torch.load(opt_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, garbage or missing files; objects are never unpickled
+        raise CheckpointError(f"the shards {path.name} / {opt_path.name} in {folder} are unreadable "
+                              f"({type(e).__name__}: {str(e)[:200]})") from None
+    want = local_shapes(student, hasattr(student, "peft_config"))
+    if {k: tuple(v.shape) for k, v in weights.items()} != want:
+        raise CheckpointError(f"the weight shards in {path} do not match this rank's shards of the student "
+                              f"(missing {sorted(set(want) - set(weights))[:3]}, unexpected "
+                              f"{sorted(set(weights) - set(want))[:3]}); resume with the same model, LoRA "
+                              "settings and process count")
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"the weight shards in {path} are not finite (NaN or inf in {bad[:3]})")
+    if not isinstance(optimizer, dict) or not isinstance(optimizer.get("param_groups"), list) \
+            or not isinstance(optimizer.get("state"), dict):
+        raise CheckpointError(f"{opt_path} is not an optimizer state_dict")
+    return weights, optimizer

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
@@ -33,7 +31,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from protege import build, checkpoint, fsdp
+from protege import build, checkpoint, fsdp, packing
 from protege.config import Config, check_vocab_bounds
 from protege.data import PromptStream, PromptTokenizer, load_prompt_sets
 from protege.diagnostics import HealthMonitor, sampled_rkl, step_health, truncation_rate
@@ -101,9 +99,7 @@ class Distiller:
         self.optimizer, self.scheduler = build.build_optimizer(cfg, self.student, self.max_steps)
         fsdp.before_prepare(self.acc, self.student)  # FSDP2: rank 0's weights everywhere (LoRA init)
         self.model, self.optimizer = self.acc.prepare(HiddenStates(self.student), self.optimizer)
-        self.sharded = fsdp.is_sharded(self.model)  # FSDP2 (protege/fsdp.py)
-        if self.sharded:
-            fsdp.after_prepare(cfg, self.model, self.student, self.acc.device)
+        self.sharded = fsdp.after_prepare(cfg, self.model, self.student, self.acc.device)  # FSDP2: protege/fsdp.py
         self.state = RunState()
         self.monitor = HealthMonitor()
         if cfg.output.report_to != "none":
@@ -194,8 +190,11 @@ class Distiller:
         cfg, acc = self.cfg, self.acc
         num_tokens = int(acc.reduce(torch.tensor(buffer.num_tokens, device=acc.device), reduction="sum"))
         teacher_weight = self.teacher.output_weight if self.objective.teacher_local else None  # (V, H) or None
-        order = sorted(range(len(buffer)), key=lambda i: len(buffer.prompt_ids[i]) + int(buffer.completion_mask[i].sum()))
-        mbs = [order[s: s + cfg.train.micro_batch_size] for s in range(0, len(order), cfg.train.micro_batch_size)]
+        lengths = [len(p) + int(m.sum()) for p, m in zip(buffer.prompt_ids, buffer.completion_mask)]
+        order = sorted(range(len(buffer)), key=lambda i: lengths[i])
+        mbs = packing.token_batches(order, lengths, cfg.train.micro_batch_tokens) if cfg.train.pack else \
+            [order[s: s + cfg.train.micro_batch_size] for s in range(0, len(order), cfg.train.micro_batch_size)]
+        forward = packing.forward_packed_hidden if cfg.train.pack else forward_completion_hidden
         scale = fsdp.micro_batch_weights(acc, len(mbs), self.sharded)  # FSDP2: the same count on every rank
         mbs += [mbs[0]] * (len(scale) - len(mbs))
         loss_sum = 0.0
@@ -206,8 +205,8 @@ class Distiller:
             last = i == len(mbs) - 1
             with (acc.no_sync(self.model) if not last else nullcontext()), \
                     torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                hidden = forward_completion_hidden(self.model, mb.prompt_ids, mb.completion_ids.to(acc.device),
-                                                   mb.completion_mask, self.tok.pad_token_id)  # (B, T, H)
+                hidden = forward(self.model, mb.prompt_ids, mb.completion_ids.to(acc.device), mb.completion_mask,
+                                 self.tok.pad_token_id)  # (B, T, H)
                 weight = fsdp.gathered_output_weight(self.student)  # (V, H), after the forward (FSDP2 gathers it)
                 per_token = self.objective.per_token_loss(hidden, weight, mb, sig, teacher_weight)  # (B, T)
                 loss = reduce_tokens(per_token, mb.completion_mask.to(acc.device), num_tokens)
@@ -368,15 +367,8 @@ class Distiller:
         return self.state.history
 
     def save_final(self) -> None:
-        full = fsdp.full_state(self.student) if self.sharded else None  # collective: gathered on every rank
-        if self.acc.is_main_process:
-            dst = self.out / "student"
-            tmp = dst.with_name("student.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            self.acc.unwrap_model(self.model).model.save_pretrained(tmp, safe_serialization=True, state_dict=full)
-            self.tok.save_pretrained(tmp)
-            shutil.rmtree(dst, ignore_errors=True)
-            os.replace(tmp, dst)
+        checkpoint.save_student(self.acc, self.acc.unwrap_model(self.model).model, self.tok, self.out / "student",
+                                sharded=self.sharded)
 
 
 def train(cfg: Config, **kwargs) -> list[dict]:
