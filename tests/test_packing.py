@@ -78,9 +78,11 @@ def test_packed_step_equals_padded_step(tiny_paths, tmp_path, loss):
                                  "data.eval_prompts=0", "mix.lmbda=0", f"train.pack={pack}",
                                  "train.micro_batch_tokens=60", *loss])
         d = Distiller(cfg)
-        losses.append(d.train_step()["loss"])
+        m = d.train_step()
+        losses.append((m["loss"], m["grad_norm"]))
         params.append(torch.cat([p.detach().flatten() for p in d.student.parameters()]))
-    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
-    # same math, other matmul shapes: fp32 rounding, which AdamW's first step (lr * g / (|g| + eps)) can
-    # amplify on coordinates with tiny gradients; attention leaking across rows moves weights by O(lr) = 3e-3
-    assert torch.allclose(params[0], params[1], atol=1e-5, rtol=0), (params[0] - params[1]).abs().max()
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)  # the loss and the gradient's norm
+    # same math, other matmul shapes: fp32 rounding. AdamW's first step, lr * g / (|g| + 1e-8), scales a
+    # rounding difference of a gradient below 1e-8 by lr / 1e-8; attention leaking across rows (or a
+    # misplaced row) moves most weights by O(lr) = 3e-3
+    assert torch.allclose(params[0], params[1], atol=1e-4, rtol=0), (params[0] - params[1]).abs().max()
