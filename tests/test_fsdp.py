@@ -5,9 +5,9 @@ command, so the shipped config is what runs) trains, in turn:
   full   all weights, dataset references (mix.lmbda=0: the same rows whatever the process count),
          2 optimizer steps, 8 prompts per step, micro-batches of 2 (so gradient accumulation too)
   lora   the same with LoRA adapters (r=4)
-  resume on-policy generation (synced across ranks), 4 steps with a sharded checkpoint every 2: the
-         uninterrupted run, the same run crashed right after its step-2 checkpoint, and a fresh
-         Distiller resuming it from the per-rank shards
+  resume on-policy generation (synced across ranks) and held-out evaluation, 4 steps with a sharded
+         checkpoint every 2: the uninterrupted run, the same run crashed right after its step-2
+         checkpoint, and a fresh Distiller resuming it from the per-rank shards
 and saves the gathered weights. The references are plain 1-process runs in this test process.
 
 Tolerance, 2 processes vs 1: the two do the same arithmetic except the order of float sums (each
@@ -63,7 +63,7 @@ for name, extra in (("full", []), ("lora", ["student.lora.enabled=true", "studen
     steps = [d.train_step() for _ in range(2)]
     out[name] = {"losses": [(m["loss"], m["grad_norm"]) for m in steps], "state": fsdp.full_state(d.student)}
 on_policy = [*common, "mix.lmbda=1", "train.max_steps=4", "output.save_every=2", "optim.warmup_steps=1",
-             "optim.schedule=cosine"]
+             "optim.schedule=cosine", "output.eval_every=2", "data.eval_fraction=0.2", "data.eval_prompts=4"]
 ref = Distiller(load_config(None, [*on_policy, f"output.dir={root}/ref"]), accelerator=acc)
 ref.train()
 cut = Distiller(load_config(None, [*on_policy, f"output.dir={root}/cut"]), accelerator=acc)
@@ -154,6 +154,7 @@ def test_sharded_checkpoint_resumes_exactly(fsdp_run):
                      "student-0.safetensors", "student-1.safetensors", "trainer_state.pt"], files
     want = _metrics(root / "ref")
     assert [m["step"] for m in want if "loss" in m] == [1, 2, 3, 4]
+    assert [m["step"] for m in want if "eval/rkl" in m] == [0, 2, 4]  # held-out evaluation of a sharded student
     assert _metrics(root / "cut") == want
     for k, v in result["ref"].items():
         assert torch.equal(result["resumed"][k], v), k
