@@ -102,9 +102,10 @@ class LossConfig(_Section):
     ratio_clip: float | None = Field(None, gt=0, description="sampled_pg: truncate the importance ratio at this value.")
     discount: float | None = Field(None, ge=0, le=1, description="sampled_pg: reward-to-go discount (MiniLLM); "
                                    "None = per-token advantage.")
-    chunk_size: int = Field(1024, ge=16, description="Positions per chunk of the vocabulary projection (in the "
+    chunk_size: int = Field(128, ge=16, description="Positions per chunk of the vocabulary projection (in the "
                             "loss and in in-process teacher scoring): smaller = less memory (a chunk's logits are "
-                            "chunk_size x vocab floats), more, smaller matmuls.")
+                            "chunk_size x vocab floats), more, smaller matmuls (128: the peak memory of a step "
+                            "is then not in the loss, docs/scale.md).")
     fused: bool = Field(True, description="Compute the vocabulary projection's gradients chunk by chunk in the "
                         "forward pass (the student's lm_head runs 3 times per token instead of 4, the teacher's "
                         "once instead of twice, the softmaxes once); false = recompute them in the backward "
@@ -169,9 +170,10 @@ class TrainConfig(_Section):
         "very slow on CPUs without native bf16); auto = measure which is faster here.")
     seed: int = Field(0, description="Seed of data order, sampling and mixing.")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (None = torch default).")
-    gradient_checkpointing: bool = Field(False, description="Recompute the student's layer activations in the "
+    gradient_checkpointing: bool = Field(True, description="Recompute the student's layer activations in the "
                                          "backward instead of keeping them: less memory for bigger micro-batches "
-                                         "or longer completions, at about one extra forward of compute.")
+                                         "or longer completions, at about one extra forward of compute (on CPU "
+                                         "no slower per token in bench/results/vs_trl*.md; docs/scale.md).")
 
 
 class OutputConfig(_Section):

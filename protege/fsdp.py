@@ -10,8 +10,8 @@ the chunked losses multiply the final hidden states by the lm_head weight themse
   has gathered the tail group: it is then the group's unsharded nn.Parameter, the loss's gradient
   accumulates into that parameter's .grad, and FSDP's own post-backward reduce-scatters it into the
   sharded DTensor's gradient, averaged over ranks like every other parameter (the trainer's
-  `loss * world` turns the average into the sum). A weight still sharded at that point is gathered
-  with the owning group's `unshard()` (FSDP reshards and reduces it in its post-backward).
+  `loss * world` turns the average into the sum). A weight still sharded at that point is refused
+  with an error (a copy gathered by hand would carry a gradient FSDP never reduces).
 - every rank runs the same number of forwards (each is a collective): the micro-batch count is the
   largest over ranks, the extra ones run with weight 0 (`micro_batch_weights`); generation runs with
   HF's `synced_gpus` (every rank steps until all have finished).
@@ -104,33 +104,18 @@ def _is_dtensor(t) -> bool:
 def gathered_output_weight(model: nn.Module) -> torch.Tensor:
     """The (V, H) lm_head weight as a plain tensor through which gradients reach the parameter.
 
-    Unsharded model: `output_weight(model)` itself. FSDP2: read after the forward; a weight still
-    sharded (a DTensor) is gathered by its group's unshard(); FSDP's post-backward reshards it and
-    reduce-scatters its gradient."""
-    weight = output_weight(model)
-    if not _is_dtensor(weight):
-        return weight
-    _owner(model, weight).unshard()
+    Unsharded model: `output_weight(model)` itself. FSDP2: read after the forward, when accelerate's
+    tail group [norm, embeddings, lm_head] is gathered (and stays so: reshard_after_forward=False), it
+    is that group's unsharded nn.Parameter; FSDP's post-backward reduce-scatters its gradient. A weight
+    still sharded (a DTensor: another wrapping) is refused rather than gathered by hand, whose gradient
+    FSDP would not reduce."""
     weight = output_weight(model)
     if _is_dtensor(weight):
-        raise RuntimeError("FSDP2: the lm_head weight is still sharded after unshard(); protege cannot compute the "
-                           "chunked loss on it. Report this with your accelerate FSDP config.")
+        raise RuntimeError("FSDP2: the lm_head weight is still sharded after the forward, so protege's chunked "
+                           "loss cannot use it (a hand-gathered copy's gradient would not be reduced over the "
+                           "processes). Shard the student with accelerate's FSDP2 preparation "
+                           "(examples/accelerate/fsdp2.yaml), which keeps the lm_head's group gathered.")
     return weight
-
-
-def _owner(model: nn.Module, param: torch.Tensor) -> nn.Module:
-    """The innermost FSDPModule that manages `param` (a module whose direct or nested parameter it is)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    best, depth = None, -1
-    for name, module in model.named_modules():
-        if isinstance(module, FSDPModule) and any(p is param for p in module.parameters()):
-            d = name.count(".") + bool(name)
-            if d > depth:
-                best, depth = module, d
-    if best is None:
-        raise RuntimeError("FSDP2: no sharded module holds the lm_head weight")
-    return best
 
 
 def reshard_all(model: nn.Module) -> None:

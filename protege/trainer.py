@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from protege import build, checkpoint, fsdp, packing
+from protege import build, checkpoint, fsdp, memory, packing
 from protege.config import Config, check_vocab_bounds
 from protege.data import PromptStream, PromptTokenizer, load_prompt_sets
 from protege.diagnostics import HealthMonitor, sampled_rkl, step_health, truncation_rate
@@ -188,6 +188,7 @@ class Distiller:
     def learn(self, buffer: Rollouts, signal: TeacherSignal) -> dict:
         """Micro-batched forward/backward of the objective, then one optimizer step (and the engine sync)."""
         cfg, acc = self.cfg, self.acc
+        memory.trim()  # what generation and scoring freed goes back to the OS before training allocates
         num_tokens = int(acc.reduce(torch.tensor(buffer.num_tokens, device=acc.device), reduction="sum"))
         teacher_weight = self.teacher.output_weight if self.objective.teacher_local else None  # (V, H) or None
         lengths = [len(p) + int(m.sum()) for p, m in zip(buffer.prompt_ids, buffer.completion_mask)]
