@@ -22,10 +22,15 @@ from protege.teacher.privileged import check_data  # noqa: F401  (the trainer's 
 
 
 def build_accelerator(cfg: Config) -> Accelerator:
-    """accelerate (DDP through `accelerate launch` / torchrun, gloo on CPU), with the run's trackers."""
-    return Accelerator(cpu=not torch.cuda.is_available(),
-                       log_with=None if cfg.output.report_to == "none" else cfg.output.report_to,
-                       project_dir=cfg.output.dir)
+    """accelerate (DDP or FSDP2 through `accelerate launch` / torchrun, gloo on CPU), with the run's trackers."""
+    acc = Accelerator(cpu=not torch.cuda.is_available(),
+                      log_with=None if cfg.output.report_to == "none" else cfg.output.report_to,
+                      project_dir=cfg.output.dir)
+    from protege import fsdp
+
+    if fsdp.requested():  # FSDP2 on CPU (gloo): accelerate only shards on GPUs by itself
+        fsdp.enable_on_cpu(acc)
+    return acc
 
 
 def max_steps(cfg: Config, num_prompts: int) -> int:

@@ -7,6 +7,11 @@ output/checkpoints/step-N/ holds
     rng-<rank>.pt       each process's torch (CPU, CUDA) and python RNG state (tensors and plain lists)
     manifest.json       written last: size and sha256 of every other file, and the process count
 
+An FSDP2 student (protege/fsdp.py) is saved as each rank's shards instead of student/, with nothing
+gathered: student-<rank>.safetensors (its local shards: every tensor, or the trainable ones under
+LoRA) and optimizer-<rank>.pt (its optimizer state, local shards); trainer_state.pt then keeps only
+the optimizer's param_groups. A single-process or DDP checkpoint is unchanged.
+
 Everything is written into step-N.tmp/ and renamed at the end; folders ending in .tmp are ignored
 on resume. Loading never unpickles objects (`torch.load(weights_only=True)`), and a checkpoint is
 only used after `read` has checked it: every file matches the manifest (a truncated, rewritten or
@@ -45,17 +50,24 @@ class ResumeMismatch(ValueError):
 
 
 # ----------------------------------------------------------------------------------- writing
-def save(acc, folder: Path, *, student, state: dict, keep_last: int) -> Path:
-    """Collective: every process must call it. `student` is the unwrapped HF/PEFT model."""
+def save(acc, folder: Path, *, student, state: dict, keep_last: int, sharded: bool = False) -> Path:
+    """Collective: every process must call it. `student` is the unwrapped HF/PEFT model. sharded (FSDP2):
+    state["optimizer"] is this rank's local optimizer state, saved per rank with the student's shards."""
     final = Path(folder)
     tmp = final.with_name(final.name + ".tmp")
     acc.wait_for_everyone()
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        student.save_pretrained(tmp / "student", safe_serialization=True)
-        torch.save(state, tmp / "trainer_state.pt")
+        if not sharded:
+            student.save_pretrained(tmp / "student", safe_serialization=True)
+        groups = {"state": {}, "param_groups": state["optimizer"]["param_groups"]}
+        torch.save({**state, "optimizer": groups} if sharded else state, tmp / "trainer_state.pt")
     acc.wait_for_everyone()
+    if sharded:
+        from protege import fsdp
+
+        fsdp.save_shard(tmp, acc.process_index, student, state["optimizer"])
     torch.save(rng_state(), tmp / f"rng-{acc.process_index}.pt")
     acc.wait_for_everyone()
     if acc.is_main_process:
@@ -113,10 +125,16 @@ class Snapshot:
     rng: dict
     weights: dict
     adapters: bool
+    sharded: bool = False  # FSDP2: this rank's local shards
 
     def apply(self, student) -> None:
         """Load the weights into `student` in place (then drop this copy) and restore this process's RNG."""
-        _load_weights(student, self.weights, self.adapters)
+        if self.sharded:
+            from protege import fsdp
+
+            fsdp.load_local_state(student, self.weights, self.adapters)
+        else:
+            _load_weights(student, self.weights, self.adapters)
         self.weights = {}
         set_rng_state(self.rng)
 
@@ -129,6 +147,11 @@ def read(acc, folder: Path, *, student) -> Snapshot:
     _check_state(state, folder)
     rng = _torch_file(folder / f"rng-{acc.process_index}.pt")
     _check_rng(rng, folder / f"rng-{acc.process_index}.pt")
+    if (folder / f"student-{acc.process_index}.safetensors").exists():  # FSDP2 shards
+        from protege import fsdp
+
+        weights, optimizer = fsdp.read_shard(folder, acc.process_index, student)
+        return Snapshot(folder, {**state, "optimizer": optimizer}, rng, weights, _has_adapters(student), sharded=True)
     weights, adapters = read_weights(student, folder / "student")
     return Snapshot(folder, state, rng, weights, adapters)
 
@@ -304,6 +327,25 @@ def _check_names(model, state: dict, folder: Path, adapters: bool) -> None:
     if missing or unexpected or shapes:
         raise CheckpointError(f"the weights in {folder} do not match the student: missing {sorted(missing)[:3]}, "
                               f"unexpected {sorted(unexpected)[:3]}, other shapes {sorted(shapes)[:3]}")
+
+
+def _has_adapters(student) -> bool:
+    return hasattr(student, "peft_config")
+
+
+def save_student(acc, student, tokenizer, dst: Path, *, sharded: bool = False) -> None:
+    """The final student/ folder (save_pretrained + tokenizer), replaced atomically. Collective when sharded
+    (FSDP2: the weights are gathered on every rank, rank 0 writes)."""
+    from protege import fsdp
+
+    full = fsdp.full_state(student) if sharded else None
+    if acc.is_main_process:
+        tmp = dst.with_name(dst.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        student.save_pretrained(tmp, safe_serialization=True, state_dict=full)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(dst, ignore_errors=True)
+        os.replace(tmp, dst)
 
 
 def load_student_weights(model, folder: Path) -> None:

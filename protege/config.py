@@ -199,9 +199,10 @@ class LossConfig(_Section):
                                    "None = per-token advantage.")
     token_clip: float | None = Field(None, gt=0, description="Clamp each token's loss to [0, token_clip] (a token "
                                      "above it gives no gradient; docs/teachers.md); None = off. Not for sampled_pg.")
-    chunk_size: int = Field(1024, ge=16, description="Positions per chunk of the vocabulary projection (in the "
+    chunk_size: int = Field(128, ge=16, description="Positions per chunk of the vocabulary projection (in the "
                             "loss and in in-process teacher scoring): smaller = less memory (a chunk's logits are "
-                            "chunk_size x vocab floats), more, smaller matmuls.")
+                            "chunk_size x vocab floats), more, smaller matmuls (128: the peak memory of a step "
+                            "is then not in the loss, docs/scale.md).")
     cross_tokenizer: Literal["span", "shared_topk", "uld", "hybrid"] = Field(
         "span", description="Loss with a teacher of another tokenizer (teacher.cross_tokenizer): span = span-level "
         "sampled estimator (student rollouts, any server with token logprobs); shared_topk = loss.name over the "
@@ -260,15 +261,21 @@ class TrainConfig(_Section):
                                  "passes over the training prompts.")
     prompts_per_step: int = Field(8, ge=1, description="Prompts in one optimizer step (the generation buffer), "
                                   "over all processes.")
-    micro_batch_size: int = Field(4, ge=1, description="Rows per forward/backward.")
+    micro_batch_size: int = Field(4, ge=1, description="Rows per forward/backward (padded micro-batches).")
+    pack: bool = Field(False, description="Packed micro-batches: the rows of a micro-batch in one sequence with "
+                       "per-row position ids and attention blocked across rows, no padding; micro-batches are "
+                       "then formed by train.micro_batch_tokens instead of micro_batch_size (docs/scale.md).")
+    micro_batch_tokens: int = Field(4096, ge=16, description="train.pack: the most prompt+completion tokens of one "
+                                    "packed micro-batch (a longer row gets one of its own).")
     precision: Literal["fp32", "bf16", "auto"] = Field(
         "fp32", description="bf16 = autocast on student forward and generation (fast on GPUs and CPUs with AMX, "
         "very slow on CPUs without native bf16); auto = measure which is faster here.")
     seed: int = Field(0, description="Seed of data order, sampling and mixing.")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (None = torch default).")
-    gradient_checkpointing: bool = Field(False, description="Recompute the student's layer activations in the "
+    gradient_checkpointing: bool = Field(True, description="Recompute the student's layer activations in the "
                                          "backward instead of keeping them: less memory for bigger micro-batches "
-                                         "or longer completions, at about one extra forward of compute.")
+                                         "or longer completions, at about one extra forward of compute (on CPU "
+                                         "no slower per token in bench/results/vs_trl*.md; docs/scale.md).")
 
 
 class OutputConfig(_Section):

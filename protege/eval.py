@@ -30,6 +30,7 @@ from protege.losses import chunked_dense_divergence
 from protege.records import Rollouts
 from protege.rollout import hf as hf_rollout
 from protege.teacher.base import ScoreRequest
+from protege.fsdp import gathered_output_weight
 from protege.teacher.local import score_rows
 
 
@@ -108,7 +109,7 @@ def _score(teacher, rollouts: Rollouts, tok):
 def exact_divergence(student, rollouts: Rollouts, teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor,
                      name: str, *, pad_id: int, batch: int = 8) -> float:
     """Mean per-token divergence over every completion position, exact over the vocabulary."""
-    weight = output_weight(student)
+    device = output_weight(student).device
     model = HiddenStates(student)
     was = student.training
     student.eval()
@@ -117,8 +118,9 @@ def exact_divergence(student, rollouts: Rollouts, teacher_hidden: torch.Tensor, 
         rows = list(range(s, min(s + batch, len(rollouts))))
         mb = rollouts.select(rows)
         t = mb.completion_ids.shape[1]
-        h = forward_completion_hidden(model, mb.prompt_ids, mb.completion_ids.to(weight.device), mb.completion_mask,
+        h = forward_completion_hidden(model, mb.prompt_ids, mb.completion_ids.to(device), mb.completion_mask,
                                       pad_id)  # (b, t, H)
+        weight = gathered_output_weight(student)  # after the forward: an FSDP2 student has gathered it
         m = mb.completion_mask.to(h.device)
         th = teacher_hidden[rows, :t].to(h.device)[m]  # (n, Ht)
         values = chunked_dense_divergence(h[m].float(), weight.float(), teacher_hidden=th.float(),

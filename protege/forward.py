@@ -36,6 +36,11 @@ def check_supported(model: nn.Module, role: str) -> None:
             raise ValueError(f"{role} model scales its logits ({key}={val}); not supported yet.")
 
 
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The HF causal LM inside DDP and PEFT wrappers (the module whose generate and lm_head protege uses)."""
+    return _base(model)
+
+
 def _base(model: nn.Module) -> nn.Module:
     model = getattr(model, "module", model)  # DDP
     if hasattr(model, "get_base_model"):  # PEFT: LoRA layers are injected in place, so the base runs them
@@ -54,9 +59,31 @@ class HiddenStates(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """attention_mask (B, S) for padded rows; or None with position_ids restarting at 0 for every packed
+        row (protege/packing.py: transformers then masks attention across rows)."""
         decoder = _base(self.model).get_decoder()
-        return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False).last_hidden_state
+
+    # What accelerate's FSDP2 preparation reads to shard an HF model (one group per decoder layer, a
+    # tail group [final norm, embeddings, lm_head]): the wrapped model's answers (protege/fsdp.py).
+    base_model_prefix = "decoder"
+
+    @property
+    def decoder(self) -> nn.Module:
+        return _base(self.model).get_decoder()
+
+    @property
+    def _no_split_modules(self):
+        return getattr(_base(self.model), "_no_split_modules", None)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return _base(self.model).get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return _base(self.model).get_output_embeddings()
 
 
 def pack_rows(prompt_ids: list[torch.Tensor], completion_ids: torch.Tensor, completion_mask: torch.Tensor,

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
@@ -33,12 +31,12 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from protege import build, checkpoint
+from protege import build, checkpoint, fsdp, memory, packing
 from protege.config import Config, check_vocab_bounds
 from protege.data import PromptStream, PromptTokenizer, load_prompt_sets
 from protege.diagnostics import HealthMonitor, sampled_rkl, step_health, truncation_rate
 from protege.hardware import use_bf16
-from protege.forward import HiddenStates, forward_completion_hidden, output_weight
+from protege.forward import HiddenStates, forward_completion_hidden
 from protege.losses import reduce_tokens
 from protege.rollout.base import RolloutEngine, Sampling
 from protege.records import Rollouts, TeacherSignal
@@ -111,7 +109,9 @@ class Distiller:
         self.sampling = Sampling(max_new_tokens=r.max_new_tokens, eos_ids=tuple(self.eos_ids), temperature=r.temperature,
                                  top_p=r.top_p, top_k=r.top_k, record_topk=self.objective.rollout_topk)
         self.optimizer, self.scheduler = build.build_optimizer(cfg, self.student, self.max_steps)
+        fsdp.before_prepare(self.acc, self.student)  # FSDP2: rank 0's weights everywhere (LoRA init)
         self.model, self.optimizer = self.acc.prepare(HiddenStates(self.student), self.optimizer)
+        self.sharded = fsdp.after_prepare(cfg, self.model, self.student, self.acc.device)  # FSDP2: protege/fsdp.py
         self.state = RunState()
         self.monitor = HealthMonitor()
         if cfg.output.report_to != "none":
@@ -165,19 +165,20 @@ class Distiller:
         if self.engine is None:
             self.engine = build.build_rollout_engine(self.cfg, self.student, pad_id=self.tok.pad_token_id,
                                                      bf16=self.bf16, seed=self.cfg.train.seed + self.acc.process_index)
+            if self.sharded:  # FSDP2: one generate call per rank and buffer, so every rank makes the same calls
+                self.engine.batch_tokens = 1 << 62
         return self.engine
 
     @torch.no_grad()
     def _student_topk(self, buffer: Rollouts, k: int) -> torch.Tensor:
         """(N, T, k) student top-k ids for rows that were not sampled by the student (remote teachers)."""
         out = torch.zeros((*buffer.completion_ids.shape, k), dtype=torch.long)
-        weight = output_weight(self.student)
         for s in range(0, len(buffer), self.cfg.train.micro_batch_size):
             rows = list(range(s, min(s + self.cfg.train.micro_batch_size, len(buffer))))
             mb = buffer.select(rows)
             h = forward_completion_hidden(self.model, mb.prompt_ids, mb.completion_ids.to(self.acc.device),
                                           mb.completion_mask, self.tok.pad_token_id)
-            out[rows, : h.shape[1]] = (h @ weight.T).topk(k, -1).indices.cpu()
+            out[rows, : h.shape[1]] = (h @ fsdp.gathered_output_weight(self.student).T).topk(k, -1).indices.cpu()
         return out
 
     # -------------------------------------------------------------------------------- one step
@@ -201,11 +202,16 @@ class Distiller:
     def learn(self, buffer: Rollouts, signal: TeacherSignal) -> dict:
         """Micro-batched forward/backward of the objective, then one optimizer step (and the engine sync)."""
         cfg, acc = self.cfg, self.acc
+        memory.trim()  # what generation and scoring freed goes back to the OS before training allocates
         num_tokens = int(acc.reduce(torch.tensor(buffer.num_tokens, device=acc.device), reduction="sum"))
-        weight = output_weight(self.student)  # (V, H)
         teacher_weight = self.teacher.output_weight if self.objective.teacher_hidden else None  # (V, H) or None
-        order = sorted(range(len(buffer)), key=lambda i: len(buffer.prompt_ids[i]) + int(buffer.completion_mask[i].sum()))
-        mbs = [order[s: s + cfg.train.micro_batch_size] for s in range(0, len(order), cfg.train.micro_batch_size)]
+        lengths = [len(p) + int(m.sum()) for p, m in zip(buffer.prompt_ids, buffer.completion_mask)]
+        order = sorted(range(len(buffer)), key=lambda i: lengths[i])
+        mbs = packing.token_batches(order, lengths, cfg.train.micro_batch_tokens) if cfg.train.pack else \
+            [order[s: s + cfg.train.micro_batch_size] for s in range(0, len(order), cfg.train.micro_batch_size)]
+        forward = packing.forward_packed_hidden if cfg.train.pack else forward_completion_hidden
+        scale = fsdp.micro_batch_weights(acc, len(mbs), self.sharded)  # FSDP2: the same count on every rank
+        mbs += [mbs[0]] * (len(scale) - len(mbs))
         loss_sum = 0.0
         row_loss = torch.zeros(len(buffer))  # (N,) each row's summed per-token loss (per-teacher metrics)
         self.model.train()
@@ -215,10 +221,12 @@ class Distiller:
             last = i == len(mbs) - 1
             with (acc.no_sync(self.model) if not last else nullcontext()), \
                     torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                hidden = forward_completion_hidden(self.model, mb.prompt_ids, mb.completion_ids.to(acc.device),
-                                                   mb.completion_mask, self.tok.pad_token_id)  # (B, T, H)
+                hidden = forward(self.model, mb.prompt_ids, mb.completion_ids.to(acc.device), mb.completion_mask,
+                                 self.tok.pad_token_id)  # (B, T, H)
+                weight = fsdp.gathered_output_weight(self.student)  # (V, H), after the forward (FSDP2 gathers it)
                 per_token = self.objective.per_token_loss(hidden, weight, mb, sig, teacher_weight)  # (B, T)
                 loss = reduce_tokens(per_token, mb.completion_mask.to(acc.device), num_tokens)
+                loss = loss if scale[i] == 1.0 else loss * scale[i]
                 acc.backward(loss * acc.num_processes)  # DDP averages over ranks; we want the sum
             loss_sum += float(loss.detach())
             row_loss[rows] = per_token.detach().float().sum(1).cpu()
@@ -356,13 +364,14 @@ class Distiller:
     # --------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
         """output/checkpoints/step-N (see protege/checkpoint.py): complete or absent, never half-written."""
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+        optimizer = fsdp.local_optimizer_state(self.optimizer) if self.sharded else self.optimizer.state_dict()
+        state = {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
                  "stream": self.stream.state_dict(), "step": self.state.step,
                  "prompts_truncated": self.prompts.truncated, "monitor": self.monitor.state_dict(),
                  "teacher": optional(self.teacher, "state_dict", default={}), "teachers": teacher_set(self.cfg)}
         return checkpoint.save(self.acc, self.out / "checkpoints" / f"step-{self.state.step:07d}",
                                student=self.acc.unwrap_model(self.model).model, state=state,
-                               keep_last=self.cfg.output.keep_last)
+                               keep_last=self.cfg.output.keep_last, sharded=self.sharded)
 
     def load_checkpoint(self) -> bool:
         """Resume from the newest usable checkpoint (checked; older ones are fallbacks, see checkpoint.restore)."""
@@ -382,7 +391,10 @@ class Distiller:
         check_teacher_set(state.get("teachers"), teacher_set(self.cfg))  # ResumeMismatch: trained with others
         self.stream.load_state_dict(state["stream"])  # a changed dataset: ValueError, no older checkpoint helps
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
+            if self.sharded:
+                fsdp.load_optimizer_state(self.optimizer, state["optimizer"])
+            else:
+                self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             if "monitor" in state:  # health warnings fire once per run, not again after each resume
                 self.monitor.load_state_dict(state["monitor"])
@@ -403,14 +415,8 @@ class Distiller:
         return self.state.history
 
     def save_final(self) -> None:
-        if self.acc.is_main_process:
-            dst = self.out / "student"
-            tmp = dst.with_name("student.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            self.acc.unwrap_model(self.model).model.save_pretrained(tmp, safe_serialization=True)
-            self.tok.save_pretrained(tmp)
-            shutil.rmtree(dst, ignore_errors=True)
-            os.replace(tmp, dst)
+        checkpoint.save_student(self.acc, self.acc.unwrap_model(self.model).model, self.tok, self.out / "student",
+                                sharded=self.sharded)
 
 
 def train(cfg: Config, **kwargs) -> list[dict]:

@@ -43,7 +43,7 @@ class _FusedChunks(torch.autograd.Function):
     every row (the trainer sums per-token losses with one weight, 1 / step tokens); a non-uniform
     grad_out is an error, never a silently wrong gradient. Costs 3 vocabulary matmuls per row (z, g W,
     g^T h) instead of 4 with checkpointing (z twice), and the loss's softmaxes run once, not twice.
-    Extra memory: grad_W (V, H) and grad_h (N, H).
+    Extra memory: grad_W (V, H) and grad_h (N, H), scaled in place in backward (which may therefore run once).
     """
 
     @staticmethod
@@ -83,7 +83,11 @@ class _FusedChunks(torch.autograd.Function):
             raise RuntimeError(
                 "fused chunked loss: the per-row values were weighted unequally in the final loss, but their "
                 "gradients were computed for an equal-weight sum. Set loss.fused=false (fused=False) for such uses.")
-        scaled = [None if g is None else g * s.to(g.dtype) for g in (grad_h, grad_w)]
+        if getattr(ctx, "spent", False):
+            raise RuntimeError("fused chunked loss: backward ran twice through the same graph (retain_graph=True), "
+                               "but its saved gradients are scaled in place. Set loss.fused=false for such uses.")
+        ctx.spent = True  # scaled in place: no second (V, H) copy of grad_W while autograd accumulates it
+        scaled = [None if g is None else g.mul_(s.to(g.dtype)) for g in (grad_h, grad_w)]
         return *scaled, None, None, *([None] * ctx.n_extras)
 
 
