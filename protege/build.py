@@ -79,10 +79,15 @@ def check_vocabularies(teacher, student) -> None:
 
 
 def build_rollout_engine(cfg: Config, student, *, pad_id: int, bf16: bool, seed: int):
-    """The student's RolloutEngine: HF generate on the live model, or a colocated vLLM engine (rollout.engine)."""
+    """The student's RolloutEngine: HF generate or the lean loop on the live model, or a colocated vLLM engine
+    (rollout.engine)."""
     from protege.rollout.hf import HFEngine
 
     r = cfg.rollout
+    if r.engine == "lean":
+        from protege.rollout.lean import LeanEngine
+
+        return LeanEngine(student, pad_id=pad_id, batch_tokens=r.batch_tokens, autocast_bf16=bf16, seed=seed)
     if r.engine != "vllm":
         return HFEngine(student, pad_id=pad_id, batch_tokens=r.batch_tokens, autocast_bf16=bf16)
     from protege.rollout.vllm_engine import VLLMRolloutEngine
