@@ -99,6 +99,16 @@ def build_rollout_engine(cfg: Config, student, *, pad_id: int, bf16: bool, seed:
                              seed=seed, enable_sleep_mode=r.vllm_enable_sleep_mode)
 
 
+def build_overlap(cfg: Config, distiller):
+    """rollout.max_lag=1: the prefetcher that samples the next buffer with a copy of the student while a step trains."""
+    from protege.rollout.overlap import Overlap
+
+    seed = cfg.train.seed + distiller.acc.process_index
+    return Overlap(distiller.collect, distiller.student, stream=distiller.stream, max_steps=distiller.max_steps,
+                   make_engine=lambda model: build_rollout_engine(cfg, model, pad_id=distiller.tok.pad_token_id,
+                                                                  bf16=distiller.bf16, seed=seed))
+
+
 def build_teacher_engine(cfg: Config, teacher_model, *, pad_id: int):
     """The engine that samples teacher rows (mix.seq_kd): HF generate on the in-process teacher, or None."""
     from protege.rollout.hf import HFEngine

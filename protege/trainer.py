@@ -102,12 +102,14 @@ class Distiller:
         self.model, self.optimizer = self.acc.prepare(HiddenStates(self.student), self.optimizer)
         self.state = RunState()
         self.monitor = HealthMonitor()
+        self.overlap = build.build_overlap(cfg, self) if cfg.rollout.max_lag else None  # protege.rollout.overlap
         if cfg.output.report_to != "none":
             self.acc.init_trackers("protege", config=build.tracker_config(cfg))
 
     # ------------------------------------------------------------------------------ the buffer
-    def collect(self, step: int) -> Rollouts:
-        """This process's rows of the step: student rollouts, dataset references or teacher samples."""
+    def collect(self, step: int, engine: RolloutEngine | None = None) -> Rollouts:
+        """This process's rows of the step: student rollouts, dataset references or teacher samples.
+        engine: the one that samples the student rows (default: the live student's; rollout.max_lag: a copy's)."""
         cfg = self.cfg
         picked = self.stream.take(cfg.train.prompts_per_step)
         mine = picked[self.acc.process_index:: self.acc.num_processes]
@@ -131,7 +133,7 @@ class Distiller:
                 ref_ex.append(ex)
         parts = []
         if student_p:
-            parts.append(self.student_engine().generate(student_p, self.sampling, source="student"))
+            parts.append((engine or self.student_engine()).generate(student_p, self.sampling, source="student"))
             parts[-1].examples = student_ex
         if off_p:
             if self.teacher_engine is None:
@@ -171,7 +173,8 @@ class Distiller:
         """One optimizer step in three named phases: collect, score, learn. A given `buffer` (and `signal`)
         replaces the first phase(s): tests train on a fixed buffer, benchmarks time each phase alone."""
         t0 = time.perf_counter()
-        buffer = self.collect(self.state.step) if buffer is None else buffer  # Rollouts (CPU)
+        if buffer is None:  # Rollouts (CPU); with rollout.max_lag the next step's buffer is then sampled meanwhile
+            buffer = self.overlap.take(self.state.step) if self.overlap else self.collect(self.state.step)
         t1 = time.perf_counter()
         signal = self.score(buffer) if signal is None else signal  # aligned on the buffer's completion positions
         t2 = time.perf_counter()
@@ -234,6 +237,8 @@ class Distiller:
             sm = mask & student_rows[:, None]
             m["sampled_rkl"] = sampled_rkl(buffer.sampling_logprobs, signal.token_logprobs, sm)
         m["teacher_nll"] = float(-signal.token_logprobs[mask].mean())
+        if buffer.policy_version is not None and student_rows.any():  # rollout.max_lag: steps since sampling
+            m["policy_lag"] = float(self.state.step - 1 - buffer.policy_version[student_rows].float().mean())
         m.update(self._health(buffer, signal, student_rows))
         return m
 
@@ -313,7 +318,8 @@ class Distiller:
     def save_checkpoint(self) -> Path:
         """output/checkpoints/step-N (see protege/checkpoint.py): complete or absent, never half-written."""
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "stream": self.stream.state_dict(), "step": self.state.step,
+                 "stream": self.overlap.stream_state() if self.overlap else self.stream.state_dict(),
+                 "step": self.state.step,
                  "prompts_truncated": self.prompts.truncated, "monitor": self.monitor.state_dict()}
         return checkpoint.save(self.acc, self.out / "checkpoints" / f"step-{self.state.step:07d}",
                                student=self.acc.unwrap_model(self.model).model, state=state,
