@@ -111,3 +111,14 @@ def test_lag1_resume_sees_the_same_prompts(tiny_paths, tmp_path):
     assert [p.tolist() for p in again[0].prompt_ids] == [p.tolist() for p in buffers[2].prompt_ids]
     assert again[0].policy_version.tolist() == [2] * 4 and buffers[2].policy_version.tolist() == [1] * 4
     assert hist[0]["policy_lag"] == 0.0
+
+
+@pytest.mark.parametrize("extra, named", [(["rollout.engine=vllm"], "rollout.engine=lean"),
+                                          (["teacher.path=null", "teacher.urls=[http://127.0.0.1:1]",
+                                            "loss.support=student", "mix.lmbda=0.5"], "mix.lmbda=1")])
+def test_lag1_refuses_what_it_cannot_do_at_start_up(tmp_path, extra, named):
+    from protege.config import ConfigError
+
+    with pytest.raises(ConfigError, match="rollout.max_lag=1") as e:
+        load_config(None, ["student.path=s", "teacher.path=t", f"output.dir={tmp_path}", "rollout.max_lag=1", *extra])
+    assert named in str(e.value)
