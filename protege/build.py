@@ -78,16 +78,17 @@ def check_vocabularies(teacher, student) -> None:
                          f"({output_weight(student).shape[0]}): protege needs a shared tokenizer")
 
 
-def build_rollout_engine(cfg: Config, student, *, pad_id: int, bf16: bool, seed: int):
+def build_rollout_engine(cfg: Config, student, *, pad_id: int, bf16: bool, seed: int, lean_seed: int | None = None):
     """The student's RolloutEngine: HF generate or the lean loop on the live model, or a colocated vLLM engine
-    (rollout.engine)."""
+    (rollout.engine). The lean engine draws from torch's global generator (checkpointed: resume continues
+    exactly), or from its own seeded with lean_seed (the overlap thread's)."""
     from protege.rollout.hf import HFEngine
 
     r = cfg.rollout
     if r.engine == "lean":
         from protege.rollout.lean import LeanEngine
 
-        return LeanEngine(student, pad_id=pad_id, batch_tokens=r.batch_tokens, autocast_bf16=bf16, seed=seed)
+        return LeanEngine(student, pad_id=pad_id, batch_tokens=r.batch_tokens, autocast_bf16=bf16, seed=lean_seed)
     if r.engine != "vllm":
         return HFEngine(student, pad_id=pad_id, batch_tokens=r.batch_tokens, autocast_bf16=bf16)
     from protege.rollout.vllm_engine import VLLMRolloutEngine
@@ -104,9 +105,12 @@ def build_overlap(cfg: Config, distiller):
     from protege.rollout.overlap import Overlap
 
     seed = cfg.train.seed + distiller.acc.process_index
+
+    def make_engine(model, step: int):  # the thread's own random stream: its seed names the run, rank and step
+        return build_rollout_engine(cfg, model, pad_id=distiller.tok.pad_token_id, bf16=distiller.bf16, seed=seed,
+                                    lean_seed=seed * 1_000_003 + 7919 * step + 1)
     return Overlap(distiller.collect, distiller.student, stream=distiller.stream, max_steps=distiller.max_steps,
-                   make_engine=lambda model: build_rollout_engine(cfg, model, pad_id=distiller.tok.pad_token_id,
-                                                                  bf16=distiller.bf16, seed=seed))
+                   make_engine=make_engine)
 
 
 def build_teacher_engine(cfg: Config, teacher_model, *, pad_id: int):

@@ -122,3 +122,14 @@ def test_lag1_refuses_what_it_cannot_do_at_start_up(tmp_path, extra, named):
     with pytest.raises(ConfigError, match="rollout.max_lag=1") as e:
         load_config(None, ["student.path=s", "teacher.path=t", f"output.dir={tmp_path}", "rollout.max_lag=1", *extra])
     assert named in str(e.value)
+
+
+def test_lean_lag0_resume_continues_exactly(tiny_paths, tmp_path):
+    """The lean engine draws from torch's global generator, which checkpoints save: 2 + 2 steps = 4 steps."""
+    def losses(out, *extra):
+        return [h["loss"] for h in Distiller(config(tiny_paths, out, "rollout.engine=lean", *extra)).train()
+                if "loss" in h]
+    whole = losses(tmp_path / "a", "train.max_steps=4")
+    first = losses(tmp_path / "b", "train.max_steps=2")
+    rest = losses(tmp_path / "b", "train.max_steps=4", "resume=true")
+    assert first + rest[-2:] == whole and len(rest) >= 2

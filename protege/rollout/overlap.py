@@ -24,8 +24,10 @@ flight is not saved), so a resumed run sees the same prompts; its first step sam
 restored weights (lag 0, as at the start of a run), then lag 1 again.
 
 The thread gets the trainer's torch thread count (torch.set_num_threads per thread), so lag 1 uses
-about twice the cores of lag 0. Random numbers: rollout.engine=lean draws from its own seeded
-generator (reproducible); the hf engine draws from torch's global generator.
+about twice the cores of lag 0. Random numbers: rollout.engine=lean draws from the thread's own
+generator, seeded from train.seed, the process and the first step it samples (a run is reproducible;
+a resumed run does not replay the numbers of an earlier stretch); the hf engine draws from torch's
+global generator, shared with the main thread.
 """
 
 from __future__ import annotations
@@ -54,10 +56,10 @@ class Overlap:
     """Prefetches buffer s + 1 while step s trains (see the module docstring).
 
     collect(step, engine) -> Rollouts: the trainer's buffer of a step, sampling student rows with `engine`;
-    make_engine(model) -> RolloutEngine over a model; stream: the prompt stream (its state is saved)."""
+    make_engine(model, step) -> RolloutEngine over a model (step: the first it samples); stream: the prompt stream (its state is saved)."""
 
     def __init__(self, collect: Callable[[int, RolloutEngine], Rollouts], student: nn.Module,
-                 make_engine: Callable[[nn.Module], RolloutEngine], stream, max_steps: int):
+                 make_engine: Callable[[nn.Module, int], RolloutEngine], stream, max_steps: int):
         self.collect, self.student, self.make_engine = collect, student, make_engine
         self.stream, self.max_steps = stream, max_steps
         self.snapshot: nn.Module | None = None
@@ -86,7 +88,7 @@ class Overlap:
     def _launch(self, step: int, version: int) -> None:
         if self.snapshot is None:
             self.snapshot = copy.deepcopy(self.student).eval().requires_grad_(False)
-            self.engine = self.make_engine(self.snapshot)
+            self.engine = self.make_engine(self.snapshot, step)
         with torch.no_grad():  # the weights as they are now: version `version`
             for mine, live in zip(self.snapshot.state_dict().values(), self.student.state_dict().values()):
                 mine.copy_(live)
