@@ -219,7 +219,8 @@ class Config(_Section):
         if (self.rollout.max_lag and self.teacher.urls and loss.support in ("student", "union") and self.mix.lmbda < 1
                 and loss.name not in ("sampled_pg", "sft")):
             raise ValueError("rollout.max_lag=1 with a remote teacher, loss.support=student|union and mix.lmbda<1 "
-                             "would read the live student's top-k while it trains: set rollout.max_lag=0 or mix.lmbda=1")
+                             "would read the live student's top-k while it trains: set rollout.max_lag=0 or "
+                             "mix.lmbda=1")
         return self
 
 

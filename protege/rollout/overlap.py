@@ -56,7 +56,8 @@ class Overlap:
     """Prefetches buffer s + 1 while step s trains (see the module docstring).
 
     collect(step, engine) -> Rollouts: the trainer's buffer of a step, sampling student rows with `engine`;
-    make_engine(model, step) -> RolloutEngine over a model (step: the first it samples); stream: the prompt stream (its state is saved)."""
+    make_engine(model, step) -> RolloutEngine over a model (step: the first it samples);
+    stream: the prompt stream (its state is saved)."""
 
     def __init__(self, collect: Callable[[int, RolloutEngine], Rollouts], student: nn.Module,
                  make_engine: Callable[[nn.Module, int], RolloutEngine], stream, max_steps: int):
