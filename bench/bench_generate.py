@@ -135,6 +135,12 @@ def render(args, data: dict, command: str) -> str:
               "GFLOP/s: every step streams all the weights for a few rows, so the loop's own savings (no cache "
               "copies, one uniform per row, no log-softmax copy, finished rows dropped) cannot close that gap; "
               "more rows per decode step can."]
+    load = max(r["load"] for r in data["rows"])
+    if load > (os.cpu_count() or 1):
+        lines += ["", f"Caution: measured at a load average up to {load:.0f} on {os.cpu_count()} cores (other jobs): "
+                  "CPU seconds and the matmul rates are inflated/deflated by contention for the cores' caches and "
+                  "memory bandwidth; the engine ratio of neighbouring calls is the usable figure. Rerun on a quiet "
+                  "machine for the distance to the FLOP bound."]
     lines += ["", "Per call (engines alternate; the CPU-s ratio of neighbouring calls is the robust number):", "",
               "| rep | setting | engine | tokens | wall s | CPU s | load |", "|---:|---|---|---:|---:|---:|---:|"]
     lines += [f"| {r['rep']} | {r['setting']} | {r['engine']} | {r['tokens']} | {r['wall']:.2f} | {r['cpu']:.2f} | "
