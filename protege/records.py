@@ -29,6 +29,8 @@ class Rollouts:
     examples:          the data row (protege.data.Example) each sequence was made from, or None. A teacher
                        that sees a row differently from the student (its own prompt, context or tokenizer)
                        renders its view from here; the completion ids are the same for every teacher.
+    policy_version:    (N,) int64 optimizer steps the student that sampled each row had taken, -1 for rows it did
+                       not sample, or None (set with rollout.max_lag > 0: protege.rollout.overlap).
     """
 
     prompt_ids: list[torch.Tensor]
@@ -41,6 +43,7 @@ class Rollouts:
     finish_reasons: list[str] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
     examples: list | None = None
+    policy_version: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -117,6 +120,9 @@ class Rollouts:
             finish_reasons=[x for p in parts for x in p.finish_reasons],
             sources=[x for p in parts for x in p.sources],
             examples=[x for p in parts for x in p.examples] if all(p.examples is not None for p in parts) else None,
+            policy_version=torch.cat([p.policy_version if p.policy_version is not None else
+                                      torch.full((len(p),), -1) for p in parts])
+            if any(p.policy_version is not None for p in parts) else None,
         )
 
     def select(self, rows: list[int]) -> "Rollouts":
@@ -136,6 +142,7 @@ class Rollouts:
             finish_reasons=[self.finish_reasons[i] for i in rows] if self.finish_reasons else [],
             sources=[self.sources[i] for i in rows] if self.sources else [],
             examples=None if self.examples is None else [self.examples[i] for i in rows],
+            policy_version=None if self.policy_version is None else self.policy_version[idx],
         )
 
 

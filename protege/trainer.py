@@ -114,12 +114,14 @@ class Distiller:
         self.sharded = fsdp.after_prepare(cfg, self.model, self.student, self.acc.device)  # FSDP2: protege/fsdp.py
         self.state = RunState()
         self.monitor = HealthMonitor()
+        self.overlap = build.build_overlap(cfg, self) if cfg.rollout.max_lag else None  # protege.rollout.overlap
         if cfg.output.report_to != "none":
             self.acc.init_trackers("protege", config=build.tracker_config(cfg))
 
     # ------------------------------------------------------------------------------ the buffer
-    def collect(self, step: int) -> Rollouts:
-        """This process's rows of the step: student rollouts, dataset references or teacher samples."""
+    def collect(self, step: int, engine: RolloutEngine | None = None) -> Rollouts:
+        """This process's rows of the step: student rollouts, dataset references or teacher samples.
+        engine: the one that samples the student rows (default: the live student's; rollout.max_lag: a copy's)."""
         cfg = self.cfg
         picked = self.stream.take(cfg.train.prompts_per_step)
         mine = picked[self.acc.process_index:: self.acc.num_processes]
@@ -143,7 +145,7 @@ class Distiller:
                 ref_ex.append(ex)
         parts = []
         if student_p:
-            parts.append(self.student_engine().generate(student_p, self.sampling, source="student"))
+            parts.append((engine or self.student_engine()).generate(student_p, self.sampling, source="student"))
             parts[-1].examples = student_ex
         if off_p:
             if self.teacher_engine is None:
@@ -186,7 +188,8 @@ class Distiller:
         """One optimizer step in three named phases: collect, score, learn. A given `buffer` (and `signal`)
         replaces the first phase(s): tests train on a fixed buffer, benchmarks time each phase alone."""
         t0 = time.perf_counter()
-        buffer = self.collect(self.state.step) if buffer is None else buffer  # Rollouts (CPU)
+        if buffer is None:  # Rollouts (CPU); with rollout.max_lag the next step's buffer is then sampled meanwhile
+            buffer = self.overlap.take(self.state.step) if self.overlap else self.collect(self.state.step)
         t1 = time.perf_counter()
         signal = self.score(buffer) if signal is None else signal  # aligned on the buffer's completion positions
         t2 = time.perf_counter()
@@ -263,6 +266,8 @@ class Distiller:
         if signal.cross is not None:  # a teacher with another tokenizer: the alignment's diagnostics
             m.update(signal.cross.stats)
         m.update(cache_metrics(self.teacher))  # cache/hits, misses, teacher_calls, ... ({} without teacher.cache_dir)
+        if buffer.policy_version is not None and student_rows.any():  # rollout.max_lag: steps since sampling
+            m["policy_lag"] = float(self.state.step - 1 - buffer.policy_version[student_rows].float().mean())
         m.update(self._health(buffer, signal, student_rows))
         m.update(optional(self.teacher, "step_metrics", default={}))  # e.g. privileged_leak
         m.update(per_teacher_metrics(buffer, signal, row_loss, self.cfg.output.diagnostics_top_k))  # several teachers
@@ -366,7 +371,8 @@ class Distiller:
         """output/checkpoints/step-N (see protege/checkpoint.py): complete or absent, never half-written."""
         optimizer = fsdp.local_optimizer_state(self.optimizer) if self.sharded else self.optimizer.state_dict()
         state = {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
-                 "stream": self.stream.state_dict(), "step": self.state.step,
+                 "stream": self.overlap.stream_state() if self.overlap else self.stream.state_dict(),
+                 "step": self.state.step,
                  "prompts_truncated": self.prompts.truncated, "monitor": self.monitor.state_dict(),
                  "teacher": optional(self.teacher, "state_dict", default={}), "teachers": teacher_set(self.cfg)}
         return checkpoint.save(self.acc, self.out / "checkpoints" / f"step-{self.state.step:07d}",

@@ -1,4 +1,4 @@
-"""HF rollouts (protege.rollout.hf.generate) against an independent reference: a plain forward of the
+"""Rollouts of both HF-model engines (protege.rollout.hf.generate, protege.rollout.lean.generate) against an independent reference: a plain forward of the
 sampled tokens.
 
 For a generated row (prompt P of length p, completion C of length L) the reference, written here,
@@ -26,7 +26,9 @@ import pytest
 import torch
 from tiny import make_model
 
-from protege.rollout.hf import generate
+from protege.rollout import hf, lean
+
+ENGINES = {"hf": hf.generate, "lean": lean.generate}  # the same contract, checked on each
 
 EOS = 1
 PAD = 0
@@ -47,6 +49,11 @@ def model():
         head.bias[EOS] = 6.0
     m.lm_head = head
     return m
+
+
+@pytest.fixture(params=sorted(ENGINES))
+def generate(request):
+    return ENGINES[request.param]
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +103,7 @@ def check_rows(model, prompts, out, temperature, k_record):
 
 @pytest.mark.parametrize("temperature", [0.7, 1.5])
 @pytest.mark.parametrize("batch_tokens", [16384, 48])
-def test_sampling_logprobs_topk_and_eos_match_forward(model, prompts, temperature, batch_tokens):
+def test_sampling_logprobs_topk_and_eos_match_forward(generate, model, prompts, temperature, batch_tokens):
     """batch_tokens=48: prompts go to several generate calls (rows x (prompt + 10) <= 48)."""
     torch.manual_seed(0)
     out = generate(model, prompts, max_new_tokens=MAX_NEW, temperature=temperature, eos_ids=[EOS], pad_id=PAD,
@@ -109,7 +116,7 @@ def test_sampling_logprobs_topk_and_eos_match_forward(model, prompts, temperatur
     assert out.sources == ["student"] * len(prompts)
 
 
-def test_greedy_takes_the_argmax_and_records_logprobs_at_t1(model, prompts):
+def test_greedy_takes_the_argmax_and_records_logprobs_at_t1(generate, model, prompts):
     out = generate(model, prompts, max_new_tokens=MAX_NEW, temperature=0.0, eos_ids=[EOS], pad_id=PAD, record_topk=K)
     refs = check_rows(model, prompts, out, 0.0, K)
     for i, ref in enumerate(refs):
@@ -118,7 +125,7 @@ def test_greedy_takes_the_argmax_and_records_logprobs_at_t1(model, prompts):
 
 
 @pytest.mark.parametrize("top_k, top_p", [(3, 1.0), (0, 0.6)])
-def test_truncated_sampling_records_the_full_distribution(model, prompts, top_k, top_p):
+def test_truncated_sampling_records_the_full_distribution(generate, model, prompts, top_k, top_p):
     """Tokens come from the top-k / nucleus of the tempered distribution; the recorded logprob is the
     untruncated log_softmax(z / T), which differs from the renormalised one wherever the truncation
     dropped mass (asserted, so the check can tell the two apart)."""
