@@ -1,6 +1,7 @@
 """On-policy self-distillation (OPSD) on the arithmetic task: the student, shown the worked answer, teaches itself.
 
-    python bench/bench_opsd.py             # writes bench/results/opsd.md (+ .json), ~25 min on 2 busy cores
+    nice -n 5 python bench/bench_opsd.py   # writes bench/results/opsd.md (+ .json); the start alone took 25 min
+                                           # on 2 cores shared with other jobs (results/opsd.md)
     python bench/bench_opsd.py --quick     # a smaller version, for trying the script
 
 Task and models: bench_quality.py's (3-digit addition with a worked answer, character tokenizer,
