@@ -186,3 +186,20 @@ def test_ema_resumes_exactly(tiny_paths, tmp_path):
     with pytest.raises(Exception, match="teacher.self"):  # another kind cannot continue this EMA
         Distiller(_cfg(tiny_paths, tmp_path / "cut", *[c for c in common if "self" not in c], "teacher.self=live",
                        "train.max_steps=6", "resume=true")).train()
+
+
+def test_ema_of_a_bfloat16_student_is_kept_in_float32():
+    """0.05 x a 2^-12 step is far below bfloat16's resolution at 1.0: a bfloat16 EMA would never move."""
+    from tiny import make_model
+
+    student = make_model(1, 0).to(torch.bfloat16)
+    teacher = SelfTeacher(student, "ema", pad_id=0, ema_rate=0.05)
+    start = {n: p.detach().float().clone() for n, p in student.named_parameters()}
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(2.0 ** -12 * p.sign())
+    teacher.after_step(student)
+    for n, p in student.named_parameters():
+        want = 0.95 * start[n] + 0.05 * p.detach().float()
+        torch.testing.assert_close(teacher.ema[n], want, rtol=0, atol=1e-7)
+    assert any(not torch.equal(teacher.ema[n].bfloat16().float(), teacher.ema[n]) for n in start)

@@ -9,8 +9,10 @@ weights. With theta_S the student's weights at the current step and theta_0 its 
            Without LoRA a frozen copy of the student is made once at build time (1x the weights).
     ema    theta_T <- (1 - r) theta_T + r theta_S after every optimizer step (r = teacher.ema_rate,
            theta_T starts at theta_0). Only the trainable parameters are averaged (with LoRA: the
-           adapters; the frozen base is the same for both); their EMA values (1x the trainable
-           weights) are swapped into the student for the scoring pass and swapped back after it.
+           adapters; the frozen base is the same for both), kept in float32 (a bfloat16 student's
+           small updates would round away in bfloat16); for the scoring pass they are put into the
+           student's parameters (in the parameters' dtype) and the student's own storage is put back
+           after it (no copy for float32 weights).
            The EMA is part of every checkpoint (state_dict), so a resumed run continues it exactly.
     live   theta_T = theta_S: the current weights, scored in eval mode under no_grad (dropout off,
            no gradient into the teacher side), the module's train/eval mode restored afterwards.
@@ -55,6 +57,11 @@ def build_self_teacher(kind: str, student: nn.Module, *, pad_id: int, token_budg
                        ema_rate=ema_rate)
 
 
+def _master(dtype: torch.dtype) -> torch.dtype:
+    """The EMA's dtype for parameters of `dtype`: float32 for 16-bit floats, else the same."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
 class SelfTeacher:
     """teacher.self = base (with LoRA), ema or live on the student module itself (see the module docstring)."""
 
@@ -70,8 +77,8 @@ class SelfTeacher:
         self.ema_rate = ema_rate
         self.vocab_size = output_weight(student).shape[0]
         # ema: {name: theta_T} for the trainable parameters, starting at the student's weights
-        self.ema = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad} \
-            if kind == "ema" else {}
+        self.ema = {n: p.detach().clone().to(_master(p.dtype)) for n, p in student.named_parameters()
+                    if p.requires_grad} if kind == "ema" else {}
         self._head = next((n for n, p in student.named_parameters() if p is output_weight(student)), None)
 
     @property
@@ -79,7 +86,7 @@ class SelfTeacher:
         """(V, H) the teacher's output projection (no gradient): the EMA lm_head when it is trained, else the
         student's, which for base is its base weight (LoRA never changes W_0)."""
         if self.kind == "ema" and self._head in self.ema:
-            return self.ema[self._head]
+            return self.ema[self._head].to(output_weight(self.student).dtype)
         return output_weight(self.student).detach()
 
     def score(self, rollouts: Rollouts, request: ScoreRequest) -> TeacherSignal:
@@ -93,36 +100,28 @@ class SelfTeacher:
         """The student module holding the teacher's weights, in eval mode, for the duration of the block."""
         was_training = self.student.training
         self.student.eval()
-        swap = self.kind == "ema"
+        own = {}  # the student's own storage of each averaged parameter, while the EMA values are in place
+        params = dict(self.student.named_parameters()) if self.kind == "ema" else {}
         try:
             with self.student.disable_adapter() if self.kind == "base" else nullcontext():
-                if swap:
-                    self._swap()
-                try:
-                    yield self.student
-                finally:
-                    if swap:
-                        self._swap()
+                with torch.no_grad():
+                    for name, theta_t in self.ema.items():
+                        own[name], params[name].data = params[name].data, theta_t.to(params[name].dtype)
+                yield self.student
         finally:
+            for name, data in own.items():
+                params[name].data = data
             self.student.train(was_training)
-
-    @torch.no_grad()
-    def _swap(self) -> None:
-        """Exchange the storage of each trainable parameter with its EMA tensor (no copy; called in pairs)."""
-        params = dict(self.student.named_parameters())
-        for name, theta_t in self.ema.items():
-            p = params[name]
-            p.data, self.ema[name] = theta_t, p.data
 
     @torch.no_grad()
     def after_step(self, student: nn.Module | None = None) -> None:
         """Called by the trainer after every optimizer step: ema applies theta_T <- (1 - r) theta_T + r theta_S
-        (torch.lerp, in the parameters' dtype); base and live do nothing."""
+        (torch.lerp, in float32 for low-precision weights); base and live do nothing."""
         if self.kind != "ema":
             return
         params = dict((student if student is not None else self.student).named_parameters())
         for name, theta_t in self.ema.items():
-            theta_t.lerp_(params[name].detach(), self.ema_rate)
+            theta_t.lerp_(params[name].detach().to(theta_t.dtype), self.ema_rate)
 
     def state_dict(self) -> dict:
         """What a checkpoint keeps: the EMA tensors (ema), else nothing to keep."""
