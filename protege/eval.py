@@ -39,8 +39,9 @@ def evaluate(student, teacher, prompts: list[torch.Tensor], *, teacher_local: bo
              batch_tokens: int = 16384, micro_batch_size: int = 8, bf16: bool = False, seed: int = 1234,
              examples: list | None = None) -> dict:
     """Held-out metrics of `student` against `teacher` (a protege Teacher: local or remote) on `prompts`
-    (token ids; `examples`: their data rows, for routed teachers). Sampling: the rollout settings given; teacher_local: the teacher sends hidden states, so
-    rkl is exact (computed `micro_batch_size` rows at a time). A flat dict of floats; {} without prompts."""
+    (token ids). Sampling: the rollout settings given; teacher_local: the teacher sends hidden states, so
+    rkl is exact (computed `micro_batch_size` rows at a time); examples: the prompts' data rows (a routed
+    teacher reads its key there). A flat dict of floats; {} without prompts."""
     if not prompts:
         return {}
     with torch.random.fork_rng(devices=[]):
