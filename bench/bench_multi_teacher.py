@@ -302,20 +302,21 @@ def report(args, info: dict, results: list[dict], seconds: float) -> str:
         return f"{mean:.3f} +- {sd:.3f}"
 
     t_add, t_sub = info["teacher_add"], info["teacher_sub"]
+    argv = " ".join(a for a in sys.argv[1:] if a != "--render-only")
     lines = [
         "# Several teachers: two experts (addition, subtraction), one student routed to both",
         "",
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
         f"- machine: {bq.machine()} (shared with other jobs while it ran: times are not speed measurements)",
-        f"- command: `nice -n 5 python bench/bench_multi_teacher.py{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}`"
+        f"- command: `nice -n 5 python bench/bench_multi_teacher.py{' ' + argv if argv else ''}`"
         f" (total {seconds / 60:.1f} min)",
-        f"- task: {args.digits}-digit a+b and a-b (a >= b), worked answers column by column (`347+589=` -> "
-        f"`{bq.worked(347, 589)}`, `834-589=` -> `{worked_sub(834, 589)}`); {args.train_problems} training problems per operation, "
+        f"- task: {args.digits}-digit a+b and a-b (a >= b), worked answers column by column (`47+58=` -> "
+        f"`{bq.worked(47, 58)}`, `84-59=` -> `{worked_sub(84, 59)}`); {args.train_problems} training problems per operation, "
         f"{args.heldout} held-out problems per operation (disjoint); exact match of the text after the last '|' of a "
         f"greedy completion ({MAX_NEW} new tokens max)",
         f"- teachers: Llama, {args.teacher_layers} layers, hidden {args.teacher_hidden}, {t_add['params'] / 1e6:.2f} M "
         f"parameters each, {args.teacher_steps} steps of protege SFT (64 problems/step) from scratch "
-        "on ONE operation each (lr {args.teacher_lr} cosine)",
+        f"on ONE operation each (lr {args.teacher_lr} cosine)",
         f"- student: Llama, 2 layers, hidden 64, {info['student_params'] / 1e6:.2f} M parameters, {args.student_steps} "
         f"steps of SFT on both operations (64 problems/step, lr {args.student_lr} cosine): the start of every method",
         f"- every method: {args.steps} optimizer steps x {args.prompts_per_step} prompts (half addition, half "
@@ -347,7 +348,10 @@ def report(args, info: dict, results: list[dict], seconds: float) -> str:
         pt = ", ".join(f"{k[8:]} {v:.3f}" for k, v in r["per_teacher_last10"].items()) or "-"
         lines.append(f"| {r['method']} | {r['seed']} | {r['exact_match']['add']:.3f} | {r['exact_match']['sub']:.3f} "
                      f"| {r['final_loss']:.4f} | {r['sampled_rkl_last10']:.4f} | {pt} |")
-    lines += ["", "Differences smaller than the seeds' spread (std) are not evidence either way."]
+    lines += ["", "- Differences smaller than the seeds' spread (std) are not evidence either way.",
+              "- Mixture rows: `sampled reverse KL` is log q(y) - sum_i w_i log p_i(y), against the unnormalised "
+              "geometric mixture (what sampled_pg's advantage uses), so it exceeds the reverse KL to the "
+              "normalised mixture p_w by -log Z >= 0; the per-teacher columns are against each teacher alone."]
     return "\n".join(lines) + "\n"
 
 
