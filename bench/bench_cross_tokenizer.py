@@ -167,10 +167,12 @@ def job(args) -> None:
                   [*overrides, f"train.seed={args.seed}", f"train.max_steps={args.steps}",
                    f"train.prompts_per_step={args.prompts_per_step}", f"train.micro_batch_size={args.prompts_per_step}",
                    f"optim.lr={args.lr}", "optim.schedule=constant"])
+    kl_before = heldout_kl_per_byte(student, teacher, tok, char, held, args.seed)
     t = time.perf_counter()
     hist = bq.run_steps(d, f"{args.method} seed {args.seed}")
     seconds = time.perf_counter() - t
     res = {"method": args.method, "seed": args.seed, "exact_match": exact_match(student, tok, held),
+           "kl_before": kl_before, "kl_after": heldout_kl_per_byte(student, teacher, tok, char, held, args.seed),
            "seconds": seconds, "tokens": sum(m["tokens"] for m in hist),
            "tokens_per_s": sum(m["tokens"] for m in hist) / seconds,
            "one_to_one_share": statistics.mean(m["cross/one_to_one_share"] for m in hist)
@@ -178,6 +180,35 @@ def job(args) -> None:
            "span_len_mean": statistics.mean(m["cross/span_len_mean"] for m in hist)
            if "cross/span_len_mean" in hist[-1] else None}
     print("RESULT " + json.dumps(res), flush=True)
+
+
+def heldout_kl_per_byte(student, teacher, tok, char, held, seed: int) -> float:
+    """Held-out sequence-level reverse KL per byte of text, sampled: sum over rows of log q(y) - log p(y) for
+    one temperature-1 sample y of the student per held-out prompt, over the bytes of those samples (+1 per
+    EOS). The teacher scores y in its own tokens (CrossTokenizerTeacher; the identity pair for the char
+    student), so students with different tokenizers are compared on the same scale."""
+    import torch
+
+    from protege.data import Example, PromptTokenizer
+    from protege.rollout import hf as hf_rollout
+    from protege.teacher.base import ScoreRequest
+    from protege.teacher.cross_tokenizer import CrossTokenizerTeacher
+    from protege.teacher.local import LocalTeacher
+
+    examples = [Example(messages=[{"role": "user", "content": f"{a}+{b}="}]) for a, b in held]
+    pt = PromptTokenizer(tok, 64)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(10_000 + seed)
+        r = hf_rollout.generate(student, [pt.prompt_ids(e) for e in examples], max_new_tokens=40, temperature=1.0,
+                                eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id)
+    r.examples = examples
+    ct = CrossTokenizerTeacher(LocalTeacher(teacher, pad_id=0), tok, char, student_vocab_size=student.config.vocab_size,
+                               student_eos_ids=[tok.eos_token_id], teacher_eos_ids=[char.eos_token_id])
+    sig = ct.score(r, ScoreRequest())
+    mask = r.completion_mask
+    nbytes = sum(len(tok.decode(r.completion_ids[i, : int(mask[i].sum())], skip_special_tokens=True).encode()) + 1
+                 for i in range(len(r)))
+    return float((r.sampling_logprobs - sig.token_logprobs)[mask].sum()) / nbytes
 
 
 def report(args, info, results, seconds) -> str:
@@ -200,8 +231,11 @@ def report(args, info, results, seconds) -> str:
              f"seeds 0..{args.seeds - 1}",
              "- GOLD (trl's GOLDTrainer) was not run: its trainer needs a chat-template dataset pipeline and "
              "ByteLevel tokenizers on both sides (our teacher is character-level: GOLD's alignment refuses it)",
-             "", "| method | exact match (mean) | std | min | max | seeds | tokens/s | 1:1 share | span length |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "- held-out KL: sequence-level reverse KL to the teacher per byte of the student's samples (sampled, "
+             "one temperature-1 sample per held-out prompt, the teacher scoring in its own tokens), before -> after",
+             "", "| method | exact match (mean) | std | min | max | seeds | held-out KL per byte, before -> after "
+             "(mean) | tokens/s | 1:1 share | span length |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for m in METHODS:
         rs = [r for r in results if r["method"] == m]
         if not rs:
@@ -209,17 +243,16 @@ def report(args, info, results, seconds) -> str:
         em = [r["exact_match"] for r in rs]
         one = [r["one_to_one_share"] for r in rs if r["one_to_one_share"] is not None]
         sl = [r["span_len_mean"] for r in rs if r["span_len_mean"] is not None]
+        kl = f"{statistics.mean(r['kl_before'] for r in rs):.3f} -> {statistics.mean(r['kl_after'] for r in rs):.3f}"
+        align_cols = f"{statistics.mean(one):.2f} | {statistics.mean(sl):.2f}" if one else "- | -"
         lines.append(f"| {m} | {statistics.mean(em):.3f} | {statistics.stdev(em) if len(em) > 1 else 0:.3f} | "
-                     f"{min(em):.3f} | {max(em):.3f} | {len(rs)} | "
-                     f"{statistics.mean(r['tokens_per_s'] for r in rs):.0f} | "
-                     f"{statistics.mean(one):.2f} | {statistics.mean(sl):.2f} |" if one else
-                     f"| {m} | {statistics.mean(em):.3f} | {statistics.stdev(em) if len(em) > 1 else 0:.3f} | "
-                     f"{min(em):.3f} | {max(em):.3f} | {len(rs)} | "
-                     f"{statistics.mean(r['tokens_per_s'] for r in rs):.0f} | - | - |")
-    lines += ["", "## Per run", "", "| method | seed | exact match | s | tokens/s |", "|---|---:|---:|---:|---:|"]
+                     f"{min(em):.3f} | {max(em):.3f} | {len(rs)} | {kl} | "
+                     f"{statistics.mean(r['tokens_per_s'] for r in rs):.0f} | {align_cols} |")
+    lines += ["", "## Per run", "", "| method | seed | exact match | held-out KL per byte before | after | s | "
+              "tokens/s |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in results:
-        lines.append(f"| {r['method']} | {r['seed']} | {r['exact_match']:.3f} | {r['seconds']:.0f} | "
-                     f"{r['tokens_per_s']:.0f} |")
+        lines.append(f"| {r['method']} | {r['seed']} | {r['exact_match']:.3f} | {r['kl_before']:.4f} | "
+                     f"{r['kl_after']:.4f} | {r['seconds']:.0f} | {r['tokens_per_s']:.0f} |")
     lines.append("\nDifferences smaller than the seeds' spread are not evidence either way.")
     return "\n".join(lines) + "\n"
 

@@ -176,3 +176,19 @@ def test_mode_detection_and_start_up_errors(other_pair):
     with pytest.raises(ValueError, match="teacher.tokenizer"):
         build.cross_tokenizer_mode(load_config(None, ["student.path=s", "teacher.path=t",
                                                       "teacher.tokenizer=/nonexistent/tok"]), tok)
+
+
+def test_student_eos_maps_to_the_token_that_ends_the_teachers_turn():
+    """A teacher whose template ends an assistant turn with <|im_end|>, not its EOS </s>: the student's EOS
+    is re-tokenized as <|im_end|> (what the teacher would emit there)."""
+    t_tok = bpe(300)
+    t_tok.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+    t_tok.chat_template = "{% for m in messages %}{{ m['content'] }}<|im_end|>{% endfor %}"
+    im_end = t_tok.convert_tokens_to_ids("<|im_end|>")
+    s_tok = make_tokenizer()
+    teacher = CrossTokenizerTeacher(LocalTeacher(make_plain_model(len(t_tok)), pad_id=0), s_tok, t_tok,
+                                    student_vocab_size=128, student_eos_ids=eos_ids(s_tok),
+                                    teacher_eos_ids=eos_ids(t_tok))
+    assert im_end != t_tok.eos_token_id and teacher.t_by_class["eos"] == im_end
+    _, segments = teacher.teacher_view(torch.tensor(s_tok("hi")["input_ids"] + [s_tok.eos_token_id]).numpy())
+    assert segments == ["hi", im_end]
