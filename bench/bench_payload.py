@@ -174,7 +174,11 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "payload"))
     ap.add_argument("--folder", default="/tmp/protege-bench-smollm2-hf", help="HF copy of SmolLM2 (made once)")
+    ap.add_argument("--render", action="store_true", help="only rewrite OUT.md from OUT.json")
     args = ap.parse_args()
+    if args.render:
+        Path(args.out + ".md").write_text(render(json.loads(Path(args.out + ".json").read_text())))
+        return
     torch.set_num_threads(1)
     from protege.modeling import find_smollm2, load_model, load_tokenizer
     from protege.server import HFBackend, create_app
@@ -220,11 +224,12 @@ def render(report: dict) -> str:
              "uint16 when the vocabulary fits 65536, else int32.", "",
              "| payload | " + " | ".join(report["analytic"]) + " |", "|---|" + "---|" * len(report["analytic"])]
     for kind in KINDS:
-        cells = [f"{per[kind]:,}" for per in report["analytic"].values()]
+        cells = [f"{per[kind]}" for per in report["analytic"].values()]
         lines.append(f"| {kind} | " + " | ".join(cells) + " |")
     ratio = [f"{per['full logits float32'] / per['hidden bfloat16']:.1f}x" for per in report["analytic"].values()]
     lines += [f"| full float32 logits / bfloat16 hidden | " + " | ".join(ratio) + " |", ""]
-    proj = [f"{v * h * 2 / 2**20:,.0f} MiB (bf16)" for h, v in SHAPES.values()]
+    proj = [f"{v * h * 2 / 2**20:.0f} MiB in bfloat16, {v * h * 4 / 2**20:.0f} MiB in float32"
+            for h, v in SHAPES.values()]
     lines += [f"Output projection, sent once per run: " + "; ".join(f"{n}: {p}" for n, p in zip(SHAPES, proj)), ""]
     lines += ["## Measured reply bytes per completion token, SmolLM2-135M, real server", "",
               "| payload | " + " | ".join(f"seed {s['seed']} ({s['completion_tokens']} tokens)"
@@ -232,10 +237,10 @@ def render(report: dict) -> str:
               "|---|" + "---|" * (len(report["seeds"]) + 1)]
     first = list(report["analytic"].values())[0]
     for kind in KINDS:
-        lines.append(f"| {kind} | " + " | ".join(f"{s['measured_bytes_per_token'][kind]:,.1f}"
-                                                  for s in report["seeds"]) + f" | {first[kind]:,} |")
+        lines.append(f"| {kind} | " + " | ".join(f"{s['measured_bytes_per_token'][kind]:.1f}"
+                                                  for s in report["seeds"]) + f" | {first[kind]} |")
     lines.append("| output projection (once, bytes) | " + " | ".join(
-        f"{s['measured_bytes_per_token']['projection (once)']:,.0f}" for s in report["seeds"]) + " | |")
+        f"{s['measured_bytes_per_token']['projection (once)']:.0f}" for s in report["seeds"]) + " | |")
     lines += ["", "## Loss difference to the in-process teacher (mean per-token loss, full vocabulary)", "",
               "| seed | loss | in-process | float32 wire | float16 wire | bfloat16 wire "
               "| rel. diff fp32 / fp16 / bf16 |",
@@ -247,6 +252,10 @@ def render(report: dict) -> str:
             rel = " / ".join(f"{abs(g - ref) / abs(ref):.1e}" for g in got)
             lines.append(f"| {s['seed']} | {name} | {ref:.6f} | " + " | ".join(f"{g:.6f}" for g in got)
                          + f" | {rel} |")
+    worst = {d: max(abs(s["losses"][d][n] - s["losses"]["in-process"][n]) / abs(s["losses"]["in-process"][n])
+                    for s in report["seeds"] for n in DIVS) for d in ("float32", "float16", "bfloat16")}
+    lines += ["", "Largest relative difference over seeds and losses: " + ", ".join(
+        f"{d} wire {v:.1e}" for d, v in worst.items()) + "."]
     lines += ["", "## End-to-end scoring time of the buffer through the server (median s)", "",
               "| seed | " + " | ".join(report["seeds"][0]["score_seconds"]) + " |",
               "|---|" + "---|" * len(report["seeds"][0]["score_seconds"])]

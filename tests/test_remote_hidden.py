@@ -225,17 +225,21 @@ def test_a_teacher_changed_mid_run_is_detected(teacher_model):
     teacher.close()
 
 
-def _proxy(target: str, mutate):
-    """A server that forwards to `target` and passes each /v1/score reply through mutate(body) -> body."""
+@pytest.fixture(scope="module")
+def proxy(server):
+    """A server that forwards to the teacher server and passes each /v1/score reply through
+    proxy.mutate(body) -> body (set by each test)."""
     async def forward(request):
         body = await request.body()
         async with httpx.AsyncClient() as client:
-            r = await client.request(request.method, target + request.url.path, content=body,
+            r = await client.request(request.method, server.url + request.url.path, content=body,
                                      headers={k: v for k, v in request.headers.items() if k.lower() != "host"})
-        content = mutate(r.content) if request.url.path == "/v1/score" and r.status_code == 200 else r.content
+        ok = request.url.path == "/v1/score" and r.status_code == 200
+        content = running.mutate(r.content) if ok else r.content
         return Response(content, r.status_code, media_type=r.headers.get("content-type"))
     paths = ["/v1/info", "/v1/score", "/v1/output_projection"]
-    return serve_in_thread(Starlette(routes=[Route(p, forward, methods=["GET", "POST"]) for p in paths]))
+    with serve_in_thread(Starlette(routes=[Route(p, forward, methods=["GET", "POST"]) for p in paths])) as running:
+        yield running
 
 
 def _repacked(change):
@@ -264,23 +268,22 @@ def _nan(meta, arrays):
     (_repacked(_nan), "hidden_states"),
     (_repacked(lambda meta, a: a.pop("hidden_states")), "hidden_states"),
 ], ids=["truncated", "short-hidden", "short-positions", "wrong-dtype", "nan", "missing"])
-def test_corrupted_or_short_hidden_payloads_are_rejected(server, mutate, field):
+def test_corrupted_or_short_hidden_payloads_are_rejected(proxy, mutate, field):
     rollouts = make_rollouts(seed=7)
     request = Objective.build(LossConfig(), teacher_local=False).teacher_request(rollouts)
-    with _proxy(server.url, mutate) as proxy, RemoteTeacher(proxy.url, api_key=KEY, max_invalid_replies=1,
-                                                             max_wait_s=10) as teacher:
+    proxy.mutate = mutate
+    with RemoteTeacher(proxy.url, api_key=KEY, max_invalid_replies=0, max_wait_s=10) as teacher:
         with pytest.raises(TeacherReplyError) as err:
             teacher.score(rollouts, request)
     assert err.value.field == field, err.value
 
 
-def test_a_reply_without_the_projection_hash_is_refused(server):
+def test_a_reply_without_the_projection_hash_is_refused(proxy):
     rollouts = make_rollouts(seed=8)
     request = Objective.build(LossConfig(), teacher_local=False).teacher_request(rollouts)
-    with _proxy(server.url, _repacked(lambda meta, a: meta.pop("projection_sha256"))) as proxy, \
-            RemoteTeacher(proxy.url, api_key=KEY) as teacher:
-        with pytest.raises(TeacherChanged):
-            teacher.score(rollouts, request)
+    proxy.mutate = _repacked(lambda meta, a: meta.pop("projection_sha256"))
+    with RemoteTeacher(proxy.url, api_key=KEY) as teacher, pytest.raises(TeacherChanged):
+        teacher.score(rollouts, request)
 
 
 def test_a_server_without_a_projection_is_named_clearly(teacher_model, monkeypatch):
