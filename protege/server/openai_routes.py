@@ -220,7 +220,8 @@ def _completion_choice(index: int, prompt: list[int], row: GeneratedRow, text: s
             p_lps, p_tops = [None], [None]
             if scores is not None:
                 p_lps += [clean_logprob(v) for v in scores[0]]
-                p_tops += [_top_dict(t[:spec.logprobs], v[:spec.logprobs], tokens) for t, v in zip(scores[1], scores[2])]
+                k = spec.logprobs
+                p_tops += [_top_dict(t[:k], v[:k], tokens) for t, v in zip(scores[1], scores[2])]
             ids, lps, tops = list(prompt) + ids, p_lps + lps, p_tops + tops
         strings = [tokens(i) for i in ids]
         offsets = np.cumsum([0] + [len(s) for s in strings[:-1]]).tolist() if strings else []
