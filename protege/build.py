@@ -12,6 +12,7 @@ import os
 import torch
 from accelerate import Accelerator
 
+from protege.api_kinds import API_KINDS, needs_logprobs
 from protege.config import Config, teacher_configs
 from protege.forward import check_supported, output_weight
 from protege.objective import Objective
@@ -153,6 +154,13 @@ def build_teacher(cfg: Config, teacher_model, *, pad_id: int, device, objective:
 
 def _teacher_source(cfg: Config, teacher_model, *, pad_id: int, device, objective: Objective, student):
     t = cfg.teacher
+    if t.protocol in API_KINDS:  # a generation API: teacher samples only (protege.api_kinds)
+        from protege.teacher.api import APITeacher
+
+        return APITeacher(t.protocol, t.urls, store_dir=t.api_store or os.path.join(cfg.output.dir, "teacher_api"),
+                          topk=cfg.loss.top_k if needs_logprobs(cfg.loss.name) else 0, api_key=t.api_key,
+                          model=t.model, timeout=t.timeout_s, max_wait_s=t.max_wait_s,
+                          max_concurrency=t.max_concurrency, vocab_size=t.vocab_size), None
     if t.self is not None:  # the student itself: no model of its own (mix.seq_kd is refused by the config)
         from protege.teacher.self_teacher import build_self_teacher
 
@@ -174,7 +182,8 @@ def _teacher_source(cfg: Config, teacher_model, *, pad_id: int, device, objectiv
 
 
 def check_vocabularies(teacher, student) -> None:
-    if teacher.vocab_size != output_weight(student).shape[0]:
+    """A teacher's logits must be as wide as the student's (a text-only API teacher has none: vocab_size None)."""
+    if teacher.vocab_size is not None and teacher.vocab_size != output_weight(student).shape[0]:
         raise ValueError(f"teacher vocabulary ({teacher.vocab_size}) != student vocabulary "
                          f"({output_weight(student).shape[0]}): protege needs a shared tokenizer, or the teacher's own "
                          "(teacher.tokenizer, teacher.cross_tokenizer=auto|on) to distil across tokenizers")
@@ -196,10 +205,14 @@ def build_rollout_engine(cfg: Config, student, *, pad_id: int, bf16: bool, seed:
                              seed=seed, enable_sleep_mode=r.vllm_enable_sleep_mode)
 
 
-def build_teacher_engine(cfg: Config, teacher_model, *, pad_id: int):
-    """The engine that samples teacher rows (mix.seq_kd): HF generate on the in-process teacher, or None."""
+def build_teacher_engine(cfg: Config, teacher_model, *, pad_id: int, teacher=None, tokenizer=None):
+    """The engine that samples teacher rows (mix.seq_kd): HF generate on the in-process teacher, the API
+    teacher itself (teacher.protocol=openai-chat|openai-completions, given the student's tokenizer), or None."""
     from protege.rollout.hf import HFEngine
 
+    if getattr(teacher, "reads_examples", False):  # an API teacher (protege.teacher.api)
+        teacher.tokenizer = tokenizer
+        return teacher
     if teacher_model is None:
         return None
     return HFEngine(teacher_model, pad_id=pad_id, batch_tokens=cfg.rollout.batch_tokens)

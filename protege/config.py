@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from protege.api_kinds import check_api_teacher
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -37,8 +39,18 @@ class TeacherConfig(_Section):
                              "smollm2 (embedded).")
     urls: list[str] = Field(default_factory=list, description="Remote teacher server URL(s) (protege serve-teacher "
                             "or an OpenAI-compatible vLLM server). Several URLs are load-balanced.")
-    api_key: str | None = Field(None, description="Bearer token for the teacher server (or env PROTEGE_API_KEY).")
-    protocol: Literal["protege", "openai"] = Field("protege", description="Wire protocol of the teacher server.")
+    api_key: str | None = Field(None, description="Bearer token for the teacher server (or env PROTEGE_API_KEY; "
+                                "API kinds also OPENAI_API_KEY).")
+    protocol: Literal["protege", "openai", "openai-chat", "openai-completions"] = Field(
+        "protege", description="Teacher server kind: protege (protege serve-teacher), openai (vLLM's "
+        "/v1/completions prompt_logprobs: on-policy scoring), openai-chat / openai-completions (a generation API: "
+        "teacher samples with text and top_logprobs only; see docs/remote_teachers.md).")
+    model: str | None = Field(None, description="API kinds / openai: the model name sent in requests (None: the "
+                              "first model of the server's /v1/models).")
+    max_concurrency: int = Field(8, ge=1, description="API kinds: requests in flight at once.")
+    api_store: str | None = Field(None, description="API kinds: folder of stored teacher completions (keyed by "
+                                  "model, prompt and sampling settings; generated once). None: "
+                                  "<output.dir>/teacher_api.")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="In-process teacher dtype.")
     batch_tokens: int = Field(16384, ge=64, description="Token budget of one teacher forward batch.")
     logprob_dtype: Literal["float32", "float16"] = Field(
@@ -298,6 +310,9 @@ class Config(_Section):
     def _combinations(self):
         loss = self.loss
         check_teacher_set(self)
+        for t in teacher_configs(self):
+            check_api_teacher(t.protocol, several=bool(self.teachers), lmbda=self.mix.lmbda, seq_kd=self.mix.seq_kd,
+                              loss_name=loss.name, support=loss.support, top_k=loss.top_k, temperature=loss.temperature)
         remote = [getattr(t, "name", "teacher") for t in teacher_configs(self) if t.urls and t.protocol == "openai"]
         cross = self.teacher is not None and (self.teacher.cross_tokenizer == "on" or (
             self.teacher.cross_tokenizer == "auto" and self.teacher.tokenizer is not None))

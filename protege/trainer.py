@@ -105,8 +105,8 @@ class Distiller:
                                                       output_weight(self.student).shape[0])
         build.check_vocabularies(self.teacher, self.student)
         self.engine: RolloutEngine | None = None  # the student's, see student_engine()
-        self.teacher_engine = None if self.cross else build.build_teacher_engine(cfg, self.teacher_model,
-                                                                                  pad_id=self.tok.pad_token_id)
+        self.teacher_engine = None if self.cross else build.build_teacher_engine(
+            cfg, self.teacher_model, pad_id=self.tok.pad_token_id, teacher=self.teacher, tokenizer=self.tok)
         r = cfg.rollout
         self.sampling = Sampling(max_new_tokens=r.max_new_tokens, eos_ids=tuple(self.eos_ids), temperature=r.temperature,
                                  top_p=r.top_p, top_k=r.top_k, record_topk=self.objective.rollout_topk)
@@ -148,7 +148,9 @@ class Distiller:
         if off_p:
             if self.teacher_engine is None:
                 raise ValueError("mix.seq_kd needs an in-process teacher (teacher.path) to generate")
-            parts.append(self.teacher_engine.generate(off_p, replace(self.sampling, record_topk=0), source="teacher"))
+            rows = {"examples": off_ex} if getattr(self.teacher_engine, "reads_examples", False) else {}  # API
+            parts.append(self.teacher_engine.generate(off_p, replace(self.sampling, record_topk=0), source="teacher",
+                                                      **rows))
             parts[-1].examples = off_ex
         if refs:
             parts.append(Rollouts.from_references([p for p, _ in refs], [c for _, c in refs]))
@@ -320,6 +322,7 @@ class Distiller:
 
         cfg, r = self.cfg, self.cfg.rollout
         examples = self.eval_set.examples[: cfg.data.eval_prompts] if self.eval_set else []
+        examples = examples if getattr(self.teacher, "scores_student_rows", True) else []  # API: own samples only
         return evaluate(self.student, self.teacher, [self.prompts.prompt_ids(e) for e in examples],
                         teacher_local=self.objective.teacher_local and not self.cross, examples=examples,
                         pad_id=self.tok.pad_token_id, eos_ids=self.eos_ids,

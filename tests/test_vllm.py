@@ -398,3 +398,65 @@ def test_openai_protocol_trains_against_a_real_vllm_server(paths, vllm_server, t
     assert np.abs(served - at[1.0]).max() < TOL and np.abs(served - at[0.7]).max() > 0.1
     with pytest.raises(ValueError, match="loss.temperature"):
         d.teacher.score(calls[0][0], ScoreRequest(topk=4, temperature=0.7))
+
+
+def test_api_teacher_against_a_real_vllm_server(paths, vllm_server, tmp_path):
+    """teacher.protocol=openai-completions / openai-chat against `vllm serve`: vLLM's generated tokens come back
+    as ids (return_tokens_as_token_ids) with top-4 logprobs equal to the teacher's HF log_softmax (fp32, TOL),
+    EOS kept as the last token of a row that stopped; chat text is the student's tokens of vLLM's text."""
+    from transformers import AutoModelForCausalLM
+
+    from protege.data import Example
+    from protege.modeling import load_tokenizer
+    from protege.rollout.base import Sampling
+    from protege.teacher.api import APITeacher
+    from protege.teacher.base import ScoreRequest
+
+    tok = load_tokenizer(paths["student"])
+    teacher = AutoModelForCausalLM.from_pretrained(paths["teacher"], dtype=torch.float32).eval()
+    api = APITeacher("openai-completions", vllm_server, store_dir=str(tmp_path / "c"), topk=4, tokenizer=tok,
+                     max_wait_s=60)
+    prompts = _prompts(4, seed=5)
+    rows = api.generate(prompts, Sampling(max_new_tokens=8, eos_ids=(1,), temperature=1.0))
+    assert api.vocab_size == 128
+    signal = api.score(rows, ScoreRequest(topk=4))
+    mask = rows.completion_mask
+    token, full = _hf_logprobs(teacher, rows.prompt_ids, rows.completion_ids, mask, 1.0)
+    assert mask.sum() > 0 and (signal.token_logprobs - token)[mask].abs().max() < TOL
+    assert (signal.topk_logprobs - full.topk(4, -1).values)[mask].abs().max() < TOL
+    assert (signal.topk_logprobs - full.gather(-1, signal.topk_ids))[mask].abs().max() < TOL
+    for i, finish in enumerate(rows.finish_reasons):
+        last = int(rows.completion_ids[i, int(mask[i].sum()) - 1])
+        assert (finish == "stop") == (last == 1), (finish, rows.completion_ids[i])
+    usage = api.usage_since_last()
+    assert usage["teacher_api_requests"] == 4 and usage["teacher_api_completion_tokens"] == int(mask.sum())
+    chat = APITeacher("openai-chat", vllm_server, store_dir=str(tmp_path / "t"), tokenizer=tok, max_wait_s=60)
+    examples = [Example(messages=[{"role": "user", "content": f"say {c}"}]) for c in "ab"]
+    rows = chat.generate(prompts[:2], Sampling(max_new_tokens=8, eos_ids=(1,), temperature=0.0), examples=examples)
+    for i, ex in enumerate(examples):
+        reply = httpx.post(vllm_server + "/v1/chat/completions", timeout=60, json={
+            "model": chat.model, "messages": ex.messages, "max_tokens": 8, "temperature": 0}).json()["choices"][0]
+        ids = tok(reply["message"]["content"], add_special_tokens=False)["input_ids"]
+        ids += [1] if reply["finish_reason"] == "stop" else []
+        assert rows.completion_ids[i, : int(rows.completion_mask[i].sum())].tolist() == ids
+
+
+def test_protege_routes_validate_as_the_openai_package_types(paths):
+    """protege's own /v1/chat/completions and /v1/completions replies parse as the `openai` package's types."""
+    openai = pytest.importorskip("openai")
+    from transformers import AutoModelForCausalLM
+
+    from protege.modeling import load_tokenizer
+    from protege.server import HFBackend, create_app
+    from protege.server.background import serve_in_thread
+
+    model = AutoModelForCausalLM.from_pretrained(paths["teacher"], dtype=torch.float32).eval()
+    app = create_app(HFBackend(model, model_name="t", tokenizer=load_tokenizer(paths["teacher"]), pad_id=0))
+    with serve_in_thread(app) as s:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", timeout=60, max_retries=0)
+        chat = client.chat.completions.create(model="t", messages=[{"role": "user", "content": "hi"}], max_tokens=5,
+                                              logprobs=True, top_logprobs=3, seed=1, n=2)
+        assert len(chat.choices) == 2 and all(len(c.logprobs.content[0].top_logprobs) == 3 for c in chat.choices)
+        assert chat.usage.completion_tokens == sum(len(c.logprobs.content) for c in chat.choices)
+        done = client.completions.create(model="t", prompt="abc", max_tokens=4, logprobs=2, echo=True, stop=["zz"])
+        assert done.choices[0].text.startswith("abc") and done.choices[0].logprobs.token_logprobs[0] is None

@@ -11,7 +11,9 @@ Routes (JSON errors {"error": "..."} everywhere, never a dead server):
                                   replies in the request's wire version (v2: uint16 ids when the
                                   vocabulary fits, float16 logprobs on request; see protege.wire);
                                   final hidden states on request (hidden_dtype, protege.server.projection)
-    POST /v1/completions          vLLM's scoring subset used by TRL 1.16 (prompt_logprobs)
+    POST /v1/completions          vLLM's scoring subset used by TRL 1.16 (prompt_logprobs), else
+                                  OpenAI-compatible generation (protege.server.openai_routes)
+    POST /v1/chat/completions     OpenAI-compatible chat generation with logprobs (openai_routes)
     POST /get_sequence_logprobs/  TRL 1.3-1.8's endpoint (JSON lists or base64 reply)
 
 Each route is a short module-level handler that reads what it shares (`Served`: backend, batcher,
@@ -45,7 +47,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from protege.server import compat, parse, projection
+from protege.server import compat, openai_routes, parse, projection
 from protege.server.backends import Backend
 from protege.server.batch import RequestError
 from protege.server.batcher import Batcher, Overloaded
@@ -136,7 +138,7 @@ def create_app(backend: Backend, settings: ServerSettings | None = None, *, toke
         route("/metrics", prometheus, ["GET"]),
         route("/v1/score", score, ["POST"]),
         route("/v1/output_projection", projection.output_projection, ["GET"]),
-        route("/v1/completions", completions, ["POST"]),
+        *openai_routes.routes(route, read_body, completions),  # /v1/completions (scoring or generation), chat
         route("/get_sequence_logprobs/", trl_sequence_logprobs, ["POST"]),
         route("/get_sequence_logprobs", trl_sequence_logprobs, ["POST"]),
     ]

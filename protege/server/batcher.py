@@ -134,6 +134,13 @@ class Batcher:
             self.in_flight -= 1
         return results[0] if len(results) == 1 else _concat(results)
 
+    async def run_exclusive(self, fn):
+        """fn() in the engine thread, between score batches (the engine is not re-entrant): for engine work
+        that is not scoring, e.g. the OpenAI routes' generation (protege.server.openai_generate)."""
+        if not self.running:
+            raise RuntimeError("batcher is not running (server shutting down?)")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
     def _split(self, batch: Batch) -> list[tuple[Batch, int]]:
         """Consecutive row ranges of `batch` within the per-call sequence and token caps."""
         if not self.batching:  # baseline: the request as it came, one engine call

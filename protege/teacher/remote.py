@@ -342,6 +342,11 @@ class RemoteTeacher:
             self._next = (j + 1) % len(self.urls)
             return j
 
+    def request(self, method: str, path: str, *, check=None, **kwargs):
+        """check(response) of the first good reply from one of the servers, with this client's retries (see
+        `_request`): for other clients of the same servers (protege.teacher.api)."""
+        return self._request(method, path, check=check, **kwargs)
+
     def _request(self, method: str, path: str, *, check=None, **kwargs):
         """check(response) of the first good reply: retried with backoff on network errors, 5xx, 429 and
         replies that fail `check` (InvalidReply, at most max_invalid_replies times); a 4xx raises at once."""
