@@ -368,8 +368,11 @@ def check_cache(t: TeacherConfig, loss: LossConfig) -> None:
             raise ValueError("teacher.cache_hidden=true needs teacher.cache_dir (the cache folder)")
         return
     if t.self is not None:
-        raise ValueError(f"teacher.cache_dir with teacher.self={t.self}: the student changes as it trains, so its "
-                         "answers cannot be cached; unset teacher.cache_dir")
+        raise ValueError(f"teacher.cache_dir with teacher.self={t.self}: a self teacher is not cached (ema and live "
+                         "change as the student trains, base lives in the student's weights); unset teacher.cache_dir")
+    if t.protocol in ("openai-chat", "openai-completions"):
+        raise ValueError(f"teacher.cache_dir with teacher.protocol={t.protocol}: an API teacher keeps its own store "
+                         "(teacher.api_store); unset teacher.cache_dir")
     token_level = loss.name in ("sampled_pg", "sft") or loss.support == "sampled"
     cross = t.cross_tokenizer == "on" or t.tokenizer is not None  # a cross-tokenizer teacher is asked for top-k
     reads_hidden = not token_level and not cross and (t.path is not None or loss.support == "full")

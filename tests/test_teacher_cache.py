@@ -238,6 +238,9 @@ def test_config_errors_name_the_keys(tiny_paths, tmp_path):
         load_config(None, _args(tiny_paths, tmp_path, "teacher.cache_hidden=true"))
     with pytest.raises(ConfigError, match="teacher.cache_hidden=true to cache them"):
         load_config(None, _args(tiny_paths, tmp_path, f"teacher.cache_dir={tmp_path}"))  # support=full, in-process
+    with pytest.raises(ConfigError, match="teacher.self=ema: a self teacher is not cached"):
+        load_config(None, [*_args(tiny_paths, tmp_path, f"teacher.cache_dir={tmp_path}", "loss.support=sampled"),
+                           "teacher.path=null", "teacher.self=ema"])
     load_config(None, _args(tiny_paths, tmp_path, f"teacher.cache_dir={tmp_path}", "loss.support=sampled"))
 
 
