@@ -75,8 +75,12 @@ def after_prepare(cfg, model: nn.Module, student: nn.Module, device) -> bool:
     if not is_sharded(model):
         return False
     if cfg.rollout.engine != "hf":
-        raise ValueError(f"rollout.engine={cfg.rollout.engine} with an FSDP2 student: the vLLM engine needs the "
-                         "whole student in one process; use rollout.engine=hf, or DDP")
+        raise ValueError(f"rollout.engine={cfg.rollout.engine} with an FSDP2 student: generation must step in sync "
+                         "on every rank (HF generate's synced_gpus; the vLLM engine needs the whole student in one "
+                         "process, the lean engine drops finished rows per rank); use rollout.engine=hf, or DDP")
+    if cfg.rollout.max_lag:
+        raise ValueError("rollout.max_lag=1 with an FSDP2 student: the prefetch thread would gather shards out of "
+                         "step with training; use rollout.max_lag=0, or DDP")
     if 0 < cfg.mix.lmbda < 1:
         raise ValueError(f"mix.lmbda={cfg.mix.lmbda} with an FSDP2 student: a rank whose prompts all drew "
                          "off-policy rows would skip generation while the others gather weights for it; use "
