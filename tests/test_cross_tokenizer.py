@@ -192,3 +192,30 @@ def test_student_eos_maps_to_the_token_that_ends_the_teachers_turn():
     assert im_end != t_tok.eos_token_id and teacher.t_by_class["eos"] == im_end
     _, segments = teacher.teacher_view(torch.tensor(s_tok("hi")["input_ids"] + [s_tok.eos_token_id]).numpy())
     assert segments == ["hi", im_end]
+
+
+def test_row_sums_are_the_teachers_logprob_of_the_text(other_pair):
+    """Independent reference: the teacher's own forward pass on its template's prompt + the decoded completion
+    (+ its EOS when the student stopped): each row's summed token_logprobs and the sum of its span logprobs."""
+    tok, t_tok, teacher = other_pair["tok"], other_pair["t_tok"], other_pair["teacher"]
+    torch.manual_seed(5)
+    mb = buffer(make_model(2, 2), tok, max_new_tokens=20)
+    cross = CrossTokenizerTeacher(LocalTeacher(teacher, pad_id=0), tok, t_tok, student_vocab_size=128,
+                                  student_eos_ids=eos_ids(tok), teacher_eos_ids=eos_ids(t_tok))
+    sig = cross.score(mb, cross_request := Objective.build(LossConfig(cross_tokenizer="uld", top_k=4),
+                                                           teacher_local=True, cross_tokenizer=True).teacher_request(mb))
+    assert cross_request.topk == 4 and sig.cross.topk_ids.shape[-1] == 4
+    for i in range(len(mb)):
+        n = int(mb.completion_mask[i].sum())
+        ids = mb.completion_ids[i, :n].tolist()
+        ended = ids[-1] in eos_ids(tok)
+        text = tok.decode(ids[:-1] if ended else ids, skip_special_tokens=False)  # specials spelled out
+        prompt = t_tok.apply_chat_template(mb.examples[i].messages, add_generation_prompt=True, tokenize=True)
+        prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+        comp = t_tok(text, add_special_tokens=False)["input_ids"] + ([t_tok.eos_token_id] if ended else [])
+        with torch.no_grad():
+            lp = torch.log_softmax(teacher(torch.tensor([prompt + comp])).logits[0].float(), -1)
+        want = sum(float(lp[len(prompt) - 1 + j, comp[j]]) for j in range(len(comp)))
+        assert abs(float(sig.token_logprobs[i, :n].sum()) - want) < 1e-3 * max(1.0, abs(want)), i
+        firsts = sig.cross.first[i, :n]
+        assert abs(float(sig.cross.span_logprobs[i, :n][firsts].sum()) - want) < 1e-3 * max(1.0, abs(want))

@@ -24,8 +24,8 @@ from character offsets of a normalised string:
 Special tokens own no text bytes. They are paired explicitly, in order, by class: the EOS / end-of-turn
 tokens of each side pair with each other ("eos"), BOS with BOS, any other special with the special of
 the same content. A paired special is a span of its own on both sides (a virtual byte in the boundary
-key). An unpaired special never disappears and never shifts the text: a BOS-like one (at the start)
-joins the span after it; any other is taken as text (its content bytes), which is what the other side
+key). An unpaired special never disappears and never shifts the text: a BOS joins the span after it;
+any other is taken as text (its content bytes), which is what the other side
 holds when it had to spell the token out (an EOS that one tokenizer splits into pieces).
 Invalid UTF-8 (a truncated multi-byte character) is decoded with U+FFFD as Python does, and token ends
 inside the replaced bytes move to the end of the replacement (see `repair_utf8`).
@@ -43,6 +43,9 @@ from dataclasses import dataclass
 import numpy as np
 
 BYTE_LEVEL, SENTENCEPIECE, WORDPIECE, PLAIN = "byte_level", "sentencepiece", "wordpiece", "plain"
+def silent(special_class: str) -> bool:
+    """Special classes never spelled out as text when unpaired: BOS, and ids past the tokenizer's vocabulary."""
+    return special_class == "bos" or special_class.startswith("unused:")
 _HEX_BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
@@ -104,9 +107,8 @@ class VocabBytes:
             if piece is None or i in special_ids:
                 special[i] = True
                 pieces.append(b"")
-                text = piece if piece is not None else f"<unused {i}>"
-                content[i] = text
-                cls_of[i] = "eos" if i in eos else "bos" if i == bos else text
+                content[i] = piece if piece is not None else ""
+                cls_of[i] = "eos" if i in eos else "bos" if i == bos else f"unused:{i}" if piece is None else piece
                 continue
             pieces.append(piece_bytes(piece, kind, prefix, i in added))
             fallback[i] = kind == SENTENCEPIECE and _HEX_BYTE.fullmatch(piece) is not None
@@ -315,10 +317,9 @@ def sorted_intersection(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def _spell_unpaired(lengths: np.ndarray, ids: np.ndarray, specials: np.ndarray, paired: np.ndarray,
                     vocab: VocabBytes) -> None:
-    """Unpaired specials: BOS-like ones (class "bos", or before any text) keep 0 bytes and join the next
-    span; any other owns its content's bytes (the other side spelled it out as text)."""
+    """Unpaired specials: a BOS, or an id past the tokenizer's vocabulary (`silent`), keeps 0 bytes and
+    joins the next span; any other owns its content's bytes (the other side spelled it out as text)."""
     for pos in specials[~paired]:  # rare: unpaired specials only
         token = int(ids[pos])
-        if vocab.special_class[token] == "bos" or lengths[:pos].sum() == 0:
-            continue
-        lengths[pos] = len(vocab.content[token].encode("utf-8"))
+        if not silent(vocab.special_class[token]):
+            lengths[pos] = len(vocab.content[token].encode("utf-8"))

@@ -29,7 +29,7 @@ import torch
 
 from protege.data import Example, PromptTokenizer
 from protege.records import Rollouts, TeacherSignal
-from protege.teacher.align import VocabBytes, align, lengths_from_offsets, repair_utf8, text_lengths
+from protege.teacher.align import VocabBytes, align, lengths_from_offsets, repair_utf8, silent, text_lengths
 from protege.teacher.base import ScoreRequest, Teacher
 
 
@@ -113,12 +113,12 @@ def shared_vocab_map(teacher: VocabBytes, student: VocabBytes, *, teacher_eos: l
     for tid in range(teacher.size):
         if not teacher.special[tid] and teacher.lengths[tid]:
             out[tid] = index.get(teacher.piece(tid), -1)
-    by_content = {student.content[s]: s for s in np.flatnonzero(student.special) if s in student.content}
+    by_class = {student.special_class[int(s)]: int(s) for s in np.flatnonzero(student.special)}
     for tid in np.flatnonzero(teacher.special):
         if tid in teacher_eos and student_eos is not None:
             out[tid] = student_eos
-        elif teacher.content.get(tid) in by_content:
-            out[tid] = by_content[teacher.content[tid]]
+        elif teacher.special_class[int(tid)] in by_class:  # same content (ids past both vocabularies: same id)
+            out[tid] = by_class[teacher.special_class[int(tid)]]
     return out
 
 
@@ -172,23 +172,29 @@ class CrossTokenizerTeacher:
         text, ends = repair_utf8(raw, np.cumsum(lens))
         return text, np.diff(np.concatenate([[0], ends]))
 
-    def teacher_view(self, ids: np.ndarray) -> tuple[list, list]:
-        """The plan of one completion for the teacher: (student lengths, segments), segments being text
-        (str) to encode or a teacher special id, in order."""
+    def teacher_view(self, ids: np.ndarray) -> tuple[np.ndarray, list]:
+        """The plan of one completion for the teacher: (student byte lengths, segments), segments being text
+        (str) to encode or a teacher special id, in order. A student special the teacher has no token for is
+        spelled out inside the text around it (a BOS the teacher lacks is left out: it joins the next span)."""
         s_len = np.zeros(len(ids), dtype=np.int64)
         specials = np.flatnonzero(self.s_vocab.special[ids])
-        segments, start = [], 0
+        segments, text, start = [], "", 0
         for pos in [*specials.tolist(), len(ids)]:  # per special token, not per token
             if pos > start:
-                text, lens = self.student_text(ids[start:pos])
+                part, lens = self.student_text(ids[start:pos])
                 s_len[start:pos] = lens
-                segments.append(text)
+                text += part
             if pos < len(ids):
                 sid = int(ids[pos])
-                tid = self.t_by_class.get(self.s_vocab.special_class[sid])
-                segments.append(tid if tid is not None else self.s_vocab.content[sid])
+                cls = self.s_vocab.special_class[sid]
+                tid = self.t_by_class.get(cls)
+                if tid is not None:
+                    segments += [text, tid] if text else [tid]
+                    text = ""
+                elif not silent(cls):
+                    text += self.s_vocab.content[sid]
             start = pos + 1
-        return s_len, segments
+        return s_len, segments + ([text] if text else [])
 
     def encode_segments(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
         """(teacher ids, byte lengths) of each text, one batched encode."""
