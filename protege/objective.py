@@ -94,8 +94,10 @@ class Objective:
     @property
     def teacher_hidden(self) -> bool:
         """Whether the teacher sends hidden states and the loss needs its `output_weight` (V, H): always in-process,
-        and with a remote teacher for the full support (exact logits chunk by chunk, one path for both)."""
-        return self.teacher_local or (self.support is Support.FULL and self.name not in TOKEN_LEVEL)
+        and with a remote teacher for the full support (exact logits chunk by chunk, one path for both); never
+        for a teacher with another tokenizer (its logits are over another vocabulary)."""
+        return self.teacher_local or (self.cross_tokenizer is None and self.support is Support.FULL
+                                      and self.name not in TOKEN_LEVEL)
 
     @property
     def rollout_topk(self) -> int:

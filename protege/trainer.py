@@ -36,7 +36,7 @@ from protege.config import Config, check_vocab_bounds
 from protege.data import PromptStream, PromptTokenizer, load_prompt_sets
 from protege.diagnostics import HealthMonitor, sampled_rkl, step_health, truncation_rate
 from protege.hardware import use_bf16
-from protege.forward import HiddenStates, forward_completion_hidden
+from protege.forward import HiddenStates, forward_completion_hidden, output_weight
 from protege.losses import reduce_tokens
 from protege.rollout.base import RolloutEngine, Sampling
 from protege.records import Rollouts, TeacherSignal
