@@ -96,28 +96,11 @@ def write_rows(path: Path, rows: list[tuple[str, int, int]]) -> None:
 
 
 def make_tokenizer():
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<unk>"] + CHARS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    out = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-    out.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    return out
+    return bq.make_tokenizer(CHARS)  # bench_quality's, with "-"
 
 
 def make_model(layers: int, hidden: int, seed: int):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(CHARS) + 3, hidden_size=hidden, intermediate_size=4 * hidden,
-                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
-                      tie_word_embeddings=True, max_position_embeddings=128, pad_token_id=0, eos_token_id=1,
-                      bos_token_id=None)
-    return LlamaForCausalLM(cfg)
+    return bq.make_model(layers, hidden, seed, CHARS)
 
 
 def exact_match(model, tok, op: str, probs: list[tuple[int, int]]) -> float:

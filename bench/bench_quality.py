@@ -104,11 +104,12 @@ def write_rows(path: Path, probs: list[tuple[int, int]]) -> None:
                             for a, b in probs))
 
 
-def make_tokenizer():
+def make_tokenizer(chars: list[str] = CHARS):
+    """A character-level tokenizer over `chars` (ids 0-2: pad, eos, unk)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<unk>"] + CHARS)}
+    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<unk>"] + chars)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
@@ -117,12 +118,12 @@ def make_tokenizer():
     return out
 
 
-def make_model(layers: int, hidden: int, seed: int):
+def make_model(layers: int, hidden: int, seed: int, chars: list[str] = CHARS):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(CHARS) + 3, hidden_size=hidden, intermediate_size=4 * hidden,
+    cfg = LlamaConfig(vocab_size=len(chars) + 3, hidden_size=hidden, intermediate_size=4 * hidden,
                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
                       tie_word_embeddings=True, max_position_embeddings=128, pad_token_id=0, eos_token_id=1,
                       bos_token_id=None)

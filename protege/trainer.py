@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from protege import build, checkpoint, fsdp, memory, packing
+from protege import build, checkpoint, fsdp, memory, packing, run_state
 from protege.config import Config, check_vocab_bounds
 from protege.data import PromptStream, PromptTokenizer, load_prompt_sets
 from protege.diagnostics import HealthMonitor, sampled_rkl, step_health, truncation_rate
@@ -42,7 +42,7 @@ from protege.rollout.base import RolloutEngine, Sampling
 from protege.records import Rollouts, TeacherSignal
 from protege.teacher.base import Teacher, optional
 from protege.teacher.cache import cache_metrics
-from protege.teacher.several import check_routing, check_teacher_set, per_teacher_metrics, teacher_set
+from protege.teacher.several import check_routing, per_teacher_metrics
 
 log = logging.getLogger("protege")
 
@@ -369,21 +369,15 @@ class Distiller:
     # --------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
         """output/checkpoints/step-N (see protege/checkpoint.py): complete or absent, never half-written."""
-        optimizer = fsdp.local_optimizer_state(self.optimizer) if self.sharded else self.optimizer.state_dict()
-        state = {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
-                 "stream": self.overlap.stream_state() if self.overlap else self.stream.state_dict(),
-                 "step": self.state.step,
-                 "prompts_truncated": self.prompts.truncated, "monitor": self.monitor.state_dict(),
-                 "teacher": optional(self.teacher, "state_dict", default={}), "teachers": teacher_set(self.cfg)}
         return checkpoint.save(self.acc, self.out / "checkpoints" / f"step-{self.state.step:07d}",
-                               student=self.acc.unwrap_model(self.model).model, state=state,
+                               student=self.acc.unwrap_model(self.model).model, state=run_state.state_of(self),
                                keep_last=self.cfg.output.keep_last, sharded=self.sharded)
 
     def load_checkpoint(self) -> bool:
         """Resume from the newest usable checkpoint (checked; older ones are fallbacks, see checkpoint.restore)."""
         root = self.out / "checkpoints"
         snap = checkpoint.restore(self.acc, root, student=self.acc.unwrap_model(self.model).model,
-                                  apply_state=self._apply_state)
+                                  apply_state=lambda state: run_state.apply_state(self, state))
         if snap is None:
             log.info("resume: no checkpoint in %s, starting from scratch", root)
             return False
@@ -392,24 +386,6 @@ class Distiller:
             checkpoint.trim_metrics(metrics, self.state.step)
         log.info("resumed from %s (step %d)", snap.folder, self.state.step)
         return True
-
-    def _apply_state(self, state: dict) -> None:
-        check_teacher_set(state.get("teachers"), teacher_set(self.cfg))  # ResumeMismatch: trained with others
-        self.stream.load_state_dict(state["stream"])  # a changed dataset: ValueError, no older checkpoint helps
-        try:
-            if self.sharded:
-                fsdp.load_optimizer_state(self.optimizer, state["optimizer"])
-            else:
-                self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            if "monitor" in state:  # health warnings fire once per run, not again after each resume
-                self.monitor.load_state_dict(state["monitor"])
-            optional(self.teacher, "load_state_dict", state.get("teacher", {}))  # an EMA teacher's weights
-        except (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError) as e:
-            raise checkpoint.CheckpointError(f"its optimizer, scheduler, health-monitor or teacher state does not fit "
-                                             f"this run ({type(e).__name__}: {e})") from None
-        self.state.step = state["step"]
-        self.prompts.truncated = state.get("prompts_truncated", 0)
 
     def _finished(self) -> list[dict]:
         """Resumed at or past the run's last step: nothing to train, evaluate or log again."""
