@@ -30,18 +30,19 @@ def add_parser(sub) -> None:
     p.add_argument("--keep", type=int, default=24, help="decoder layers the student keeps (of 30)")
     p.add_argument("--strategy", choices=["even", "similarity"], default="even", help="which layers to keep")
     p.add_argument("--eval-prompts", type=int, default=16, help="held-out prompts for the before/after metrics")
-    p.add_argument("--prompts", default="builtin:unseen", metavar="FILE",
+    p.add_argument("--prompts", default=None, metavar="FILE",
                    help="your own questions, judged before/after beside the teacher's answers: a .txt file (one "
-                        "prompt per line) or a .jsonl/.json/.csv/.parquet file with a 'prompt' or 'messages' column "
-                        "(default builtin:unseen, 16 questions the recipe never saw)")
+                        "prompt per line), a .jsonl/.json/.csv/.parquet file with a 'prompt' or 'messages' column, "
+                        "or builtin:unseen (16 questions the recipe never saw); adds ~2-3 min per 16 prompts")
     p.set_defaults(func=lambda a, rest: _demo(a, rest))
 
 
 def _demo(a, rest: list[str]) -> int:
     summary = run_demo(out=a.out, keep=a.keep, strategy=a.strategy, eval_prompts=a.eval_prompts, overrides=rest,
                        prompts=a.prompts)
-    for name, res in (("held-out", summary), ("your prompts" if a.prompts != "builtin:unseen" else "unseen",
-                                              summary["prompts"])):
+    for name, res in (("held-out", summary), (a.prompts, summary["prompts"])):
+        if res is None:
+            continue
         b, f = res["before"], res["after"]
         print(f"{name}: reverse KL {b['rkl']:.3f} -> {f['rkl']:.3f} ({100 * (1 - f['rkl'] / b['rkl']):.0f}% lower); "
               f"greedy distinct-2 {f['greedy_distinct_2']:.2f} (teacher {f['teacher_greedy_distinct_2']:.2f}), "
@@ -75,7 +76,7 @@ def load_prompt_file(path: str) -> list[dict]:
 
 def run_demo(*, out: str = "outputs/demo", keep: int = 24, strategy: str = "even", eval_prompts: int = 16,
              overrides: list[str] | None = None, teacher_path: str | None = None,
-             prompts: str = "builtin:unseen") -> dict:
+             prompts: str | None = None) -> dict:
     from protege.data import PromptTokenizer, load_rows, to_examples
     from protege.hardware import use_bf16
     from protege.modeling import eos_ids, resolve_model
@@ -85,7 +86,7 @@ def run_demo(*, out: str = "outputs/demo", keep: int = 24, strategy: str = "even
     from protege.report import write_report
 
     t0 = time.time()
-    own_rows = load_prompt_file(prompts)  # a bad file fails before minutes of model loading
+    own_rows = load_prompt_file(prompts) if prompts else []  # a bad file fails before minutes of model loading
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     teacher_path = resolve_model(teacher_path or "smollm2")
@@ -95,7 +96,9 @@ def run_demo(*, out: str = "outputs/demo", keep: int = 24, strategy: str = "even
     cfg0 = stages[0][1]
     pt = PromptTokenizer(tok, cfg0.data.max_prompt_tokens)
     ids = lambda rows: [pt.prompt_ids(e) for e in to_examples(rows).examples]  # noqa: E731
-    sets = {"heldout": ids(load_rows("builtin:everyday", "heldout"))[:eval_prompts], "prompts": ids(own_rows)}
+    sets = {"heldout": ids(load_rows("builtin:everyday", "heldout"))[:eval_prompts]}
+    if own_rows:
+        sets["prompts"] = ids(own_rows)
     showcase = ids([{"prompt": p} for p in SHOWCASE_PROMPTS])
     cap = cfg0.rollout.max_new_tokens
     ev = dict(max_new_tokens=cap, greedy_max_new_tokens=2 * cap, eos_ids=eos_ids(tok),
@@ -113,7 +116,7 @@ def run_demo(*, out: str = "outputs/demo", keep: int = 24, strategy: str = "even
     summary = {"before": before["heldout"], "after": after["heldout"], "kept_layers": kept,
                "seconds": time.time() - t0,
                "prompts": {"source": prompts, "before": before["prompts"], "after": after["prompts"],
-                           "answers": answers(texts, "prompts_answers")},
+                           "answers": answers(texts, "prompts_answers")} if own_rows else None,
                "teacher": Path(teacher_path).name.removesuffix(".gguf"),
                "teacher_layers": teacher.config.num_hidden_layers,
                "stages": {n: c.model_dump(mode="json") for n, c in stages},
@@ -146,7 +149,9 @@ def _snapshot(student, tok, sets: dict, showcase: list, ev: dict, *, teacher, ca
 
     out = {name: evaluate_models(student, teacher, tok, ids, teacher_cache=caches[name], **ev)
            for name, ids in sets.items()}
-    for key, prompts in (("showcase_answers", showcase), ("prompts_answers", sets["prompts"])):
+    for key, prompts in (("showcase_answers", showcase), ("prompts_answers", sets.get("prompts"))):
+        if prompts is None:
+            continue
         out[key] = _greedy(student, tok, prompts, ev)
         if f"teacher_{key}" not in caches:
             caches[f"teacher_{key}"] = _greedy(teacher, tok, prompts, ev)
