@@ -266,3 +266,33 @@ def test_shipped_example_config_loads_and_every_row_routes():
     train, held = load_prompt_sets(cfg.data, seed=0)
     check_routing(cfg, train, held)
     assert [t.name for t in cfg.teachers] == ["math", "chat"] and len(train) == 17
+
+
+def test_an_ema_self_teacher_among_routed_teachers_follows_its_formula_and_resumes(models, tmp_path):
+    """teachers: [me (self: ema), a (in process)]: the routed set forwards the trainer's after_step to the EMA
+    member (theta_T <- (1 - r) theta_T + r theta_S, recomputed here from the student's weights), checkpoints it
+    by name and loads it back; an EMA member cannot be offloaded (it would move the student)."""
+    rate, tok = 0.3, make_tokenizer()
+    data = write_rows(tmp_path / "rows.jsonl", ["me", "a"] * 4)
+    teachers = [{"name": "me", "self": "ema", "ema_rate": rate}, {"name": "a", "path": "in-memory-a"}]
+    cfg = cfg_of(tmp_path, data, "optim.lr=3e-2", teachers=teachers)
+    d = Distiller(cfg, student=make_model(1, seed=13, hidden=32), teacher_model={"a": models["a"]}, tokenizer=tok)
+    want = {n: p.detach().clone().double() for n, p in d.student.named_parameters() if p.requires_grad}
+    for _ in range(2):
+        d.train_step()
+        now = dict(d.student.named_parameters())
+        want = {n: (1 - rate) * w + rate * now[n].detach().double() for n, w in want.items()}
+    state = d.teacher.state_dict()
+    assert list(state) == ["me"]
+    for n in want:
+        torch.testing.assert_close(state["me"]["ema"][n].double(), want[n], rtol=1e-5, atol=1e-7)
+    assert any(not torch.allclose(now[n].detach().double(), want[n], atol=1e-5) for n in want), "EMA == student"
+    d2 = Distiller(cfg, student=make_model(1, seed=13, hidden=32), teacher_model={"a": models["a"]}, tokenizer=tok)
+    d2.teacher.load_state_dict(state)
+    for n in want:
+        torch.testing.assert_close(d2.teacher.state_dict()["me"]["ema"][n], state["me"]["ema"][n], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="no state for teacher 'me'"):
+        d2.teacher.load_state_dict({})
+    off = cfg_of(tmp_path, data, teachers=[{**teachers[0], "offload": True}, teachers[1]])
+    with pytest.raises(ValueError, match="'me' is the student itself .* remove offload"):
+        Distiller(off, student=make_model(1, seed=13, hidden=32), teacher_model={"a": models["a"]}, tokenizer=tok)

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from protege.records import Rollouts, TeacherSignal
-from protege.teacher.base import ScoreRequest, Teacher
+from protege.teacher.base import ScoreRequest, Teacher, optional
 
 ROUTED, MIXTURE = "routed", "mixture"
 
@@ -95,6 +95,30 @@ class RoutedTeacher:
         if len(set(vocab.values())) > 1:
             raise ValueError(f"the teachers' vocabularies differ ({vocab}): protege needs one shared tokenizer")
         self.vocab_size = next(iter(vocab.values()))
+
+    # ------------------------------------------------------------------------- the members' hooks
+    def after_step(self, student=None) -> None:
+        """Every member's after_step (an EMA self teacher among them follows the new weights)."""
+        for teacher in self.teachers.values():
+            optional(teacher, "after_step", student)
+
+    def step_metrics(self) -> dict:
+        """The members' step metrics (e.g. a privileged teacher's privileged_leak) as teacher/<name>/<key>."""
+        return {f"teacher/{n}/{k}": v for n, t in self.teachers.items()
+                for k, v in (optional(t, "step_metrics", default=None) or {}).items()}
+
+    def state_dict(self) -> dict:
+        """{name: state} of the members that keep state (an EMA self teacher's weights) for the checkpoint."""
+        return {n: st for n, t in self.teachers.items() if (st := optional(t, "state_dict", default=None))}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Each stateful member from `state_dict()`'s entry of its name; a missing entry is an error."""
+        for n, t in self.teachers.items():
+            if callable(getattr(t, "load_state_dict", None)):
+                if n not in state:
+                    raise ValueError(f"the checkpoint holds no state for teacher {n!r} (e.g. its EMA weights): it "
+                                     "was written by another teacher set or an older protege; start a new output.dir")
+                t.load_state_dict(state[n])
 
     # ------------------------------------------------------------------------- routing
     def groups(self, rollouts: Rollouts) -> dict[str, list[int]]:

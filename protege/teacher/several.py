@@ -63,6 +63,9 @@ def build_routed_teacher(cfg, teacher_models: dict | None, build_one: Callable, 
         raise ValueError(f"teacher_model names {unknown} are not in teachers (known: {names})")
     built = {}
     for named in cfg.teachers:
+        if named.offload and named.self is not None:
+            raise ValueError(f"teachers: {named.name!r} is the student itself (self: {named.self}); it cannot be "
+                             "offloaded (offload would move the student): remove offload from that entry")
         one = cfg.model_copy(update={"teacher": named, "teachers": []})
         teacher, model = build_one(one, models.get(named.name), "cpu" if named.offload else device)
         built[named.name] = OffloadedTeacher(teacher, model, device) if named.offload else teacher

@@ -120,6 +120,10 @@ MUTATIONS = [
     m("cache-key-without-weights", "protege/teacher/cache.py",
       'identity = {"kind": "in-process", "weights_sha256": weights_sha256(teacher.model),',
       'identity = {"kind": "in-process",', CACHE, "another teacher's cache is read"),
+    # ---- several teachers
+    m("routed-ema-member-frozen", "protege/teacher/routed.py", '            optional(teacher, "after_step", student)',
+      "            pass", ["tests/test_routed_teachers.py"],
+      "an EMA self teacher among routed teachers never follows the student"),
     # ---- data
     m("data-splitlines", "protege/data.py", 'text.split("\\n")', "text.splitlines()", DATA,
       "JSONL split on U+2028 / U+0085 inside valid rows"),
