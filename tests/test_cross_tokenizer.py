@@ -219,3 +219,41 @@ def test_row_sums_are_the_teachers_logprob_of_the_text(other_pair):
         assert abs(float(sig.token_logprobs[i, :n].sum()) - want) < 1e-3 * max(1.0, abs(want)), i
         firsts = sig.cross.first[i, :n]
         assert abs(float(sig.cross.span_logprobs[i, :n][firsts].sum()) - want) < 1e-3 * max(1.0, abs(want))
+
+
+def test_identical_teacher_gives_zero_advantage_on_canonical_rows_only():
+    """The span estimator with the student's own model and tokenizer as a 'cross' teacher: a row whose tokens
+    are the tokenizer's own encoding of its text gets A = log p - log q = 0 on every token; a row that spells the
+    same text in single bytes (a non-canonical path) does not, because the teacher scores its canonical
+    re-tokenization. cross/noncanonical_rows counts the second kind. q is a plain forward written here."""
+    from protege.records import Rollouts
+
+    tok = bpe(300)
+    tok.chat_template = "{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}Assistant:"
+    model = make_plain_model(len(tok), seed=4)
+    texts = ["what is a tent", "pack the stove", "a warm hat", "the trail"]
+    prompt = torch.tensor(tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                                  tokenize=True, return_dict=False))
+    canonical = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    byte_ids = [[tok.convert_tokens_to_ids(c) for c in tok.convert_ids_to_tokens(ids) for c in c] for ids in canonical]
+    rows = [canonical[0], byte_ids[1], canonical[2], byte_ids[3]]
+    assert all(len(b) > len(c) for b, c in zip(byte_ids, canonical))  # the spelled rows really are other paths
+    assert [tok.decode(r) for r in rows] == texts
+    t = max(map(len, rows))
+    ids, mask, q = torch.zeros(4, t, dtype=torch.long), torch.zeros(4, t, dtype=torch.bool), torch.zeros(4, t)
+    with torch.no_grad():
+        for i, r in enumerate(rows):
+            ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), True
+            lp = torch.log_softmax(model(torch.cat([prompt, torch.tensor(r)])[None]).logits[0].float(), -1)
+            q[i, : len(r)] = lp[len(prompt) - 1: len(prompt) - 1 + len(r)].gather(-1, torch.tensor(r)[:, None])[:, 0]
+    mb = Rollouts(prompt_ids=[prompt] * 4, completion_ids=ids, completion_mask=mask, sampling_logprobs=q,
+                  sources=["student"] * 4, finish_reasons=["length"] * 4,
+                  examples=[Example(messages=[{"role": "user", "content": "hi"}])] * 4)
+    cross = CrossTokenizerTeacher(LocalTeacher(model, pad_id=0), tok, tok, student_vocab_size=len(tok),
+                                  student_eos_ids=eos_ids(tok), teacher_eos_ids=eos_ids(tok))
+    sig = cross.score(mb, Objective.build(LossConfig(cross_tokenizer="span"), teacher_local=True,
+                                          cross_tokenizer=True).teacher_request(mb))
+    advantage = ((sig.token_logprobs - q) * mask).sum(1)  # (4,) sum_c A_c per row
+    torch.testing.assert_close(advantage[[0, 2]], torch.zeros(2), rtol=0, atol=1e-4)
+    assert (advantage[[1, 3]].abs() > 0.5).all(), advantage
+    assert sig.cross.stats["cross/noncanonical_rows"] == 0.5

@@ -229,7 +229,24 @@ class CrossTokenizerTeacher:
             alignments.append(align(ids, t_ids, self.s_vocab, self.t_vocab, student_lengths=s_len,
                                     teacher_lengths=t_len))
         inner = self._inner_score(rollouts, t_rows, request)
-        return self._on_student_positions(rollouts, rows, alignments, inner, request.topk)
+        signal = self._on_student_positions(rollouts, rows, alignments, inner, request.topk)
+        signal.cross.stats["cross/noncanonical_rows"] = self.noncanonical_share(rows, rollouts.sources)
+        return signal
+
+    def noncanonical_share(self, rows: list[np.ndarray], sources: list[str]) -> float:
+        """Share of student rows whose (non-special) tokens are not the student tokenizer's own encoding of
+        their text. On such a row the span estimator compares the teacher's logprob of ITS tokenization of the
+        text with the student's logprob of a rarer path to the same text, so A_c is not zero even for a
+        teacher identical to the student (docs/cross_tokenizer.md, "Non-canonical samples"); a rising value
+        means the student learns to spread its mass over tokenizations."""
+        picked = [ids[~self.s_vocab.special[ids]] for ids, src in zip(rows, sources) if src == "student"]
+        picked = [ids for ids in picked if len(ids)]
+        if not picked:
+            return 0.0
+        backend = self.s_tok.backend_tokenizer
+        texts = backend.decode_batch([ids.tolist() for ids in picked], skip_special_tokens=False)
+        encoded = backend.encode_batch(texts, add_special_tokens=False)
+        return sum(enc.ids != ids.tolist() for enc, ids in zip(encoded, picked)) / len(picked)
 
     def _inner_score(self, rollouts: Rollouts, t_rows: list[np.ndarray], request: ScoreRequest) -> TeacherSignal:
         t = max([len(r) for r in t_rows] + [1])
