@@ -1,7 +1,7 @@
 """On-policy self-distillation (OPSD) on the arithmetic task: the student, shown the worked answer, teaches itself.
 
-    nice -n 5 python bench/bench_opsd.py   # writes bench/results/opsd.md (+ .json); the start alone took 25 min
-                                           # on 2 cores shared with other jobs (results/opsd.md)
+    python bench/bench_opsd.py --start-steps 1000 --steps 30 --lr 2e-4 --out bench/results/opsd_lr2e-4.md
+                                           # ~10 min on 2 quiet cores (the start ~8 min, each run ~1 min)
     python bench/bench_opsd.py --quick     # a smaller version, for trying the script
 
 Task and models: bench_quality.py's (3-digit addition with a worked answer, character tokenizer,
@@ -176,8 +176,8 @@ def report(args, info: dict, results: list[dict], seconds: float) -> str:
              f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
              f"- machine: {bq.machine()}",
              f"- command: `nice -n 5 python bench/bench_opsd.py{' ' + argv if argv else ''}` (total "
-             f"{seconds / 60:.1f} min; runs {args.parallel} at a time, 1 thread each, on a machine shared with "
-             "other jobs: the seconds are not speed measurements)",
+             f"{seconds / 60:.1f} min; runs {args.parallel} at a time, 1 thread each: the seconds are not "
+             "speed measurements)",
              f"- task: bench_quality.py's (a+b, 3-digit, worked answer column by column, e.g. `347+589=` -> "
              f"`{bq.worked(347, 589)}`); {args.train_problems} training problems, {args.heldout} held-out problems "
              "(disjoint); exact match of the text after the last '|' of a greedy completion of the plain prompt",
@@ -219,7 +219,7 @@ def report(args, info: dict, results: list[dict], seconds: float) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes, to try the script")
-    ap.add_argument("--start-steps", type=int, default=300, help="SFT steps of the student start")
+    ap.add_argument("--start-steps", type=int, default=1000, help="SFT steps of the student start")
     ap.add_argument("--steps", type=int, default=60, help="optimizer steps of every method")
     ap.add_argument("--prompts-per-step", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3)
