@@ -150,10 +150,12 @@ class Distiller:
         if off_p:
             if self.teacher_engine is None:
                 raise ValueError("mix.seq_kd needs an in-process teacher (teacher.path) to generate")
-            rows = {"examples": off_ex} if getattr(self.teacher_engine, "reads_examples", False) else {}  # API
-            parts.append(self.teacher_engine.generate(off_p, replace(self.sampling, record_topk=0), source="teacher",
+            view = getattr(self.teacher, "teacher_view", None)  # a privileged teacher answers its own prompt
+            gen_p, gen_ex = view(off_ex) if callable(view) else (off_p, off_ex)
+            rows = {"examples": gen_ex} if getattr(self.teacher_engine, "reads_examples", False) else {}  # API
+            parts.append(self.teacher_engine.generate(gen_p, replace(self.sampling, record_topk=0), source="teacher",
                                                       **rows))
-            parts[-1].examples = off_ex
+            parts[-1].prompt_ids, parts[-1].examples = list(off_p), off_ex  # trained on the student's prompt
         if refs:
             parts.append(Rollouts.from_references([p for p, _ in refs], [c for _, c in refs]))
             parts[-1].examples = ref_ex

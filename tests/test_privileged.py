@@ -139,6 +139,27 @@ def test_privileged_context_changes_the_teacher_signal_and_nothing_the_student_s
     assert m["privileged_rows"] == 1.0 and 0.0 <= m["privileged_leak"] <= 1.0
 
 
+def test_teacher_samples_answer_the_privileged_prompt_and_train_on_the_students(tiny_paths, tmp_path):
+    """mix.seq_kd with a privileged teacher: the teacher samples from ITS prompt (the context in view): the
+    logprobs it recorded for its tokens are a plain forward of the teacher on the hand-built privileged prompt,
+    not on the student's; and the row trains on the student's prompt."""
+    cfg = _cfg(tiny_paths, tmp_path / "a", _write(tmp_path / "p.jsonl", _rows()), f"teacher.path={tiny_paths['teacher']}",
+               "mix.lmbda=0", "mix.seq_kd=true")
+    d = Distiller(cfg)
+    buffer = d.collect(0)
+    assert buffer.sources == ["teacher"] * len(buffer)
+    for i, ex in enumerate(buffer.examples):
+        question = ex.messages[-1]["content"]
+        assert torch.equal(buffer.prompt_ids[i], _ids([("user", question)])), "not the student's prompt"
+        n = int(buffer.completion_mask[i].sum())
+        tokens = buffer.completion_ids[i, :n]
+        lp = {name: torch.log_softmax(_logits(d.teacher_model, _ids([("user", prompt)]), tokens), -1)
+              .gather(-1, tokens[:, None])[:, 0]
+              for name, prompt in (("view", f"{question}\n\n{ex.columns['privileged_context']}"), ("plain", question))}
+        torch.testing.assert_close(buffer.sampling_logprobs[i, :n].double(), lp["view"], rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(lp["view"], lp["plain"], atol=1e-3), "the context changes nothing here"
+
+
 def test_teacher_prompt_budget_is_its_own(tiny_paths, tmp_path):
     data = _write(tmp_path / "p.jsonl", _rows())
     cfg = _cfg(tiny_paths, tmp_path, data, "teacher.self=live", "data.max_prompt_tokens=8",

@@ -173,6 +173,13 @@ class PrivilegedTeacher:
                 done[id(ex)] = (self.prompts.prompt_ids(Example(messages=msgs)), used)
         return [done[id(ex)][0] for ex in examples], [done[id(ex)][1] for ex in examples]
 
+    def teacher_view(self, examples: list[Example]) -> tuple[list[torch.Tensor], list[Example]]:
+        """(prompt ids, rows) as this teacher sees them, for the teacher's own samples (mix.seq_kd): it answers
+        the prompt that holds the privileged context; the student then learns that answer to its own prompt."""
+        ids, _ = self.teacher_prompt_ids(examples)
+        return ids, [Example(messages=teacher_messages(ex, self.cfg)[0], reference=ex.reference, columns=ex.columns)
+                     for ex in examples]
+
     def score(self, rollouts: Rollouts, request: ScoreRequest) -> TeacherSignal:
         if rollouts.examples is None:
             raise ValueError("the privileged-context teacher needs each sequence's data row (Rollouts.examples); "

@@ -124,6 +124,9 @@ MUTATIONS = [
     m("routed-ema-member-frozen", "protege/teacher/routed.py", '            optional(teacher, "after_step", student)',
       "            pass", ["tests/test_routed_teachers.py"],
       "an EMA self teacher among routed teachers never follows the student"),
+    m("seq-kd-ignores-privileged-context", "protege/trainer.py",
+      "gen_p, gen_ex = view(off_ex) if callable(view) else (off_p, off_ex)", "gen_p, gen_ex = off_p, off_ex",
+      ["tests/test_privileged.py"], "a privileged teacher's samples are answers to the student's prompt"),
     # ---- data
     m("data-splitlines", "protege/data.py", 'text.split("\\n")', "text.splitlines()", DATA,
       "JSONL split on U+2028 / U+0085 inside valid rows"),
