@@ -30,17 +30,18 @@ def add_parser(sub) -> None:
     p.add_argument("--keep", type=int, default=24, help="decoder layers the student keeps (of 30)")
     p.add_argument("--strategy", choices=["even", "similarity"], default="even", help="which layers to keep")
     p.add_argument("--eval-prompts", type=int, default=16, help="held-out prompts for the before/after metrics")
-    p.add_argument("--prompts", default=None, metavar="FILE",
-                   help="your own questions, judged before/after beside the teacher's answers: a .txt file (one "
-                        "prompt per line), a .jsonl/.json/.csv/.parquet file with a 'prompt' or 'messages' column, "
-                        "or builtin:unseen (16 questions the recipe never saw); adds ~2-3 min per 16 prompts")
+    p.add_argument("--prompts", default="builtin:unseen", metavar="FILE",
+                   help="a second prompt set judged before/after beside the teacher's answers: builtin:unseen (the "
+                        "default: 16 questions the recipe never saw), your own questions in a .txt file (one prompt "
+                        "per line) or a .jsonl/.json/.csv/.parquet file with a 'prompt' or 'messages' column, or none")
     p.set_defaults(func=lambda a, rest: _demo(a, rest))
 
 
 def _demo(a, rest: list[str]) -> int:
+    prompts = None if a.prompts == "none" else a.prompts
     summary = run_demo(out=a.out, keep=a.keep, strategy=a.strategy, eval_prompts=a.eval_prompts, overrides=rest,
-                       prompts=a.prompts)
-    for name, res in (("held-out", summary), (a.prompts, summary["prompts"])):
+                       prompts=prompts)
+    for name, res in (("held-out", summary), (prompts, summary["prompts"])):
         if res is None:
             continue
         b, f = res["before"], res["after"]
@@ -90,7 +91,7 @@ def run_demo(*, out: str = "outputs/demo", keep: int = 24, strategy: str = "even
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     teacher_path = resolve_model(teacher_path or "smollm2")
-    tok, teacher, student, kept = _pruned_pair(teacher_path, keep, strategy)
+    tok, teacher, student, kept = pruned_pair(teacher_path, keep, strategy)
     base = {"student": {"path": "in-memory:pruned"}, "teacher": {"path": teacher_path}, "output": {"dir": str(out_dir)}}
     stages = load_recipe(recipe_path("demo_smollm2"), overrides, base=base)
     cfg0 = stages[0][1]
@@ -104,11 +105,11 @@ def run_demo(*, out: str = "outputs/demo", keep: int = 24, strategy: str = "even
     ev = dict(max_new_tokens=cap, greedy_max_new_tokens=2 * cap, eos_ids=eos_ids(tok),
               bf16=use_bf16(cfg0.train.precision, "cpu"))
     log.info("evaluating the pruned student before training (greedy answers up to %d tokens)", 2 * cap)
-    caches: dict = {name: {} for name in sets}
-    before = _snapshot(student, tok, sets, showcase, ev, teacher=teacher, caches=caches)
+    caches: dict = {}  # the teacher's side, generated once
+    before = snapshot(student, tok, sets, showcase, ev, teacher=teacher, caches=caches)
     histories = run_recipe(stages, student=student, teacher_model=teacher, tokenizer=tok)
     log.info("evaluating the student after training")
-    after = _snapshot(student, tok, sets, showcase, ev, teacher=teacher, caches=caches)
+    after = snapshot(student, tok, sets, showcase, ev, teacher=teacher, caches=caches)
     answers = lambda prompts_, key: [{"prompt": p, "teacher": before[f"teacher_{key}"][i],  # noqa: E731
                                       "before": before[key][i], "after": after[key][i]} for i, p in enumerate(prompts_)]
     texts = [r["prompt"] if isinstance(r.get("prompt"), str) else str(r.get("prompt") or r.get("messages"))
@@ -126,7 +127,7 @@ def run_demo(*, out: str = "outputs/demo", keep: int = 24, strategy: str = "even
     return summary
 
 
-def _pruned_pair(teacher_path: str, keep: int, strategy: str):
+def pruned_pair(teacher_path: str, keep: int, strategy: str):
     """(tokenizer, teacher, student = the teacher pruned to `keep` layers, the kept layer indices)."""
     from protege.data import load_rows
     from protege.modeling import load_model, load_tokenizer
@@ -142,28 +143,24 @@ def _pruned_pair(teacher_path: str, keep: int, strategy: str):
     return tok, teacher, student, kept
 
 
-def _snapshot(student, tok, sets: dict, showcase: list, ev: dict, *, teacher, caches: dict) -> dict:
-    """The student's metrics on each prompt set (protege.eval.evaluate_models) and its greedy answers to the
-    showcase and to the user's prompts; the teacher's answers too, the first time (they never change)."""
+def snapshot(student, tok, sets: dict, showcase: list, ev: dict, *, teacher, caches: dict) -> dict:
+    """The student's metrics on each prompt set (protege.eval.evaluate_models, all sets and the showcase in one
+    evaluation: on a CPU each decode step has a fixed cost, paid once for all) and its greedy answers to the
+    showcase and to the user's prompts; the teacher's side is generated the first time only (`caches`)."""
     from protege.eval import evaluate_models
 
-    out = {name: evaluate_models(student, teacher, tok, ids, teacher_cache=caches[name], **ev)
-           for name, ids in sets.items()}
-    for key, prompts in (("showcase_answers", showcase), ("prompts_answers", sets.get("prompts"))):
-        if prompts is None:
+    joint, groups = [], {}
+    for name, ids in {**sets, "showcase": showcase}.items():
+        if ids:
+            groups[name] = list(range(len(joint), len(joint) + len(ids)))
+            joint += ids
+    res = evaluate_models(student, teacher, tok, joint, teacher_cache=caches.setdefault("eval", {}), groups=groups,
+                          answers=True, **ev)
+    out = {}
+    for name, key in [(n, f"{n}_answers") for n in sets] + [("showcase", "showcase_answers")]:
+        if name not in res:
             continue
-        out[key] = _greedy(student, tok, prompts, ev)
-        if f"teacher_{key}" not in caches:
-            caches[f"teacher_{key}"] = _greedy(teacher, tok, prompts, ev)
-        out[f"teacher_{key}"] = caches[f"teacher_{key}"]
+        out[key], out[f"teacher_{key}"] = res[name].pop("greedy_answers"), res[name].pop("teacher_greedy_answers")
+        if name in sets:
+            out[name] = res[name]
     return out
-
-
-def _greedy(model, tok, prompts, ev) -> list[str]:
-    from protege.rollout.hf import generate
-
-    r = generate(model, prompts, temperature=0, max_new_tokens=ev["greedy_max_new_tokens"], eos_ids=ev["eos_ids"],
-                 pad_id=tok.pad_token_id, autocast_bf16=ev["bf16"])
-    return [tok.decode(r.completion_ids[i][r.completion_mask[i]], skip_special_tokens=True).strip()
-            for i in range(len(r))]
-

@@ -66,17 +66,20 @@ def evaluate(student, teacher, prompts: list[torch.Tensor], *, teacher_local: bo
 @torch.no_grad()
 def evaluate_models(student, teacher, tok, prompts: list[torch.Tensor], *, max_new_tokens: int, eos_ids: list[int],
                     temperature: float = 1.0, batch_tokens: int = 16384, bf16: bool = False, seed: int = 1234,
-                    teacher_cache: dict | None = None, greedy_max_new_tokens: int | None = None) -> dict:
+                    teacher_cache: dict | None = None, greedy_max_new_tokens: int | None = None,
+                    groups: dict[str, list[int]] | None = None, answers: bool = False) -> dict:
     """Student vs an in-process teacher on held-out prompts (token ids):
     rkl on student samples, fkl on teacher samples (max_new_tokens each), and for greedy answers
     (greedy_max_new_tokens each, default max_new_tokens) of the student: teacher_nll, distinct_2, length,
     eos_rate, truncation_rate, repetition_rate; the teacher's own greedy values as teacher_greedy_*.
-    Pass the same `teacher_cache` dict to several calls to generate and score the teacher's side once."""
+    Pass the same `teacher_cache` dict to several calls to generate and score the teacher's side once.
+    groups: {name: indices into prompts} -> {name: those metrics over its rows}; every prompt set is then
+    generated in the same batches (on a CPU a decode step's fixed cost is paid once for all sets).
+    answers: also the decoded greedy answers, as lists greedy_answers and teacher_greedy_answers."""
     cache = teacher_cache if teacher_cache is not None else {}
     kw = dict(max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=tok.pad_token_id, batch_tokens=batch_tokens,
               autocast_bf16=bf16)
     greedy_kw = {**kw, "max_new_tokens": greedy_max_new_tokens or max_new_tokens}
-    out = {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         s_samples = hf_rollout.generate(student, prompts, temperature=temperature, **kw)
@@ -87,17 +90,33 @@ def evaluate_models(student, teacher, tok, prompts: list[torch.Tensor], *, max_n
         cache["greedy"] = hf_rollout.generate(teacher, prompts, temperature=0, **greedy_kw)
         cache["signal"] = _score(teacher, cache["samples"], tok)
     s_greedy = hf_rollout.generate(student, prompts, temperature=0, **greedy_kw)
-    for name, rollouts, sig, key in (("reverse_kl", s_samples, _score(teacher, s_samples, tok), "rkl"),
-                                     ("forward_kl", cache["samples"], cache["signal"], "fkl")):
-        out[key] = exact_divergence(student, rollouts, sig.hidden_states, output_weight(teacher), name,
-                                    pad_id=tok.pad_token_id)
-    t_greedy = cache["greedy"]
-    sig = score_rows(teacher, s_greedy.prompt_ids, s_greedy.completion_ids, s_greedy.completion_mask, ScoreRequest(),
-                     pad_id=tok.pad_token_id)
-    out["greedy_teacher_nll"] = float(-sig.token_logprobs[s_greedy.completion_mask].mean())
-    out.update({f"greedy_{k}": v for k, v in text_metrics(s_greedy).items()})
-    out.update({f"teacher_greedy_{k}": v for k, v in text_metrics(t_greedy).items()})
-    return out
+    s_signal = _score(teacher, s_samples, tok)
+    greedy_lp = score_rows(teacher, s_greedy.prompt_ids, s_greedy.completion_ids, s_greedy.completion_mask,
+                           ScoreRequest(), pad_id=tok.pad_token_id).token_logprobs  # (N, T)
+
+    def metrics(rows: list[int]) -> dict:
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        out = {}
+        for name, rollouts, sig, key in (("reverse_kl", s_samples, s_signal, "rkl"),
+                                         ("forward_kl", cache["samples"], cache["signal"], "fkl")):
+            out[key] = exact_divergence(student, rollouts.select(rows), sig.hidden_states[idx],
+                                        output_weight(teacher), name, pad_id=tok.pad_token_id)
+        out["greedy_teacher_nll"] = float(-greedy_lp[idx][s_greedy.completion_mask[idx]].mean())
+        out.update({f"greedy_{k}": v for k, v in text_metrics(s_greedy.select(rows)).items()})
+        out.update({f"teacher_greedy_{k}": v for k, v in text_metrics(cache["greedy"].select(rows)).items()})
+        if answers:
+            out["greedy_answers"] = [decode(tok, s_greedy, i) for i in rows]
+            out["teacher_greedy_answers"] = [decode(tok, cache["greedy"], i) for i in rows]
+        return out
+
+    if groups is None:
+        return metrics(list(range(len(prompts))))
+    return {name: metrics(list(rows)) for name, rows in groups.items()}
+
+
+def decode(tok, rollouts: Rollouts, i: int) -> str:
+    """Row i's completion as text, special tokens (EOS) left out."""
+    return tok.decode(rollouts.completion_ids[i][rollouts.completion_mask[i]], skip_special_tokens=True).strip()
 
 
 def _score(teacher, rollouts: Rollouts, tok):

@@ -54,6 +54,27 @@ def test_identical_models_score_zero():
         assert key in m
 
 
+def test_groups_give_each_sets_metrics_from_one_joint_evaluation():
+    """groups: one generation for every set. All rows in one group = the ungrouped call (same samples, same
+    numbers); greedy answers do not depend on the batch, so each group's greedy metrics and answers equal an
+    evaluation of its prompts alone, and the answers are the tokenizer's decoding of a plain greedy generate."""
+    tok = make_tokenizer()
+    student, teacher = make_model(2, 0), make_model(3, 1)
+    prompts = _prompts(tok, 5)
+    kw = dict(max_new_tokens=6, greedy_max_new_tokens=9, eos_ids=[1])
+    whole = evaluate_models(student, teacher, tok, prompts, **kw)
+    assert evaluate_models(student, teacher, tok, prompts, groups={"all": range(5)}, **kw)["all"] == whole
+    joint = evaluate_models(student, teacher, tok, prompts, groups={"a": [0, 1], "b": [2, 3, 4]}, answers=True, **kw)
+    for name, rows in (("a", [0, 1]), ("b", [2, 3, 4])):
+        alone = evaluate_models(student, teacher, tok, [prompts[i] for i in rows], **kw)
+        for key in [k for k in alone if "greedy" in k]:
+            assert joint[name][key] == pytest.approx(alone[key], rel=1e-5, abs=1e-6), (name, key)
+        for i, row in enumerate(rows):
+            want = generate(student, [prompts[row]], max_new_tokens=9, temperature=0, eos_ids=[1], pad_id=0)
+            assert joint[name]["greedy_answers"][i] == tok.decode(want.completion_ids[0][want.completion_mask[0]],
+                                                                  skip_special_tokens=True).strip()
+
+
 @pytest.mark.parametrize("teacher_local", [True, False])
 def test_evaluate_with_explicit_arguments(teacher_local):
     """The trainer's held-out evaluation: exact rkl (local teacher) or the sample estimate (remote-style),
