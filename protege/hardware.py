@@ -33,7 +33,7 @@ def bf16_is_fast(device_type: str = "cpu") -> bool:
             a @ a
         times[dtype] = time.perf_counter() - t
     fast = times[torch.bfloat16] < 0.7 * times[torch.float32]
-    log.info("precision auto: bf16 matmul %.1fx the speed of fp32 on this CPU -> %s",
+    log.info("precision auto: bf16 matmul %.2gx the speed of fp32 on this CPU -> %s",
              times[torch.float32] / max(times[torch.bfloat16], 1e-9), "bf16" if fast else "fp32")
     return fast
 

@@ -41,8 +41,8 @@ def _metrics_table(before: dict, after: dict) -> list[str]:
               if key in before]
     if all(f"greedy_{k}" in after and f"teacher_greedy_{k}" in after for k, _, _ in BAR):
         lines += ["", "| greedy answers (after) | student | teacher | ratio | bar |", "|---|---:|---:|---:|---|"]
-        lines += [f"| {name} | {s:.3f} | {t:.3f} | {r:.2f} | {'met' if ok else 'missed'} |"
-                  for name, s, t, r, ok in bar_rows(after)]
+        lines += [f"| {name} | {s:.3f} | {t:.3f} | {'-' if r != r else f'{r:.2f}'} | {'met' if ok else 'missed'} |"
+                  for name, s, t, r, ok in bar_rows(after)]  # r != r: NaN, the teacher's value is 0
     return lines
 
 
