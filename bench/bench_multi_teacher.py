@@ -251,31 +251,11 @@ def _shared_args(args) -> list[str]:
 
 
 def run_jobs(args, work: Path) -> list[dict]:
-    jobs = [(m, s) for s in range(args.seeds) for m in METHODS]
-    pending, running, results = list(enumerate(jobs)), [], []
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    while pending or running:
-        while pending and len(running) < args.parallel:
-            i, (m, s) = pending.pop(0)
-            cmd = [sys.executable, __file__, "--job-index", str(i), "--method", m, "--seed", str(s), *_shared_args(args)]
-            log = open(work / f"job_{i}.log", "w")
-            running.append((i, m, s, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
-            print(f"started job {i + 1}/{len(jobs)}: {m}, seed {s}", flush=True)
-        time.sleep(1.0)
-        for item in list(running):
-            i, m, s, p, log = item
-            if p.poll() is None:
-                continue
-            running.remove(item)
-            log.close()
-            text = (work / f"job_{i}.log").read_text()
-            lines = [ln for ln in text.splitlines() if ln.startswith("RESULT ")]
-            if p.returncode != 0 or not lines:
-                raise RuntimeError(f"job {i} ({m}, seed {s}) failed (exit {p.returncode}); its log:\n{text[-3000:]}")
-            results.append(json.loads(lines[-1][7:]))
-            print(f"  {m}, seed {s}: exact match {results[-1]['exact_match']} ({results[-1]['seconds']:.0f} s)",
-                  flush=True)
-    return results
+    jobs = [(f"{m}, seed {s}", [sys.executable, __file__, "--job-index", str(i), "--method", m, "--seed", str(s),
+                                *_shared_args(args)])
+            for i, (m, s) in enumerate((m, s) for s in range(args.seeds) for m in METHODS)]
+    return bq.run_parallel(jobs, work, args.parallel, lambda r: f"{r['method']}, seed {r['seed']}: exact match "
+                           f"{r['exact_match']} ({r['seconds']:.0f} s)")
 
 
 # -------------------------------------------------------------------------------------- report

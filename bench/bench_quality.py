@@ -264,23 +264,21 @@ def job(args) -> None:
     print("RESULT " + json.dumps(res), flush=True)
 
 
-def run_jobs(args, work: Path) -> list[dict]:
-    methods = [m for m in METHODS if not args.methods or any(x in m for x in args.methods.split(","))]
-    jobs = [(st, m, s) for st in args.student_steps for s in range(args.seeds) for m in methods]
+def run_parallel(jobs: list[tuple[str, list[str]]], work: Path, parallel: int, show) -> list[dict]:
+    """Run the (label, argv) jobs as subprocesses, `parallel` at a time, 1 thread each, logs in work/job_<i>.log;
+    each job prints a `RESULT {json}` line. Returns those results in finishing order; a job that fails stops the
+    run with its log. show(result) -> the line printed when a job finishes."""
     pending, running, results = list(enumerate(jobs)), [], []
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     while pending or running:
-        while pending and len(running) < args.parallel:
-            i, (st, m, s) = pending.pop(0)
-            cmd = [sys.executable, __file__, "--job-index", str(i), "--method", m, "--seed", str(s), "--work", str(work),
-                   "--start", str(st),
-                   "--steps", str(args.steps), "--prompts-per-step", str(args.prompts_per_step), "--lr", str(args.lr)]
+        while pending and len(running) < parallel:
+            i, (label, argv) = pending.pop(0)
             log = open(work / f"job_{i}.log", "w")
-            env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-            running.append((i, m, s, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
-            print(f"started job {i + 1}/{len(jobs)}: start {st}, {m}, seed {s}", flush=True)
+            running.append((i, label, subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env), log))
+            print(f"started job {i + 1}/{len(jobs)}: {label}", flush=True)
         time.sleep(1.0)
         for item in list(running):
-            i, m, s, p, log = item
+            i, label, p, log = item
             if p.poll() is None:
                 continue
             running.remove(item)
@@ -288,15 +286,24 @@ def run_jobs(args, work: Path) -> list[dict]:
             text = (work / f"job_{i}.log").read_text()
             lines = [ln for ln in text.splitlines() if ln.startswith("RESULT ")]
             if p.returncode != 0 or not lines:
-                raise RuntimeError(f"job {i} ({m}, seed {s}) failed (exit {p.returncode}); its log:\n{text[-3000:]}")
+                raise RuntimeError(f"job {i} ({label}) failed (exit {p.returncode}); its log:\n{text[-3000:]}")
             results.append(json.loads(lines[-1][7:]))
-            r = results[-1]
-            print(f"  start {r['start']} {m}, seed {s}: exact match {r['exact_match']:.3f} ({r['seconds']:.0f} s)",
-                  flush=True)
+            print("  " + show(results[-1]), flush=True)
     return results
 
 
-# -------------------------------------------------------------------------------------- report
+def run_jobs(args, work: Path) -> list[dict]:
+    methods = [m for m in METHODS if not args.methods or any(x in m for x in args.methods.split(","))]
+    jobs = [(f"start {st}, {m}, seed {s}",
+             [sys.executable, __file__, "--job-index", str(i), "--method", m, "--seed", str(s), "--work", str(work),
+              "--start", str(st), "--steps", str(args.steps), "--prompts-per-step", str(args.prompts_per_step),
+              "--lr", str(args.lr)])
+            for i, (st, m, s) in enumerate((st, m, s) for st in args.student_steps for s in range(args.seeds)
+                                           for m in methods)]
+    return run_parallel(jobs, work, args.parallel, lambda r: f"start {r['start']} {r['method']}, seed {r['seed']}: "
+                        f"exact match {r['exact_match']:.3f} ({r['seconds']:.0f} s)")
+
+
 def machine() -> str:
     import torch
     import transformers
