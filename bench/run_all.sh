@@ -19,6 +19,7 @@ if [ "$QUICK" = 1 ]; then
   run $PY bench/bench_vs_trl.py --quick --out /tmp/protege_quick_vs_trl.md
   run $PY bench/bench_threads.py --layers 1 --tokens 8 --reps 1 --out /tmp/protege_quick_threads.md
   run $PY bench/bench_server_memory.py --requests 1 --out /tmp/protege_quick_server_memory.md
+  run $PY bench/bench_optimizer.py --steps 1 --out /tmp/protege_quick_optimizer.md
   [ -x .venv-vllm/bin/python ] && run .venv-vllm/bin/python bench/bench_rollout.py --prompts 8 --new-tokens 32 \
     --out /tmp/protege_quick_rollout.md
   echo "quick mode: results in /tmp/protege_quick_*.md (bench/results/ untouched)"
@@ -32,6 +33,7 @@ run $PY bench/bench_vs_trl.py --reps 1 --no-profile --budget-min 20 --out bench/
   --extras "protege gc chunk128,protege gc chunk256,protege unfused"
 run $PY bench/bench_threads.py
 run $PY bench/bench_server_memory.py
+run $PY bench/bench_optimizer.py
 if [ -x .venv-vllm/bin/python ]; then
   run .venv-vllm/bin/python bench/bench_rollout.py --prompts 32 --new-tokens 64 --reps 2 --threads 1
 else

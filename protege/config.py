@@ -203,11 +203,12 @@ class LossConfig(_Section):
                             "loss and in in-process teacher scoring): smaller = less memory (a chunk's logits are "
                             "chunk_size x vocab floats), more, smaller matmuls (128: the peak memory of a step "
                             "is then not in the loss, docs/scale.md).")
-    cross_tokenizer: Literal["span", "shared_topk", "uld", "hybrid"] = Field(
+    cross_tokenizer: Literal["span", "shared_topk", "uld", "hybrid", "next_byte"] = Field(
         "span", description="Loss with a teacher of another tokenizer (teacher.cross_tokenizer): span = span-level "
         "sampled estimator (student rollouts, any server with token logprobs); shared_topk = loss.name over the "
         "teacher's top_k mapped to same-bytes student tokens + tail on 1:1 spans (span estimator elsewhere); uld = "
-        "GOLD's sorted-probability L1; hybrid = GOLD's hybrid. loss.name=sft ignores it.")
+        "GOLD's sorted-probability L1; hybrid = GOLD's hybrid; next_byte = loss.name between the two models' "
+        "distributions of the next byte at every span start (+ the span estimator). loss.name=sft ignores it.")
     fused: bool = Field(True, description="Compute the vocabulary projection's gradients chunk by chunk in the "
                         "forward pass (the student's lm_head runs 3 times per token instead of 4, the teacher's "
                         "once instead of twice, the softmaxes once); false = recompute them in the backward "

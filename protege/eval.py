@@ -5,7 +5,8 @@
 `evaluate` (the trainer's, every output.eval_every steps) samples one answer per held-out prompt
 from the student (rollout settings, a fixed seed, the training RNG untouched) and reports
   rkl          per-token reverse KL(q||p) on those samples: exact over the vocabulary with an
-               in-process teacher, the sample estimate log q(y) - log p(y) with a remote one
+               in-process teacher, the sample estimate log q(y) - log p(y) with a remote one (across
+               tokenizers: log q of the student's canonical path of the text, as the span estimator)
   teacher_nll  -log p(y_t) of the student's tokens under the teacher
   length, truncation_rate, eos_rate, distinct_2, repetition_rate
 `evaluate_models` (protege eval, protege demo) adds forward KL on teacher samples and greedy-answer
@@ -24,6 +25,7 @@ import torch
 
 from protege import modeling
 from protege.data import PromptTokenizer, load_rows, to_examples
+from protege.cross_objective import completion_logprobs, fill_span_baseline, spread_baseline
 from protege.diagnostics import distinct_n, repetition_rate, sampled_rkl
 from protege.forward import HiddenStates, forward_completion_hidden, output_weight
 from protege.losses import chunked_dense_divergence
@@ -52,12 +54,17 @@ def evaluate(student, teacher, prompts: list[torch.Tensor], *, teacher_local: bo
                                        top_p=top_p, top_k=top_k, eos_ids=eos_ids, pad_id=pad_id,
                                        batch_tokens=batch_tokens, autocast_bf16=bf16)
     rollouts.examples = list(examples) if examples is not None else None
-    signal = teacher.score(rollouts, ScoreRequest(hidden=teacher_local, temperature=1.0))
+    signal = teacher.score(rollouts, ScoreRequest(hidden=teacher_local, temperature=1.0, canonical=True))
     mask = rollouts.completion_mask
     out = {"teacher_nll": float(-signal.token_logprobs[mask].mean())}
     if teacher_local:
         out["rkl"] = exact_divergence(student, rollouts, signal.hidden_states, teacher.output_weight, "reverse_kl",
                                       pad_id=pad_id, batch=micro_batch_size)
+    elif signal.cross is not None:  # another tokenizer: log q of the text by the student's canonical path
+        fill_span_baseline(signal.cross, rollouts, lambda p, c: completion_logprobs(
+            HiddenStates(student), lambda: gathered_output_weight(student), p, c, pad_id=pad_id,
+            temperature=temperature or 1.0, rows=micro_batch_size, chunk=1024))
+        out["rkl"] = sampled_rkl(spread_baseline(signal.cross), signal.token_logprobs, mask)
     else:
         out["rkl"] = sampled_rkl(rollouts.sampling_logprobs, signal.token_logprobs, mask)
     return {**out, **text_metrics(rollouts)}

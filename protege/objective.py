@@ -35,7 +35,7 @@ import torch
 
 from protege import losses as L
 from protege.config import LossConfig
-from protege.cross_objective import cross_per_token_loss, teacher_topk
+from protege.cross_objective import cross_per_token_loss, needs_canonical, teacher_topk
 from protege.teacher.base import ScoreRequest
 from protege.records import Rollouts, TeacherSignal
 
@@ -126,7 +126,8 @@ class Objective:
     def _loss_request(self, rollouts: Rollouts) -> ScoreRequest:
         cfg = self.loss
         if self.cross_tokenizer:  # the teacher's top-K at each span's first token (none for span)
-            return ScoreRequest(topk=teacher_topk(self.cross_tokenizer, cfg.top_k), temperature=cfg.temperature)
+            return ScoreRequest(topk=teacher_topk(self.cross_tokenizer, cfg.top_k), temperature=cfg.temperature,
+                                canonical=needs_canonical(self.cross_tokenizer))
         if self.name in TOKEN_LEVEL or self.support is Support.SAMPLED:
             return ScoreRequest(temperature=cfg.temperature)
         if self.teacher_hidden:  # exact: everything is rebuilt from hidden states inside the loss chunks

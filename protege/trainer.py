@@ -33,6 +33,7 @@ from accelerate import Accelerator
 
 from protege import build, checkpoint, fsdp, memory, packing, run_state
 from protege.config import Config, check_vocab_bounds
+from protege.cross_objective import completion_logprobs, fill_span_baseline, spread_baseline
 from protege.data import PromptStream, PromptTokenizer, load_prompt_sets
 from protege.diagnostics import HealthMonitor, sampled_rkl, step_health, truncation_rate
 from protege.hardware import use_bf16
@@ -201,8 +202,26 @@ class Distiller:
         return self._step_metrics(buffer, signal, **learned, t_gen=t1 - t0, t_teacher=t2 - t1, t_train=t3 - t2)
 
     def score(self, buffer: Rollouts) -> TeacherSignal:
-        """The teacher's signal for the whole buffer: exactly what the objective asks for."""
-        return self.teacher.score(buffer, self.objective.teacher_request(buffer))
+        """The teacher's signal for the whole buffer: exactly what the objective asks for (and, for the span
+        estimator across tokenizers, the student's logprobs of its canonical paths: fill_span_baseline)."""
+        request = self.objective.teacher_request(buffer)
+        signal = self.teacher.score(buffer, request)
+        if request.canonical and signal.cross is not None:
+            fill_span_baseline(signal.cross, buffer, self._completion_logprobs)
+        return signal
+
+    def _completion_logprobs(self, prompts: list[torch.Tensor], completions: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The student's token logprobs of given completions (cross_objective.completion_logprobs). Under FSDP2
+        every rank makes the same number of forwards (each gathers weights); under DDP the unwrapped module
+        runs (no collective)."""
+        step = self.cfg.train.micro_batch_size
+        calls = -(-len(prompts) // step)
+        if self.sharded:
+            calls = int(self.acc.reduce(torch.tensor(calls, device=self.acc.device), reduction="max"))
+        return completion_logprobs(self.model if self.sharded else self.acc.unwrap_model(self.model),
+                                   lambda: fsdp.gathered_output_weight(self.student), prompts, completions,
+                                   pad_id=self.tok.pad_token_id, temperature=self.objective.sampling_temperature,
+                                   rows=step, chunk=self.cfg.loss.chunk_size, calls=calls, device=self.acc.device)
 
     def learn(self, buffer: Rollouts, signal: TeacherSignal) -> dict:
         """Micro-batched forward/backward of the objective, then one optimizer step (and the engine sync)."""
@@ -263,7 +282,9 @@ class Distiller:
         if buffer.sampling_logprobs is not None and student_rows.any():
             # unbiased sample estimate of the per-token reverse KL on the student's own samples
             sm = mask & student_rows[:, None]
-            m["sampled_rkl"] = sampled_rkl(buffer.sampling_logprobs, signal.token_logprobs, sm)
+            cross = signal.cross  # across tokenizers: against the canonical paths' logprobs where they exist
+            own = buffer.sampling_logprobs if cross is None or cross.span_baseline is None else spread_baseline(cross)
+            m["sampled_rkl"] = sampled_rkl(own, signal.token_logprobs, sm)
         m["teacher_nll"] = float(-signal.token_logprobs[mask].mean())
         if signal.cross is not None:  # a teacher with another tokenizer: the alignment's diagnostics
             m.update(signal.cross.stats)

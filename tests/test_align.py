@@ -153,3 +153,33 @@ def test_truncated_multibyte_character_is_repaired():
     assert text == "a\ufffd" and ends.tolist() == [1, 4]
     text, ends = repair_utf8("日本".encode()[:4], np.array([1, 3, 4]))  # byte tokens; 本 cut after 1 byte
     assert text == "日\ufffd" and ends.tolist() == [1, 3, 6]
+
+
+def test_three_way_spans_with_the_students_canonical_path(toks):
+    """A student row that is not its tokenizer's own encoding (each token spelled in single bytes), its
+    canonical path, and a teacher with another tokenizer: spans close exactly at the byte offsets where all
+    three have a boundary (brute force: the set intersection of the three cumsums), and every span holds the
+    same bytes on the three sides. An EOS on the student's side pairs with the teacher's on both paths."""
+    s_tok, s_vocab = toks["bpe"]
+    t_tok, t_vocab = toks["unigram"]
+    checked = 0
+    for text in HARD_TEXTS:
+        c_ids, c_len = encode(s_tok, s_vocab, text)
+        spelled = [s_tok.convert_tokens_to_ids(ch) for tok in s_tok.convert_ids_to_tokens(c_ids.tolist()) for ch in tok]
+        if len(spelled) == len(c_ids) or s_tok.unk_token_id in spelled:
+            continue
+        s_ids, s_len = np.asarray(spelled), s_vocab.lengths[np.asarray(spelled)]
+        t_ids, t_len = encode(t_tok, t_vocab, text)
+        eos_s, eos_t = s_tok.eos_token_id, t_tok.eos_token_id
+        al = align(np.r_[s_ids, eos_s], np.r_[t_ids, eos_t], s_vocab, t_vocab, student_lengths=np.r_[s_len, 0],
+                   teacher_lengths=np.r_[t_len, 0], canonical_ids=np.r_[c_ids, eos_s], canonical_lengths=np.r_[c_len, 0])
+        ends = set(np.cumsum(s_len)) & set(np.cumsum(t_len)) & set(np.cumsum(c_len))
+        assert al.num_spans == len(ends) + 1, text  # + the paired EOS
+        for side, lens, span in (("s", s_len, al.student_span), ("t", t_len, al.teacher_span),
+                                 ("c", c_len, al.canonical_span)):
+            cum = np.cumsum(lens)
+            closing = [int(cum[k]) for k in range(len(lens)) if k == len(lens) - 1 or span[k + 1] != span[k]]
+            assert closing == sorted(ends), (side, text)  # each span's last token ends at a common boundary
+            assert span[-1] == al.num_spans - 1  # the EOS
+        checked += 1
+    assert checked >= 3, checked

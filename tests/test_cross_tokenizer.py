@@ -4,6 +4,7 @@ lowers held-out span-level KL, and a teacher with another tokenizer behind a rea
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -123,11 +124,13 @@ def distiller(pair, overrides, **kw):
     return Distiller(cfg, student=make_model(2, 2), tokenizer=pair["tok"], **kw)
 
 
-def test_cross_run_lowers_heldout_span_kl(other_pair):
-    """A span-estimator run with a teacher of another tokenizer: held-out span-level reverse KL (eval/rkl,
-    per student token) drops, and the alignment diagnostics are logged."""
-    d = distiller(other_pair, ["optim.lr=3e-3", "train.max_steps=12"], teacher_model=other_pair["teacher"],
-                  teacher_tokenizer=other_pair["t_tok"])
+@pytest.mark.parametrize("mode", ["span", "next_byte"])
+def test_cross_run_lowers_heldout_span_kl(other_pair, mode):
+    """A run with a teacher of another tokenizer (span estimator; next-byte divergence + span estimator):
+    held-out span-level reverse KL (eval/rkl, per student token) drops, and the alignment diagnostics are
+    logged."""
+    d = distiller(other_pair, ["optim.lr=3e-3", "train.max_steps=12", f"loss.cross_tokenizer={mode}",
+                               "loss.top_k=32"], teacher_model=other_pair["teacher"], teacher_tokenizer=other_pair["t_tok"])
     assert d.cross and isinstance(d.teacher, CrossTokenizerTeacher)
     before = d._evaluate()["rkl"]
     history = [d.train_step() for _ in range(12)]
@@ -221,11 +224,15 @@ def test_row_sums_are_the_teachers_logprob_of_the_text(other_pair):
         assert abs(float(sig.cross.span_logprobs[i, :n][firsts].sum()) - want) < 1e-3 * max(1.0, abs(want))
 
 
-def test_identical_teacher_gives_zero_advantage_on_canonical_rows_only():
-    """The span estimator with the student's own model and tokenizer as a 'cross' teacher: a row whose tokens
-    are the tokenizer's own encoding of its text gets A = log p - log q = 0 on every token; a row that spells the
-    same text in single bytes (a non-canonical path) does not, because the teacher scores its canonical
-    re-tokenization. cross/noncanonical_rows counts the second kind. q is a plain forward written here."""
+def test_identical_teacher_gives_zero_advantage_with_the_canonical_baseline():
+    """The span estimator with the student's own model and tokenizer as a 'cross' teacher. Rows 1 and 3 spell
+    their text in single bytes (a non-canonical path). Against the sampled path's own logprobs (the per-path
+    estimator, ScoreRequest.canonical off) they get A != 0: the teacher scores its canonical re-tokenization.
+    With the canonical baseline (fill_span_baseline) A = 0 on every token of every row, each span covers the
+    same bytes on the sampled and the canonical path, and the span loss is 0. q is a plain forward written
+    here, also the reference for the canonical path's logprobs."""
+    from protege.cross_objective import fill_span_baseline
+    from protege.losses.cross_tokenizer import span_pg_loss
     from protege.records import Rollouts
 
     tok = bpe(300)
@@ -239,21 +246,130 @@ def test_identical_teacher_gives_zero_advantage_on_canonical_rows_only():
     rows = [canonical[0], byte_ids[1], canonical[2], byte_ids[3]]
     assert all(len(b) > len(c) for b, c in zip(byte_ids, canonical))  # the spelled rows really are other paths
     assert [tok.decode(r) for r in rows] == texts
+
+    def forward_logprobs(ids: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.cat([prompt, torch.tensor(ids)])[None]).logits[0].float(), -1)
+        return lp[len(prompt) - 1: len(prompt) - 1 + len(ids)].gather(-1, torch.tensor(ids)[:, None])[:, 0]
+
     t = max(map(len, rows))
     ids, mask, q = torch.zeros(4, t, dtype=torch.long), torch.zeros(4, t, dtype=torch.bool), torch.zeros(4, t)
-    with torch.no_grad():
-        for i, r in enumerate(rows):
-            ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), True
-            lp = torch.log_softmax(model(torch.cat([prompt, torch.tensor(r)])[None]).logits[0].float(), -1)
-            q[i, : len(r)] = lp[len(prompt) - 1: len(prompt) - 1 + len(r)].gather(-1, torch.tensor(r)[:, None])[:, 0]
+    for i, r in enumerate(rows):
+        ids[i, : len(r)], mask[i, : len(r)], q[i, : len(r)] = torch.tensor(r), True, forward_logprobs(r)
     mb = Rollouts(prompt_ids=[prompt] * 4, completion_ids=ids, completion_mask=mask, sampling_logprobs=q,
                   sources=["student"] * 4, finish_reasons=["length"] * 4,
                   examples=[Example(messages=[{"role": "user", "content": "hi"}])] * 4)
     cross = CrossTokenizerTeacher(LocalTeacher(model, pad_id=0), tok, tok, student_vocab_size=len(tok),
                                   student_eos_ids=eos_ids(tok), teacher_eos_ids=eos_ids(tok))
-    sig = cross.score(mb, Objective.build(LossConfig(cross_tokenizer="span"), teacher_local=True,
-                                          cross_tokenizer=True).teacher_request(mb))
-    advantage = ((sig.token_logprobs - q) * mask).sum(1)  # (4,) sum_c A_c per row
+    request = Objective.build(LossConfig(cross_tokenizer="span"), teacher_local=True,
+                              cross_tokenizer=True).teacher_request(mb)
+    assert request.canonical
+    per_path = cross.score(mb, replace(request, canonical=False))
+    advantage = ((per_path.token_logprobs - q) * mask).sum(1)  # (4,) sum_c A_c per row against the sampled path
     torch.testing.assert_close(advantage[[0, 2]], torch.zeros(2), rtol=0, atol=1e-4)
     assert (advantage[[1, 3]].abs() > 0.5).all(), advantage
-    assert sig.cross.stats["cross/noncanonical_rows"] == 0.5
+    assert per_path.cross.stats["cross/noncanonical_rows"] == 0.5 and not per_path.cross.canonical
+
+    sig = cross.score(mb, request)
+    assert sorted(sig.cross.canonical) == [1, 3]
+    for i in (1, 3):
+        c_ids, c_span = sig.cross.canonical[i]
+        assert c_ids.tolist() == canonical[i]
+        n = len(rows[i])
+        sp = sig.cross.span_index[i, :n].numpy()
+        for span in set(sp.tolist()):  # every span: the same bytes on the sampled and the canonical path
+            assert tok.decode(ids[i, :n][sp == span]) == tok.decode(c_ids[c_span == span].tolist())
+    fill_span_baseline(sig.cross, mb, lambda prompts, comps: [forward_logprobs(c.tolist()) for c in comps])
+    a = (sig.cross.span_logprobs - sig.cross.span_baseline)[mask]
+    torch.testing.assert_close(a, torch.zeros_like(a), rtol=0, atol=1e-4)
+    loss = span_pg_loss(q, q, sig.cross.span_index, sig.cross.span_logprobs, mask, sig.cross.span_baseline)
+    assert float(loss.abs().max()) < 1e-4
+
+
+def test_trainer_fills_the_canonical_baseline(other_pair):
+    """Through the trainer: the student's own samples (a random BPE model: most rows are not canonical),
+    scored by an identical copy of it forced through the cross-tokenizer path. Distiller.score runs the
+    student's forward on the canonical paths; every token's A_c is then 0, and so are the step's loss, its
+    sampled_rkl and the held-out rkl."""
+    import copy
+
+    tok = bpe(300)
+    tok.chat_template = "{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}Assistant:"
+    student = make_plain_model(len(tok), seed=6)
+    from protege.trainer import Distiller
+
+    cfg = load_config(None, ["student.path=s", "teacher.path=t", f"data.path={other_pair['root'] / 'd.jsonl'}",
+                             f"output.dir={other_pair['root'] / 'out_canonical'}", "output.report_to=none",
+                             "train.num_threads=1", "train.prompts_per_step=8", "train.micro_batch_size=3",
+                             "rollout.max_new_tokens=12", "teacher.cross_tokenizer=on", "data.eval_fraction=0.25",
+                             "data.eval_prompts=6"])
+    d = Distiller(cfg, student=student, teacher_model=copy.deepcopy(student), tokenizer=tok, teacher_tokenizer=tok)
+    mb = d.collect(0)
+    sig = d.score(mb)
+    assert len(sig.cross.canonical) >= 2, sig.cross.stats  # the test needs non-canonical samples
+    valid = mb.completion_mask & sig.cross.valid
+    a = (sig.cross.span_logprobs - sig.cross.span_baseline)[valid]
+    torch.testing.assert_close(a, torch.zeros_like(a), rtol=0, atol=2e-4)
+    assert abs(d._evaluate()["rkl"]) < 1e-5  # the held-out estimate uses the same baseline (its own forward)
+    m = d.train_step(mb, sig)  # (after it, weight decay has moved the student away from its copy)
+    assert abs(m["loss"]) < 1e-5 and abs(m["sampled_rkl"]) < 1e-5  # and so does the step metric
+
+
+def _first_byte_reference(tok) -> list[int]:
+    """Independent of protege.teacher.align: each id's first text byte from its piece string (GPT-2's byte
+    alphabet for ByteLevel, '▁' = space and <0xNN> for SentencePiece), 256 for EOS, 257 other specials."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    level = "ByteLevel" in type(tok.backend_tokenizer.pre_tokenizer).__name__
+    out = []
+    for v, piece in enumerate(tok.convert_ids_to_tokens(list(range(len(tok))))):
+        if v == tok.eos_token_id:
+            out.append(256)
+        elif v in tok.all_special_ids or not piece:
+            out.append(257)
+        elif level:
+            out.append(byte_of[piece[0]])
+        elif piece.startswith("<0x") and len(piece) == 6:
+            out.append(int(piece[3:5], 16))
+        else:
+            out.append(piece.replace("▁", " ").encode("utf-8")[0])
+    return out
+
+
+@pytest.mark.parametrize("name", ["reverse_kl", "forward_kl"])
+def test_next_byte_loss_equals_brute_force(name):
+    """A ByteLevel BPE student and a SentencePiece (byte fallback) teacher: the first-byte tables equal a
+    reference read from the piece strings, and with the teacher's whole vocabulary as its top-K the loss is
+    the divergence between P(next byte) summed token by token in Python."""
+    import math
+
+    from protege.losses.cross_tokenizer import next_byte_loss
+    from protege.teacher.align import VocabBytes
+
+    from cross_tokenizers import unigram
+
+    s_tok, t_tok = bpe(300), unigram(300)
+    s_ref, t_ref = _first_byte_reference(s_tok), _first_byte_reference(t_tok)
+    s_tab = VocabBytes.from_tokenizer(s_tok, eos_ids=[s_tok.eos_token_id]).first_bytes()
+    t_tab = VocabBytes.from_tokenizer(t_tok, eos_ids=[t_tok.eos_token_id]).first_bytes()
+    assert s_tab.tolist() == s_ref and t_tab.tolist() == t_ref
+    torch.manual_seed(0)
+    n, vs, vt = 3, len(s_tok), len(t_tok)
+    logits = torch.randn(n, vs, dtype=torch.float64) * 2
+    t_lp = torch.log_softmax(torch.randn(n, vt, dtype=torch.float64) * 2, -1)
+    order = t_lp.argsort(-1, descending=True)  # a top-K list holding the whole vocabulary
+    got = next_byte_loss(logits, torch.tensor(s_ref), t_lp.gather(-1, order), torch.tensor(t_ref)[order], name=name)
+    q = torch.softmax(logits, -1)
+    for i in range(n):
+        pq, pp = [0.0] * 258, [0.0] * 258
+        for v in range(vs):
+            pq[s_ref[v]] += float(q[i, v])
+        for v in range(vt):
+            pp[t_ref[v]] += math.exp(float(t_lp[i, v]))
+        a, b = (pq, pp) if name == "reverse_kl" else (pp, pq)
+        want = sum(x * math.log(x / y) for x, y in zip(a, b) if x > 0)
+        assert abs(float(got[i]) - want) < 1e-6 * max(1.0, want), (i, float(got[i]), want)
+    same = next_byte_loss(logits, torch.tensor(s_ref), torch.log_softmax(logits, -1).sort(-1, descending=True).values,
+                          torch.tensor(s_ref)[logits.argsort(-1, descending=True)], name=name)
+    torch.testing.assert_close(same, torch.zeros(n, dtype=same.dtype), atol=1e-6, rtol=0)  # a teacher = the student (fp32)

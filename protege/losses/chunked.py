@@ -43,7 +43,8 @@ class _FusedChunks(torch.autograd.Function):
     every row (the trainer sums per-token losses with one weight, 1 / step tokens); a non-uniform
     grad_out is an error, never a silently wrong gradient. Costs 3 vocabulary matmuls per row (z, g W,
     g^T h) instead of 4 with checkpointing (z twice), and the loss's softmaxes run once, not twice.
-    Extra memory: grad_W (V, H) and grad_h (N, H), scaled in place in backward (which may therefore run once).
+    Extra memory: grad_W (V, H) and grad_h (N, H), scaled in place in backward and handed to autograd (which
+    takes grad_W as the weight's .grad without a copy); backward may therefore run once.
     """
 
     @staticmethod
@@ -71,23 +72,25 @@ class _FusedChunks(torch.autograd.Function):
                 grad_w.addmm_(g.T.to(acc), h.to(acc))  # (V, H)
             outs.append(v.detach())
             del z, v, g
-        ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(weight.dtype))
+        # Kept as attributes, not saved tensors: backward hands them over and drops its own reference, so autograd
+        # takes grad_W as the weight's .grad without a (V, H) copy.
+        ctx.grads = [grad_h, None if grad_w is None else grad_w.to(weight.dtype)]
         ctx.n_extras = len(extras)
         return torch.cat(outs)
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_h, grad_w = ctx.saved_tensors
+        if ctx.grads is None:
+            raise RuntimeError("fused chunked loss: backward ran twice through the same graph (retain_graph=True), "
+                               "but its gradients were handed over on the first. Set loss.fused=false for such uses.")
         s = grad_out[0]
         if (grad_out - s).abs().max() > 1e-6 * max(float(s.abs()), 1e-30):
             raise RuntimeError(
                 "fused chunked loss: the per-row values were weighted unequally in the final loss, but their "
                 "gradients were computed for an equal-weight sum. Set loss.fused=false (fused=False) for such uses.")
-        if getattr(ctx, "spent", False):
-            raise RuntimeError("fused chunked loss: backward ran twice through the same graph (retain_graph=True), "
-                               "but its saved gradients are scaled in place. Set loss.fused=false for such uses.")
-        ctx.spent = True  # scaled in place: no second (V, H) copy of grad_W while autograd accumulates it
-        scaled = [None if g is None else g.mul_(s.to(g.dtype)) for g in (grad_h, grad_w)]
+        grads, ctx.grads = ctx.grads, None  # scaled in place and handed over: no second (V, H) copy of grad_W
+        scaled = [None if g is None else g.mul_(s.to(g.dtype)) for g in grads]
+        del grads
         return *scaled, None, None, *([None] * ctx.n_extras)
 
 

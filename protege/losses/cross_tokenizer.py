@@ -8,6 +8,15 @@ each side) is a position where the two models predict the same bytes as one toke
 
 span_pg_loss (loss.cross_tokenizer=span): the span-level sampled estimator. A_c = log p(c) - log q_old(c)
     is given to every student token of c: loss_t = -rho_t * A_c(t) (rho_t = q/q_old, A constant).
+    Both logprobs are of each model's *canonical* path of c's text (its tokenizer's own encoding): the
+    teacher re-tokenizes, and on a row the student reached by another path, log q_old(c) is its canonical
+    path's (span_student_logprobs, one no-grad forward). This is the score-function gradient of the reverse
+    KL between the two models' *text* distributions, sum_s q(s) log q(s)/p(s), with each text's probability
+    taken as its canonical path's: grad KL = E_{y~q}[grad log q(y) (log q(s(y)) - log p(s(y)))] exactly
+    (q(s) = sum over the paths y of s), and log q(s) ~ log q(canonical(s)) where one path dominates. With
+    the sampled path's own log q_old(y) instead, the objective E_q[log q(y) - log p(s(y))] equals the
+    text KL minus the entropy of the path given the text, so it rewards spreading mass over tokenizations,
+    and an identical teacher gets A != 0 on every non-canonical row.
     Exact for: on 1:1 spans it *is* protege's sampled_pg (A_t = log p(y_t) - log q_old(y_t)); the sum
     over a sequence of A_c is log p(y) - log q(y), so its expectation is the sequence-level reverse KL's
     single-sample estimate; for a token inside a multi-token span, the part of A_c from earlier tokens
@@ -25,7 +34,20 @@ hybrid_loss (hybrid): GOLD's hybrid on a 1:1 span: w * D(q, p) over the teacher'
     top-K; w = share of the teacher's vocabulary matched (GOLD's adaptive weight). Other spans: uld_loss.
 The shared top-K loss (shared_topk) is topk_divergence over the mapped ids, with unmatched ids left
 out (their mass goes to the tail bucket): exactly the same-tokenizer teacher top-K loss when both
-tokenizers are the same.
+tokenizers are the same. Across different vocabularies it compares different events where one side has
+longer tokens with the matched bytes as a prefix (docs/cross_tokenizer.md, Limits).
+next_byte_loss (next_byte): at a span start both models have read the same text and stand at a token
+    boundary, so "the next byte of text is b" is the same event for both. Its probability is the sum of
+    the probabilities of the tokens whose text begins with b:
+        P_q(b) = sum_{v : byte0(v) = b} q(v | text),   b in 0..255, plus EOS (the tokens that end the
+        turn) and OTHER (any other special or empty token): C = 258 categories,
+    and P_p(b) the same over the teacher's top-K (its tail mass, 1 - sum of the top-K, is one bucket). The
+    loss is the divergence `name` between the two C-way distributions over the bytes the teacher's top-K
+    reaches + a tail bucket (topk_divergence's "bucket" tail). Exact for any pair of tokenizers when the
+    teacher's top-K holds all of its mass (K >= its vocabulary); with a smaller K, the teacher's mass
+    outside its top-K is one tail bucket, compared with the student's mass on the bytes the top-K does not
+    reach (approximate where those tokens start with a byte the top-K reaches). The temperature applies to
+    token logits before the sum over tokens.
 """
 
 from __future__ import annotations
@@ -47,14 +69,18 @@ def span_sums(values: torch.Tensor, span_index: torch.Tensor, mask: torch.Tensor
 
 
 def span_pg_loss(student_token_logprobs: torch.Tensor, sampling_logprobs: torch.Tensor, span_index: torch.Tensor,
-                 span_teacher_logprobs: torch.Tensor, mask: torch.Tensor, **pg) -> torch.Tensor:
+                 span_teacher_logprobs: torch.Tensor, mask: torch.Tensor,
+                 span_student_logprobs: torch.Tensor | None = None, **pg) -> torch.Tensor:
     """(B, T) span-level sampled loss -rho_t * A_c (module docstring); pg: sampled_token_pg_loss options.
 
     A_c = span_teacher_logprobs - log q_old(c) is handed to sampled_token_pg_loss as a teacher logprob
-    log q_old(y_t) + A_c, so its ratio, clip, scale and discount options apply unchanged."""
+    log q_old(y_t) + A_c, so its ratio, clip, scale and discount options apply unchanged.
+    span_student_logprobs (B, T): log q_old(c) of the canonical path of each token's span; None: the
+    sampled tokens' own (the same on canonical rows)."""
     mask = mask.bool()
     old = sampling_logprobs.detach().float()
-    advantage = span_teacher_logprobs.float() - span_sums(old, span_index, mask)  # (B, T) A_c
+    base = span_sums(old, span_index, mask) if span_student_logprobs is None else span_student_logprobs.float()
+    advantage = span_teacher_logprobs.float() - base  # (B, T) A_c
     return sampled_token_pg_loss(student_token_logprobs, old, old + advantage, mask, **pg)
 
 
@@ -99,4 +125,29 @@ def hybrid_loss(student_logits: torch.Tensor, teacher_topk_logprobs: torch.Tenso
     return matched_weight * d + (1 - matched_weight) * _sorted_l1(s_un, t_un)
 
 
-__all__ = ["span_sums", "span_pg_loss", "uld_loss", "hybrid_loss"]
+BYTE_CATEGORIES = 258  # 256 byte values, EOS (256), OTHER (257)
+EOS_BYTE, OTHER_BYTE = 256, 257
+
+
+def next_byte_loss(student_logits: torch.Tensor, student_bytes: torch.Tensor, teacher_topk_logprobs: torch.Tensor,
+                   teacher_topk_bytes: torch.Tensor, *, name: str, beta: float = 0.5, alpha: float = 0.1,
+                   temperature: float = 1.0, scale_by_temperature_squared: bool = False) -> torch.Tensor:
+    """(n, V_s) logits, (V_s,) category of each student id, (n, K) teacher top-K logprobs (at `temperature`,
+    -inf padding), (n, K) category of each of those teacher ids -> (n,) divergence of the next-byte
+    distributions (module docstring)."""
+    n = student_logits.shape[0]
+    q = torch.softmax(student_logits.float() / temperature, -1)  # (n, V_s)
+    q_bytes = torch.zeros(n, BYTE_CATEGORIES, dtype=q.dtype, device=q.device).index_add(1, student_bytes, q)  # (n, C)
+    p_top = teacher_topk_logprobs.float().exp()  # (n, K), 0 at -inf padding
+    cats = teacher_topk_bytes.clamp(min=0)
+    present = torch.zeros(n, BYTE_CATEGORIES, dtype=torch.bool, device=q.device)
+    present.scatter_(1, cats, (p_top > 0) & (teacher_topk_bytes >= 0))
+    p_bytes = torch.zeros(n, BYTE_CATEGORIES, dtype=q.dtype, device=q.device).scatter_add(1, cats, p_top)  # (n, C)
+    ids = torch.arange(BYTE_CATEGORIES, device=q.device).expand(n, -1)
+    tiny = torch.finfo(q.dtype).tiny
+    out = topk_divergence(q_bytes.clamp(min=tiny).log()[None], ids[None], p_bytes.clamp(min=tiny).log()[None],
+                          name=name, tail="bucket", support_mask=present[None], beta=beta, alpha=alpha)[0]  # (n,)
+    return out * temperature ** 2 if scale_by_temperature_squared else out
+
+
+__all__ = ["span_sums", "span_pg_loss", "uld_loss", "hybrid_loss", "next_byte_loss", "BYTE_CATEGORIES"]

@@ -131,6 +131,15 @@ class VocabBytes:
         index = np.repeat(self.starts[ids] - out_starts, lens) + np.arange(total)
         return self.flat[index].tobytes()
 
+    def first_bytes(self) -> np.ndarray:
+        """(V,) int64 category of each id for the next-byte loss: the first byte of its text (0..255), 256 for
+        an EOS / end-of-turn special, 257 for any other special and for tokens without text."""
+        out = np.full(self.size, 257, dtype=np.int64)
+        text = ~self.special & (self.lengths > 0)
+        out[text] = self.flat[self.starts[text]]
+        out[[int(v) for v in np.flatnonzero(self.special) if self.special_class[int(v)] == "eos"]] = 256
+        return out
+
     def piece(self, token_id: int) -> bytes:
         s = int(self.starts[token_id])
         return self.flat[s: s + int(self.lengths[token_id])].tobytes()
@@ -239,6 +248,7 @@ class Alignment:
     num_spans: int
     student_size: np.ndarray
     teacher_size: np.ndarray
+    canonical_span: np.ndarray | None = None  # (Tc,) the span of each token of the student's canonical path
 
     @property
     def one_to_one(self) -> np.ndarray:
@@ -278,12 +288,16 @@ def boundary_keys(lengths: np.ndarray, special_pos: np.ndarray, paired: np.ndarr
 
 
 def align(student_ids, teacher_ids, student_vocab: VocabBytes, teacher_vocab: VocabBytes, *,
-          student_lengths: np.ndarray | None = None, teacher_lengths: np.ndarray | None = None) -> Alignment:
+          student_lengths: np.ndarray | None = None, teacher_lengths: np.ndarray | None = None,
+          canonical_ids=None, canonical_lengths: np.ndarray | None = None) -> Alignment:
     """Spans of two tokenizations of the same text (module docstring).
 
     student_ids (Ts,), teacher_ids (Tt,): token ids, specials included. *_lengths: each token's text
     bytes when the caller knows them better than the table (a prefix space, a lossy tokenizer); the
-    table's lengths otherwise. Specials own 0 bytes whatever is passed."""
+    table's lengths otherwise. Specials own 0 bytes whatever is passed.
+    canonical_ids (Tc,) (+ canonical_lengths): a third tokenization in the student's vocabulary (its
+    tokenizer's own encoding of the text, with the same specials in the same order as student_ids); spans
+    then close only where all three have a boundary, and `canonical_span` gives its tokens' spans."""
     s_ids, t_ids = np.asarray(student_ids, dtype=np.int64), np.asarray(teacher_ids, dtype=np.int64)
     s_len = student_vocab.lengths[s_ids].copy() if student_lengths is None else np.asarray(student_lengths).copy()
     t_len = teacher_vocab.lengths[t_ids].copy() if teacher_lengths is None else np.asarray(teacher_lengths).copy()
@@ -300,10 +314,24 @@ def align(student_ids, teacher_ids, student_vocab: VocabBytes, teacher_vocab: Vo
     s_key = boundary_keys(s_len, s_sp, s_paired, scale)
     t_key = boundary_keys(t_len, t_sp, t_paired, scale)
     common = sorted_intersection(s_key, t_key)
+    c_key = None
+    if canonical_ids is not None:  # the student's canonical path shares the sampled path's specials and pairing
+        c_ids = np.asarray(canonical_ids, dtype=np.int64)
+        c_len = student_vocab.lengths[c_ids].copy() if canonical_lengths is None else np.asarray(canonical_lengths).copy()
+        c_sp = np.flatnonzero(student_vocab.special[c_ids])
+        if not np.array_equal(c_ids[c_sp], s_ids[s_sp]):
+            raise ValueError("align: canonical_ids must hold the same special tokens, in order, as student_ids")
+        c_len[c_sp] = 0
+        _spell_unpaired(c_len, c_ids, c_sp, s_paired, student_vocab)
+        c_key = boundary_keys(c_len, c_sp, s_paired, scale)
+        common = sorted_intersection(common, c_key)
     s_span = np.searchsorted(common, s_key, side="left")
     t_span = np.searchsorted(common, t_key, side="left")
-    num = len(common) + int(bool((s_span == len(common)).any() or (t_span == len(common)).any()))
-    return Alignment(s_span, t_span, num, np.bincount(s_span, minlength=num), np.bincount(t_span, minlength=num))
+    c_span = None if c_key is None else np.searchsorted(common, c_key, side="left")
+    spans = [s_span, t_span] + ([] if c_span is None else [c_span])
+    num = len(common) + int(any(bool((x == len(common)).any()) for x in spans))
+    return Alignment(s_span, t_span, num, np.bincount(s_span, minlength=num), np.bincount(t_span, minlength=num),
+                     c_span)
 
 
 def sorted_intersection(a: np.ndarray, b: np.ndarray) -> np.ndarray:

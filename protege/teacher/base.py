@@ -20,6 +20,8 @@ class ScoreRequest:
                  (in-process teachers, and protege teacher servers: RemoteTeacher sends them in teacher.hidden_dtype).
     temperature: teacher logprobs are log_softmax(logits / temperature).
     entropy:     return the teacher's entropy per position (health diagnostics).
+    canonical:   a teacher with another tokenizer also aligns each student row on the student tokenizer's own
+                 encoding of its text (the span estimator's baseline, protege.cross_objective.fill_span_baseline).
     """
 
     topk: int = 0
@@ -27,6 +29,7 @@ class ScoreRequest:
     hidden: bool = False
     temperature: float = 1.0
     entropy: bool = False
+    canonical: bool = False
 
 
 class Teacher(Protocol):

@@ -29,7 +29,7 @@ import torch
 
 from protege.data import Example, PromptTokenizer
 from protege.records import Rollouts, TeacherSignal
-from protege.teacher.align import VocabBytes, align, lengths_from_offsets, repair_utf8, silent, text_lengths
+from protege.teacher.align import SENTENCEPIECE, VocabBytes, align, lengths_from_offsets, repair_utf8, silent, text_lengths
 from protege.teacher.base import ScoreRequest, Teacher
 
 
@@ -52,6 +52,13 @@ class CrossSignal:
     matched_share:  share of the teacher's vocabulary with a student token of the same bytes
     student_matched: (V_s,) bool, student ids some teacher id maps to (GOLD's hybrid), or None
     stats:          alignment diagnostics of the buffer (floats, for the step metrics)
+    canonical:      (ScoreRequest.canonical) for each student row whose tokens are not its tokenizer's own
+                    encoding of its text: that encoding's ids and the span of each; the spans of such a row close
+                    only where the sampled path, the canonical path and the teacher all have a boundary
+    span_baseline:  log q_old(c) of the canonical path of each token's span, filled by the trainer
+                    (protege.cross_objective.fill_span_baseline); None: the sampled path's own logprobs
+    topk_bytes, student_bytes: the first byte of each top-K teacher id and of each student id (256 EOS,
+                    257 other specials: VocabBytes.first_bytes), for loss.cross_tokenizer=next_byte
     """
 
     span_index: torch.Tensor
@@ -66,6 +73,11 @@ class CrossSignal:
     matched_share: float = 0.0
     student_matched: torch.Tensor | None = None
     stats: dict = field(default_factory=dict)
+    canonical: dict = field(default_factory=dict)  # row -> (ids (Tc,), span of each (Tc,)): rows not canonical
+    span_baseline: torch.Tensor | None = None  # (N, T) log q_old of the canonical path over each token's span
+    topk_bytes: torch.Tensor | None = None  # (N, T, K) next-byte category of each teacher top-K id, -1 padding
+    student_bytes: torch.Tensor | None = None  # (V_s,) next-byte category of each student id
+    first_span_bytes: bool = True  # False: the student's decoder drops a leading space (no next-byte loss there)
 
     @property
     def one_to_one(self) -> torch.Tensor:
@@ -78,7 +90,8 @@ class CrossSignal:
         return CrossSignal(cut(self.span_index), cut(self.first), cut(self.valid), cut(self.student_size),
                            cut(self.teacher_size), cut(self.span_logprobs), cut(self.rest_logprobs),
                            cut(self.topk_logprobs), cut(self.topk_ids), self.matched_share, self.student_matched,
-                           self.stats)
+                           self.stats, span_baseline=cut(self.span_baseline), topk_bytes=cut(self.topk_bytes),
+                           student_bytes=self.student_bytes, first_span_bytes=self.first_span_bytes)
 
 
 def end_of_turn_id(tokenizer, eos: list[int]) -> int | None:
@@ -149,6 +162,7 @@ class CrossTokenizerTeacher:
         if self.t_eot is not None:
             t_by_class["eos"] = self.t_eot
         self.t_by_class = t_by_class  # pairing class -> the teacher's special id for it
+        self.s_bytes, self.t_bytes = self.s_vocab.first_bytes(), self.t_vocab.first_bytes()  # next_byte loss
 
     # ------------------------------------------------------------------------- the teacher's view
     def teacher_prompt(self, rollouts: Rollouts, i: int) -> torch.Tensor:
@@ -196,13 +210,47 @@ class CrossTokenizerTeacher:
             start = pos + 1
         return s_len, segments + ([text] if text else [])
 
-    def encode_segments(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(teacher ids, byte lengths) of each text, one batched encode."""
-        encs = self.t_tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+    def canonical_paths(self, rows: list[np.ndarray], sources: list[str]) -> list[tuple[np.ndarray, np.ndarray] | None]:
+        """For each student row whose tokens are not the student tokenizer's own encoding of its text: that
+        encoding's (ids, byte lengths), the row's specials kept in place; None for other rows.
+
+        A sampling student can reach a text by a rarer path (`t`,`e`,`n`,`t` for `tent`); the teacher scores its
+        own encoding of the text, so the span estimator compares like with like only against the student's
+        canonical path (docs/cross_tokenizer.md, "Non-canonical samples")."""
+        plans = []
+        for ids, src in zip(rows, sources):
+            segs = None
+            if src == "student" and len(ids):
+                segs, start = [], 0
+                for pos in [*np.flatnonzero(self.s_vocab.special[ids]).tolist(), len(ids)]:  # per special token
+                    if pos > start:
+                        segs.append(self.student_text(ids[start:pos])[0])
+                    if pos < len(ids):
+                        segs.append(int(ids[pos]))
+                    start = pos + 1
+            plans.append(segs)
+        encoded = iter(self.encode_segments([g for segs in plans if segs for g in segs if isinstance(g, str)],
+                                            self.s_tok, self.s_vocab))
+        out = []
+        for ids, segs in zip(rows, plans):
+            if segs is None:
+                out.append(None)
+                continue
+            parts = [next(encoded) if isinstance(g, str) else (np.array([g]), np.zeros(1, np.int64)) for g in segs]
+            c_ids, c_len = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+            out.append(None if np.array_equal(c_ids, ids) else (c_ids, c_len))
+        return out
+
+    def encode_segments(self, texts: list[str], tok=None, vocab: VocabBytes | None = None) \
+            -> list[tuple[np.ndarray, np.ndarray]]:
+        """(ids, byte lengths) of each text by the teacher's tokenizer (or `tok` with its `vocab`), one batched
+        encode."""
+        tok, vocab = (tok, vocab) if tok is not None else (self.t_tok, self.t_vocab)
+        encs = tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
         out = []
         for text, enc in zip(texts, encs):
             ids = np.asarray(enc.ids, dtype=np.int64)
-            lens = text_lengths(self.t_vocab, ids, text)
+            lens = text_lengths(vocab, ids, text)
             if lens is None:  # a lossy tokenizer (WordPiece normalisation): its offsets into the text
                 lens = lengths_from_offsets(text, np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2))
             out.append((ids, lens))
@@ -219,34 +267,28 @@ class CrossTokenizerTeacher:
         plans = [self.teacher_view(ids) for ids in rows]
         texts = [seg for _, segs in plans for seg in segs if isinstance(seg, str)]
         encoded = iter(self.encode_segments(texts))
+        canon = self.canonical_paths(rows, rollouts.sources)
         t_rows, alignments = [], []
-        for ids, (s_len, segs) in zip(rows, plans):
+        for ids, (s_len, segs), c in zip(rows, plans, canon):
             parts = [next(encoded) if isinstance(seg, str) else (np.array([seg]), np.zeros(1, np.int64))
                      for seg in segs]
             t_ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
             t_len = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64)
             t_rows.append(t_ids)
+            c = c if request.canonical else None
             alignments.append(align(ids, t_ids, self.s_vocab, self.t_vocab, student_lengths=s_len,
-                                    teacher_lengths=t_len))
+                                    teacher_lengths=t_len, canonical_ids=None if c is None else c[0],
+                                    canonical_lengths=None if c is None else c[1]))
         inner = self._inner_score(rollouts, t_rows, request)
         signal = self._on_student_positions(rollouts, rows, alignments, inner, request.topk)
-        signal.cross.stats["cross/noncanonical_rows"] = self.noncanonical_share(rows, rollouts.sources)
+        signal.cross.canonical = {i: (c[0], al.canonical_span) for i, (c, al) in enumerate(zip(canon, alignments))
+                                  if c is not None and al.canonical_span is not None}
+        # Share of student rows that are not their tokenizer's own encoding of their text: a rising value means
+        # the student learns to spread its mass over tokenizations (docs/cross_tokenizer.md).
+        student = [i for i, (ids, src) in enumerate(zip(rows, rollouts.sources)) if src == "student" and len(ids)]
+        signal.cross.stats["cross/noncanonical_rows"] = \
+            sum(canon[i] is not None for i in student) / len(student) if student else 0.0
         return signal
-
-    def noncanonical_share(self, rows: list[np.ndarray], sources: list[str]) -> float:
-        """Share of student rows whose (non-special) tokens are not the student tokenizer's own encoding of
-        their text. On such a row the span estimator compares the teacher's logprob of ITS tokenization of the
-        text with the student's logprob of a rarer path to the same text, so A_c is not zero even for a
-        teacher identical to the student (docs/cross_tokenizer.md, "Non-canonical samples"); a rising value
-        means the student learns to spread its mass over tokenizations."""
-        picked = [ids[~self.s_vocab.special[ids]] for ids, src in zip(rows, sources) if src == "student"]
-        picked = [ids for ids in picked if len(ids)]
-        if not picked:
-            return 0.0
-        backend = self.s_tok.backend_tokenizer
-        texts = backend.decode_batch([ids.tolist() for ids in picked], skip_special_tokens=False)
-        encoded = backend.encode_batch(texts, add_special_tokens=False)
-        return sum(enc.ids != ids.tolist() for enc, ids in zip(encoded, picked)) / len(picked)
 
     def _inner_score(self, rollouts: Rollouts, t_rows: list[np.ndarray], request: ScoreRequest) -> TeacherSignal:
         t = max([len(r) for r in t_rows] + [1])
@@ -270,6 +312,7 @@ class CrossTokenizerTeacher:
         k = 0 if inner.topk_ids is None else k
         topk_lp = torch.full((n, t, k), float("-inf")) if k else None  # (N, T, K)
         topk_ids = torch.full((n, t, k), -1, dtype=torch.long) if k else None  # (N, T, K)
+        topk_bytes = torch.full((n, t, k), -1, dtype=torch.long) if k else None  # (N, T, K)
         entropy = z(torch.float32) if inner.entropy is not None else None
         for i, (ids, al) in enumerate(zip(rows, alignments)):  # per row; within a row numpy only
             ts = len(ids)
@@ -296,10 +339,13 @@ class CrossTokenizerTeacher:
             if k:
                 topk_lp[i, at] = inner.topk_logprobs[i, src].float()
                 topk_ids[i, at] = torch.from_numpy(self.vocab_map[inner.topk_ids[i, src].numpy()])
+                topk_bytes[i, at] = torch.from_numpy(self.t_bytes[inner.topk_ids[i, src].numpy()])
             if entropy is not None:
                 entropy[i, at] = inner.entropy[i, src].float()
         cross = CrossSignal(span_index, first, valid, s_size, t_size, span_lp, rest_lp, topk_lp, topk_ids,
-                            self.matched_share, self.student_matched)
+                            self.matched_share, self.student_matched, topk_bytes=topk_bytes,
+                            student_bytes=torch.from_numpy(self.s_bytes),
+                            first_span_bytes=self.s_vocab.kind != SENTENCEPIECE)
         cross.stats = alignment_stats(cross, rollouts.completion_mask.bool(), self.matched_share)
         cross.stats.update(aligned_overlap(rollouts, cross))
         return TeacherSignal(token_logprobs=token_lp, entropy=entropy, cross=cross)
