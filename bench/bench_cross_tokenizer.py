@@ -203,9 +203,8 @@ def heldout_kl_per_byte(student, teacher, tok, char, held, seed: int) -> float:
     tokenizers are compared on the same scale, and spreading mass over tokenizations does not lower it."""
     import torch
 
-    from protege.cross_objective import completion_logprobs, fill_span_baseline, spread_baseline
+    from protege.cross_objective import canonical_student_logprobs
     from protege.data import Example, PromptTokenizer
-    from protege.forward import HiddenStates, output_weight
     from protege.rollout import hf as hf_rollout
     from protege.teacher.base import ScoreRequest
     from protege.teacher.cross_tokenizer import CrossTokenizerTeacher
@@ -221,13 +220,11 @@ def heldout_kl_per_byte(student, teacher, tok, char, held, seed: int) -> float:
     ct = CrossTokenizerTeacher(LocalTeacher(teacher, pad_id=0), tok, char, student_vocab_size=student.config.vocab_size,
                                student_eos_ids=[tok.eos_token_id], teacher_eos_ids=[char.eos_token_id])
     sig = ct.score(r, ScoreRequest(canonical=True))
-    fill_span_baseline(sig.cross, r, lambda p, c: completion_logprobs(
-        HiddenStates(student), lambda: output_weight(student), p, c, pad_id=tok.pad_token_id, temperature=1.0,
-        rows=64, chunk=1024))
+    own = canonical_student_logprobs(student, sig.cross, r, pad_id=tok.pad_token_id, rows=64)
     mask = r.completion_mask
     nbytes = sum(len(tok.decode(r.completion_ids[i, : int(mask[i].sum())], skip_special_tokens=True).encode()) + 1
                  for i in range(len(r)))
-    return float((spread_baseline(sig.cross) - sig.token_logprobs)[mask].sum()) / nbytes
+    return float((own - sig.token_logprobs)[mask].sum()) / nbytes
 
 
 def gold_status() -> str:
@@ -252,8 +249,8 @@ def report(args, info, results, seconds, argv: list[str] | None = None) -> str:
              f"- machine: {platform.platform()}, {os.cpu_count()} cores (shared with other jobs), 1 thread per run, "
              f"runs {args.parallel} at a time",
              f"- command: `nice -n 5 python bench/bench_cross_tokenizer.py {' '.join(argv or sys.argv[1:])}` "
-             f"(total {seconds / 60:.1f} min)" + (f"; the rows of other methods come from the previous run with the "
-                                                  f"same settings (results.json)" if args.methods else ""),
+             f"(total {seconds / 60:.1f} min)" + ("; the rows of other methods come from the previous run with the "
+                                                  "same settings (results.json)" if args.methods else ""),
              f"- task: bench_quality.py's (a+b, worked answer); {args.train_problems} training problems, "
              f"{args.heldout} held-out; exact match of greedy answers",
              f"- teacher: char-level Llama 4x128, {args.teacher_steps} SFT steps x {args.sft_batch} problems (lr {args.sft_lr}, cosine): exact match "

@@ -21,7 +21,7 @@ import torch
 
 from protege import losses as L
 from protege.losses.cross_tokenizer import hybrid_loss, next_byte_loss, span_pg_loss, span_sums, uld_loss
-from protege.forward import forward_completion_hidden
+from protege.forward import HiddenStates, forward_completion_hidden, output_weight
 from protege.records import Rollouts, TeacherSignal
 
 MODES = ("span", "shared_topk", "uld", "hybrid", "next_byte")
@@ -200,6 +200,17 @@ def completion_logprobs(model, weight_fn, prompts: list[torch.Tensor], completio
         out += list(lp.split([len(r) for r in ids]))[: len(g)]
     model.train(was_training)
     return out
+
+
+def canonical_student_logprobs(student, cross, rollouts: Rollouts, *, pad_id: int, temperature: float = 1.0,
+                               rows: int = 8, weight_fn=None) -> torch.Tensor:
+    """(N, T) a student model's log q of each row's canonical path, spread over its spans' tokens: fill_span_baseline
+    with one no-grad forward of `student` (a causal LM outside the trainer: held-out evaluation, benchmarks), then
+    spread_baseline. weight_fn() -> its (V, H) output projection (default forward.output_weight)."""
+    weight_fn = weight_fn or (lambda: output_weight(student))
+    fill_span_baseline(cross, rollouts, lambda p, c: completion_logprobs(
+        HiddenStates(student), weight_fn, p, c, pad_id=pad_id, temperature=temperature, rows=rows, chunk=1024))
+    return spread_baseline(cross)
 
 
 def spread_baseline(cross) -> torch.Tensor:

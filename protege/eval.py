@@ -25,7 +25,7 @@ import torch
 
 from protege import modeling
 from protege.data import PromptTokenizer, load_rows, to_examples
-from protege.cross_objective import completion_logprobs, fill_span_baseline, spread_baseline
+from protege.cross_objective import canonical_student_logprobs
 from protege.diagnostics import distinct_n, repetition_rate, sampled_rkl
 from protege.forward import HiddenStates, forward_completion_hidden, output_weight
 from protege.losses import chunked_dense_divergence
@@ -61,10 +61,9 @@ def evaluate(student, teacher, prompts: list[torch.Tensor], *, teacher_local: bo
         out["rkl"] = exact_divergence(student, rollouts, signal.hidden_states, teacher.output_weight, "reverse_kl",
                                       pad_id=pad_id, batch=micro_batch_size)
     elif signal.cross is not None:  # another tokenizer: log q of the text by the student's canonical path
-        fill_span_baseline(signal.cross, rollouts, lambda p, c: completion_logprobs(
-            HiddenStates(student), lambda: gathered_output_weight(student), p, c, pad_id=pad_id,
-            temperature=temperature or 1.0, rows=micro_batch_size, chunk=1024))
-        out["rkl"] = sampled_rkl(spread_baseline(signal.cross), signal.token_logprobs, mask)
+        own = canonical_student_logprobs(student, signal.cross, rollouts, pad_id=pad_id, temperature=temperature or 1.0,
+                                         rows=micro_batch_size, weight_fn=lambda: gathered_output_weight(student))
+        out["rkl"] = sampled_rkl(own, signal.token_logprobs, mask)
     else:
         out["rkl"] = sampled_rkl(rollouts.sampling_logprobs, signal.token_logprobs, mask)
     return {**out, **text_metrics(rollouts)}
