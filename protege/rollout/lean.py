@@ -16,6 +16,9 @@ top_k / top_p truncate what the token is drawn from. What it does differently, p
   logprob(token) = z_tok/T - m - log s; top-k: topk of z/T minus the same normaliser;
   entropy = log s - sum(e * (z/T - m)) / s. No (rows, V) log_softmax copy per step.
 - rows that emit EOS leave the batch (their cache rows are dropped), so they stop costing compute.
+- on the CPU, linear layers take a decode step's few rows through protege's AVX2 kernel (it streams
+  the weights at close to memory speed, where BLAS reaches a third of it at 8 rows), and attention
+  reads the KV cache once per KV head instead of copying it per query head (protege/rollout/fast_decode.py).
 
 The random stream is the engine's own torch.Generator (seeded), or torch's global one when none is
 given; tokens are not bit-identical to HF generate's (different sampling algorithm), but they follow
@@ -34,6 +37,7 @@ from transformers.cache_utils import DynamicLayer
 from protege.forward import length_batches
 from protege.records import Rollouts
 from protege.rollout.base import Sampling
+from protege.rollout.fast_decode import fast_decode
 
 
 class PreallocLayer(DynamicLayer):
@@ -237,7 +241,8 @@ def generate(model: nn.Module, prompt_ids: list[torch.Tensor], *, max_new_tokens
     model.eval()
     try:
         for group in length_batches([len(p) + max_new_tokens for p in prompt_ids], batch_tokens):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16), \
+                    fast_decode(model, device.type == "cpu"):
                 for i, row in zip(group, _generate_group(model, [prompt_ids[i] for i in group], sampling, pad_id,
                                                           generator)):
                     rows[i] = row
