@@ -334,7 +334,8 @@ def step_flops(buffer, s_cfg, t_cfg, mb: int, gen_rows: int) -> dict:
 
 
 def _category(name: str) -> str:
-    if name in MATMUL_OPS or ("mkldnn" in name and ("matmul" in name or "linear" in name)):
+    if name in MATMUL_OPS or name == "protege::decode_linear" or ("mkldnn" in name and ("matmul" in name or
+                                                                                      "linear" in name)):
         return "matmul"
     if "scaled_dot_product" in name or "flash_attention" in name or "efficient_attention" in name:
         return "attention"

@@ -204,9 +204,11 @@ def build_rollout_engine(cfg: Config, student, *, pad_id: int, bf16: bool, seed:
     if r.engine == "lean":
         from protege.rollout.lean import LeanEngine
 
-        return LeanEngine(student, pad_id=pad_id, batch_tokens=r.batch_tokens, autocast_bf16=bf16, seed=lean_seed)
+        return LeanEngine(student, pad_id=pad_id, batch_tokens=r.batch_tokens, autocast_bf16=bf16, seed=lean_seed,
+                          fast_decode=r.fast_decode)
     if r.engine != "vllm":
-        return HFEngine(student, pad_id=pad_id, batch_tokens=r.batch_tokens, autocast_bf16=bf16)
+        return HFEngine(student, pad_id=pad_id, batch_tokens=r.batch_tokens, autocast_bf16=bf16,
+                        fast_decode=r.fast_decode)
     from protege.rollout.vllm_engine import VLLMRolloutEngine
 
     return VLLMRolloutEngine(cfg.student.path, student_model=student, dtype="bfloat16" if bf16 else cfg.student.dtype,

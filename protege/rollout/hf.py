@@ -69,8 +69,10 @@ class _Recorder(LogitsProcessor):
 @torch.no_grad()
 def generate(model: nn.Module, prompt_ids: list[torch.Tensor], *, max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, eos_ids: list[int], pad_id: int, batch_tokens: int = 16384,
-             record_topk: int = 0, autocast_bf16: bool = False, source: str = "student") -> Rollouts:
-    """Sample one completion per prompt (repeat prompts for several generations per prompt)."""
+             record_topk: int = 0, autocast_bf16: bool = False, source: str = "student",
+             fast: bool = True) -> Rollouts:
+    """Sample one completion per prompt (repeat prompts for several generations per prompt); fast: the CPU decode
+    step of protege.rollout.fast_decode."""
     n = len(prompt_ids)
     device = next(model.parameters()).device
     completions: list[torch.Tensor | None] = [None] * n
@@ -100,7 +102,7 @@ def generate(model: nn.Module, prompt_ids: list[torch.Tensor], *, max_new_tokens
         if temperature > 0 and top_p < 1:
             processors.append(TopPLogitsWarper(top_p))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16), \
-                fast_decode(model, device.type == "cpu"):
+                fast_decode(model, fast and device.type == "cpu"):
             out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                                  generation_config=gen_cfg, logits_processor=LogitsProcessorList(processors))
         new = out[:, width:].cpu()  # (b, steps)
@@ -132,14 +134,17 @@ class HFEngine:
     pad_id, batch_tokens (rows x (prompt + max_new_tokens) per generate call) and bf16 autocast are
     the engine's own settings; everything about sampling comes in a Sampling per call."""
 
-    def __init__(self, model: nn.Module, *, pad_id: int, batch_tokens: int = 16384, autocast_bf16: bool = False):
+    def __init__(self, model: nn.Module, *, pad_id: int, batch_tokens: int = 16384, autocast_bf16: bool = False,
+                 fast_decode: bool = True):
         self.model, self.pad_id, self.batch_tokens, self.autocast_bf16 = model, pad_id, batch_tokens, autocast_bf16
+        self.fast = fast_decode
 
     def generate(self, prompt_ids: list[torch.Tensor], sampling: Sampling, *, source: str = "student") -> Rollouts:
         return generate(self.model, prompt_ids, max_new_tokens=sampling.max_new_tokens,
                         temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
                         eos_ids=list(sampling.eos_ids), record_topk=sampling.record_topk, pad_id=self.pad_id,
-                        batch_tokens=self.batch_tokens, autocast_bf16=self.autocast_bf16, source=source)
+                        batch_tokens=self.batch_tokens, autocast_bf16=self.autocast_bf16, source=source,
+                        fast=self.fast)
 
     def sync_weights(self, model: nn.Module) -> None:
         """Nothing to do: generation reads the model's current weights."""

@@ -231,7 +231,7 @@ class _Record:
 def generate(model: nn.Module, prompt_ids: list[torch.Tensor], *, max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, eos_ids: list[int], pad_id: int, batch_tokens: int = 16384,
              record_topk: int = 0, autocast_bf16: bool = False, source: str = "student",
-             generator: torch.Generator | None = None) -> Rollouts:
+             generator: torch.Generator | None = None, fast: bool = True) -> Rollouts:
     """Sample one completion per prompt: protege.rollout.hf.generate's signature and record (plus a generator)."""
     sampling = Sampling(max_new_tokens=max_new_tokens, eos_ids=tuple(eos_ids), temperature=temperature, top_p=top_p,
                         top_k=top_k, record_topk=record_topk)
@@ -242,7 +242,7 @@ def generate(model: nn.Module, prompt_ids: list[torch.Tensor], *, max_new_tokens
     try:
         for group in length_batches([len(p) + max_new_tokens for p in prompt_ids], batch_tokens):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16), \
-                    fast_decode(model, device.type == "cpu"):
+                    fast_decode(model, fast and device.type == "cpu"):
                 for i, row in zip(group, _generate_group(model, [prompt_ids[i] for i in group], sampling, pad_id,
                                                           generator)):
                     rows[i] = row
@@ -260,8 +260,9 @@ class LeanEngine:
     (it samples the live weights). seed: its own random stream (None: torch's global one)."""
 
     def __init__(self, model: nn.Module, *, pad_id: int, batch_tokens: int = 16384, autocast_bf16: bool = False,
-                 seed: int | None = None):
+                 seed: int | None = None, fast_decode: bool = True):
         self.model, self.pad_id, self.batch_tokens, self.autocast_bf16 = model, pad_id, batch_tokens, autocast_bf16
+        self.fast = fast_decode
         device = next(model.parameters()).device
         self.generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
 
@@ -270,7 +271,7 @@ class LeanEngine:
                         temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
                         eos_ids=list(sampling.eos_ids), record_topk=sampling.record_topk, pad_id=self.pad_id,
                         batch_tokens=self.batch_tokens, autocast_bf16=self.autocast_bf16, source=source,
-                        generator=self.generator)
+                        generator=self.generator, fast=self.fast)
 
     def sync_weights(self, model: nn.Module) -> None:
         """Nothing to do: generation reads the model's current weights."""
