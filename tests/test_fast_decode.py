@@ -138,3 +138,23 @@ def test_without_a_compiler_the_lean_engine_uses_torch(tmp_path):
     here = lean.generate(make_model(2, seed=4).eval(), [torch.tensor([3, 4, 5])], max_new_tokens=4, temperature=0.0,
                          eos_ids=[1], pad_id=0)  # this process: the kernel when there is one
     assert f"TOKENS {here.completion_ids[0].tolist()}" in run.stdout
+
+
+@needs_kernel
+def test_decode_forwards_run_torch_on_one_thread_and_the_kernel_on_all():
+    model = make_model(2, seed=4).eval()
+    seen, calls = [], []
+    model.model.layers[0].register_forward_hook(lambda *a: seen.append(torch.get_num_threads()))
+    real = decode_kernel.linear
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        decode_kernel.linear = lambda *a, **k: calls.append(a[3] if len(a) > 3 else k.get("threads")) or real(*a, **k)
+        lean.generate(model, [torch.tensor([3, 4, 5, 6]), torch.tensor([7, 8])], max_new_tokens=3, temperature=0.0,
+                      eos_ids=[1], pad_id=0)
+        assert torch.get_num_threads() == 2  # restored
+    finally:
+        decode_kernel.linear = real
+        torch.set_num_threads(before)
+    assert seen[0] == 2 and set(seen[1:]) == {1}, seen  # prefill on every thread, decode steps on one
+    assert calls and set(calls) == {2}, calls  # the kernel still splits over both

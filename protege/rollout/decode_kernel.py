@@ -117,13 +117,15 @@ def usable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
             and available())
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight^T + bias for x (..., K) with at most MAX_ROWS rows, through the kernel (check usable() first)."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           threads: int | None = None) -> torch.Tensor:
+    """x @ weight^T + bias for x (..., K) with at most MAX_ROWS rows, through the kernel (check usable() first),
+    its output rows split over `threads` threads (default torch.get_num_threads())."""
     n, k = weight.shape
     flat = x.reshape(-1, k).contiguous()  # (rows, K): a view for the usual contiguous input
     y = x.new_empty((flat.shape[0], n))
     args = (flat.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(), flat.shape[0],
-            k, n, torch.get_num_threads())
+            k, n, threads or torch.get_num_threads())
     if torch.autograd.profiler._is_profiler_enabled:  # named in profiles (bench_vs_trl counts it as a matmul)
         with torch.profiler.record_function(PROFILE_NAME):
             _lib.protege_xwt(*args)

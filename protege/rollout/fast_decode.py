@@ -17,6 +17,7 @@ Both are exact up to float32 rounding (tests/test_lean_engine.py compares with t
 from __future__ import annotations
 
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 from torch import nn
@@ -26,10 +27,11 @@ from protege.rollout import decode_kernel
 ATTENTION = "protege_decode"
 
 
-def decode_linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """module(x), through protege's decode kernel when it applies (few float32 CPU rows, no grad), else F.linear."""
+def decode_linear(module: nn.Linear, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+    """module(x), through protege's decode kernel when it applies (few float32 CPU rows, no grad; its rows split over
+    `threads` threads), else F.linear."""
     if decode_kernel.usable(x, module.weight, module.bias):
-        return decode_kernel.linear(x, module.weight, module.bias)
+        return decode_kernel.linear(x, module.weight, module.bias, threads)
     return nn.functional.linear(x, module.weight, module.bias)
 
 
@@ -52,6 +54,12 @@ def decode_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     return out.transpose(1, 2), None
 
 
+def _decode_threads(module, args, kwargs, threads: int):
+    """Forward pre-hook: one torch thread for a decode forward (input_ids of one position), else `threads`."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    torch.set_num_threads(1 if isinstance(ids, torch.Tensor) and ids.shape[-1] == 1 else threads)
+
+
 def _register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -64,7 +72,12 @@ def _register() -> None:
 def fast_decode(model: nn.Module, enabled: bool = True):
     """While inside, `model` decodes with decode_linear (when protege's kernel is available) and decode_attention
     (for configs using sdpa). Instance attributes and config fields, all restored on exit: other models and other
-    threads are untouched. A no-op when not enabled."""
+    threads are untouched. A no-op when not enabled.
+
+    With the kernel and more than one torch thread, a decode forward (one new token per row) runs torch's own ops
+    on one thread and the kernel splits its rows over all of them: at decode sizes OpenMP's fork/join costs more
+    than the small ops it splits (docs/scale.md). Other forwards (the prefill) keep every thread; the count is
+    restored on exit."""
     linears = [m for m in model.modules() if type(m) is nn.Linear and "forward" not in vars(m)] \
         if enabled and decode_kernel.available() else []
     configs = {}
@@ -74,13 +87,19 @@ def fast_decode(model: nn.Module, enabled: bool = True):
             cfg = getattr(m, "config", None)
             if cfg is not None and getattr(cfg, "_attn_implementation", None) == "sdpa":
                 configs[id(cfg)] = cfg
+    threads = torch.get_num_threads()
     for m in linears:
-        m.forward = decode_linear.__get__(m)
+        m.forward = partial(decode_linear, m, threads=threads)
     for cfg in configs.values():
         cfg._attn_implementation = ATTENTION
+    hook = model.register_forward_pre_hook(partial(_decode_threads, threads=threads), with_kwargs=True) \
+        if linears and threads > 1 else None
     try:
         yield
     finally:
+        if hook is not None:
+            hook.remove()
+            torch.set_num_threads(threads)
         for m in linears:
             del m.forward
         for cfg in configs.values():
