@@ -50,9 +50,8 @@ def _build(cc: str) -> Path:
     folder = _cache_dir()
     try:
         folder.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        folder = Path(tempfile.gettempdir()) / "protege_kernels"
-        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:  # a private folder, never a shared one another user could plant a library in
+        folder = Path(tempfile.mkdtemp(prefix="protege_kernels_"))
     target = folder / f"decode_kernel-{key}.so"
     if target.exists():
         return target

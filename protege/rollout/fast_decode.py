@@ -1,4 +1,4 @@
-"""The lean engine's decode step on the CPU: linear layers through protege's kernel, attention without KV copies.
+"""The CPU decode step of both engines: linear layers through protege's kernel, attention without KV copies.
 
 `fast_decode(model)` is a context manager; inside it, for this model only:
 
@@ -11,13 +11,16 @@
   9 query / 3 KV heads, 100 positions. Everything else (prefill, sliding windows, soft-capping,
   attention sinks, dropout) goes to HF's sdpa_attention_forward unchanged.
 
-Both are exact up to float32 rounding (tests/test_lean_engine.py compares with the model's own forward).
+Both are exact up to float32 rounding (tests/test_fast_decode.py compares with float64 and the model's own
+forward). rollout.fast_decode: false turns both off.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 from functools import partial
+
+import threading
 
 import torch
 from torch import nn
@@ -92,8 +95,9 @@ def fast_decode(model: nn.Module, enabled: bool = True):
         m.forward = partial(decode_linear, m, threads=threads)
     for cfg in configs.values():
         cfg._attn_implementation = ATTENTION
+    main = threading.current_thread() is threading.main_thread()  # not in rollout.max_lag's thread: MKL's thread
     hook = model.register_forward_pre_hook(partial(_decode_threads, threads=threads), with_kwargs=True) \
-        if linears and threads > 1 else None
+        if linears and threads > 1 and main else None  # count is process-wide, the training thread would feel it
     try:
         yield
     finally:
