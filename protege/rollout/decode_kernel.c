@@ -5,8 +5,9 @@
    A decode step multiplies a few rows by every weight matrix once, so its speed is how fast W streams
    from memory. For each row of W this loads 8 floats of W at a time and multiplies them into the 8 rows
    of x (which stay in L1), with one accumulator per x row, then reduces the 8 accumulators into 8
-   outputs with one hadd tree. A last block of fewer than 8 rows reads its last row again in the
-   missing slots and does not store them. The next W rows are prefetched. Rows of W are split over nthreads threads.
+   outputs with one hadd tree; more than 8 rows of x are taken 8 at a time while W's row is in L1, so
+   W is read from memory once whatever M. A last block of fewer than 8 rows reads its last row again
+   in the missing slots and does not store them. The next W rows are prefetched. Rows of W are split over nthreads threads.
    Summation order differs from BLAS: results agree to float32 rounding, not bit for bit. */
 #include <immintrin.h>
 #include <pthread.h>
@@ -28,12 +29,12 @@ static inline __m256 reduce8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 
 
 static void run(const job_t *j) {
   const long K = j->k, M = j->m, N = j->n;
-  for (long mb = 0; mb < M; mb += 8) {
-    const int live = M - mb < 8 ? (int)(M - mb) : 8;
-    const float *xr[8];
-    for (int i = 0; i < 8; i++) xr[i] = j->x + (mb + (i < live ? i : live - 1)) * K;
-    for (long n = j->n0; n < j->n1; n++) {
-      const float *wr = j->w + n * K;
+  for (long n = j->n0; n < j->n1; n++) {  /* W's row n is read from memory once, then from L1 for every block */
+    const float *wr = j->w + n * K;
+    for (long mb = 0; mb < M; mb += 8) {
+      const int live = M - mb < 8 ? (int)(M - mb) : 8;
+      const float *xr[8];
+      for (int i = 0; i < 8; i++) xr[i] = j->x + (mb + (i < live ? i : live - 1)) * K;
       __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
       long k = 0;
       for (; k + 8 <= K; k += 8) {
