@@ -96,7 +96,7 @@ def available() -> bool:
             log.info("decode kernel loaded")
         except Exception as e:  # noqa: BLE001 - any failure means: use torch
             _why_not = str(e)
-            log.warning("protege's decode kernel is not used (generation falls back to torch.mm): %s", e)
+            log.warning("protege's decode kernel is not used (decode steps use F.linear): %s", e)
     return _lib is not None
 
 
