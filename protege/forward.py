@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from protege.losses.chunked import grad_into_weight
+
 
 def output_weight(model: nn.Module) -> torch.Tensor:
     """The (V, H) vocabulary projection of a causal LM (PEFT-wrapped or not)."""
@@ -64,6 +66,12 @@ class HiddenStates(nn.Module):
         """attention_mask (B, S) for padded rows; or None with position_ids restarting at 0 for every packed
         row (protege/packing.py: transformers then masks attention across rows)."""
         decoder = _base(self.model).get_decoder()
+        emb = tied_input_embedding(self.model)
+        if emb is not None and torch.is_grad_enabled() and grad_into_weight() is emb.weight:  # a sparse addend
+            embeds = nn.functional.embedding(input_ids, emb.weight, emb.padding_idx, emb.max_norm, emb.norm_type,
+                                             emb.scale_grad_by_freq, sparse=True)  # (B, S, H)
+            return decoder(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                           use_cache=False).last_hidden_state
         return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        use_cache=False).last_hidden_state
 
@@ -84,6 +92,35 @@ class HiddenStates(nn.Module):
 
     def get_output_embeddings(self) -> nn.Module:
         return _base(self.model).get_output_embeddings()
+
+
+def tied_input_embedding(model: nn.Module) -> nn.Embedding | None:
+    """The input embedding when its weight is the trained lm_head's (tied, a plain tensor), else None.
+
+    Memory: the embedding's gradient is dense (V, H) by default, so the end of the backward holds three
+    lm_head-sized tensors at once: the loss's gradient of the weight, the embedding's, and autograd's sum of
+    the two (SmolLM2: 3 x 113 MB, at the step's peak memory). Taken as a sparse gradient (F.embedding with
+    sparse=True: only the rows of the batch's tokens), the embedding's addend is a few rows and the sum is the
+    same dense .grad: one (V, H) tensor less. Autograd never adds a sparse addend in place, so the loss hands
+    its gradient straight to .grad (protege.losses.grad_into), and the weight's AccumulateGrad adds the sparse
+    rows into it in place: no second (V, H) tensor at all. HiddenStates does this only inside that block (the
+    trainer's learn), so other callers keep dense gradients; `dense_grads` covers the case where no dense
+    addend came. Not for a sharded (FSDP2) or frozen weight, or an embedding module that does more than look
+    rows up (Gemma's scaled embedding)."""
+    base = _base(model)
+    emb, head = base.get_input_embeddings(), base.get_output_embeddings()
+    if type(emb) is not nn.Embedding or head is None or head.weight is not emb.weight:
+        return None
+    w = emb.weight
+    return emb if type(w) is nn.Parameter and w.requires_grad and w.layout == torch.strided else None
+
+
+def dense_grads(model: nn.Module) -> None:
+    """Turn any sparse .grad (the tied embedding's, when the loss gave its weight no dense gradient) dense:
+    optimizers such as AdamW refuse sparse gradients."""
+    for p in model.parameters():
+        if p.grad is not None and p.grad.is_sparse:
+            p.grad = p.grad.to_dense()
 
 
 def pack_rows(prompt_ids: list[torch.Tensor], completion_ids: torch.Tensor, completion_mask: torch.Tensor,

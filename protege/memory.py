@@ -23,6 +23,20 @@ def _libc():
     return libc if libc is not None and hasattr(libc, "malloc_trim") else None
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def mmap_threshold(mb: int) -> bool:
+    """glibc: serve allocations of at least `mb` MB with their own mmap (returned to the OS by free).
+
+    By default glibc raises this threshold as large blocks are freed, up to 32 MB, so the many 4-32 MB tensors
+    of a step (a loss chunk's (128, V) logits, the recomputed activations) come from its heap afterwards and stay
+    resident once freed. A fixed threshold stops that (glibc then keeps it fixed). Process-wide, like
+    MALLOC_MMAP_THRESHOLD_. True if set (glibc), False elsewhere."""
+    libc = _libc()
+    return bool(libc is not None and hasattr(libc, "mallopt") and libc.mallopt(M_MMAP_THRESHOLD, int(mb) << 20))
+
+
 def trim() -> None:
     """Return the C heap's free memory to the OS (glibc malloc_trim(0)); nothing elsewhere."""
     libc = _libc()

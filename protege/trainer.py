@@ -37,8 +37,8 @@ from protege.cross_objective import completion_logprobs, fill_span_baseline, spr
 from protege.data import PromptStream, PromptTokenizer, load_prompt_sets
 from protege.diagnostics import HealthMonitor, sampled_rkl, step_health, truncation_rate
 from protege.hardware import use_bf16
-from protege.forward import HiddenStates, forward_completion_hidden, output_weight
-from protege.losses import reduce_tokens
+from protege.forward import HiddenStates, dense_grads, forward_completion_hidden, output_weight, tied_input_embedding
+from protege.losses import grad_into, reduce_tokens
 from protege.rollout.base import RolloutEngine, Sampling
 from protege.records import Rollouts, TeacherSignal
 from protege.teacher.base import Teacher, optional
@@ -68,6 +68,8 @@ class Distiller:
                              f"processes ({self.acc.num_processes}): every process needs at least one prompt per step")
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
+        if cfg.train.malloc_mmap_threshold_mb:
+            memory.mmap_threshold(cfg.train.malloc_mmap_threshold_mb)  # freed big tensors leave the resident set
         torch.manual_seed(cfg.train.seed + self.acc.process_index)
         self.out = Path(cfg.output.dir)
         self.bf16 = use_bf16(cfg.train.precision, self.acc.device.type)
@@ -236,6 +238,9 @@ class Distiller:
         forward = packing.forward_packed_hidden if cfg.train.pack else forward_completion_hidden
         scale = fsdp.micro_batch_weights(acc, len(mbs), self.sharded)  # FSDP2: the same count on every rank
         mbs += [mbs[0]] * (len(scale) - len(mbs))
+        emb = tied_input_embedding(self.model)  # a tied lm_head: no (V, H) gradient sum in the backward (memory)
+        tied = emb.weight if emb is not None and not self.sharded and emb.weight is output_weight(self.student) \
+            else None
         loss_sum = 0.0
         row_loss = torch.zeros(len(buffer))  # (N,) each row's summed per-token loss (per-teacher metrics)
         self.model.train()
@@ -244,7 +249,7 @@ class Distiller:
             sig = signal.select(rows, mb.completion_ids.shape[1])
             last = i == len(mbs) - 1
             with (acc.no_sync(self.model) if not last else nullcontext()), \
-                    torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                    torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=self.bf16), grad_into(tied):
                 hidden = forward(self.model, mb.prompt_ids, mb.completion_ids.to(acc.device), mb.completion_mask,
                                  self.tok.pad_token_id)  # (B, T, H)
                 weight = fsdp.gathered_output_weight(self.student)  # (V, H), after the forward (FSDP2 gathers it)
@@ -254,6 +259,7 @@ class Distiller:
                 acc.backward(loss * acc.num_processes)  # DDP averages over ranks; we want the sum
             loss_sum += float(loss.detach())
             row_loss[rows] = per_token.detach().float().sum(1).cpu()
+        dense_grads(self.model)  # a tied embedding's gradient may be sparse (protege.forward.tied_input_embedding)
         grad_norm = None
         if cfg.optim.max_grad_norm is not None:
             grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), cfg.optim.max_grad_norm))

@@ -107,3 +107,92 @@ def test_a_loss_that_ignores_the_logits_has_zero_gradient():
                                         fused=True)
     values.sum().backward()
     assert torch.equal(values, torch.ones(37, dtype=F64)) and hidden.grad.abs().max() == 0
+
+
+def _vocab_allocations_in_backward(sparse_embedding: bool, micro_batches: int = 1) -> tuple[list[str], torch.Tensor]:
+    """The ops that create a NEW (V, H) tensor during the backward of a tied tiny Llama's fused loss, and the
+    tied weight's gradient. In-place ops (their output is an input) are not creations."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    import protege.forward as fwd
+    from tests.tiny import make_model
+
+    model = make_model(2, seed=3).double()
+    weight = model.get_output_embeddings().weight
+    shape = tuple(weight.shape)
+    ids = torch.randint(2, 128, (3, 9), generator=torch.Generator().manual_seed(4))
+    found = []
+
+    class NewVocabTensors(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = {a.data_ptr() for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)
+                      and a.layout == torch.strided}
+            for o in tree_leaves(out):
+                if isinstance(o, torch.Tensor) and o.layout == torch.strided and tuple(o.shape) == shape \
+                        and o.data_ptr() not in inputs:
+                    found.append(str(func))
+            return out
+
+    teacher = torch.log_softmax(torch.randn(27, 128, dtype=F64, generator=torch.Generator().manual_seed(5)), -1)
+    for mb in range(micro_batches):
+        with L.grad_into(weight if sparse_embedding else None):  # as the trainer does: forward, loss, backward
+            hidden = fwd.HiddenStates(model)(ids + mb, torch.ones_like(ids))  # (B, S, H)
+            values = L.chunked_dense_divergence(hidden.reshape(-1, hidden.shape[-1]), weight, teacher_logprobs=teacher,
+                                                name="reverse_kl", chunk_size=8, fused=True)
+            loss = values.sum() / 27
+            with NewVocabTensors():
+                loss.backward()
+    fwd.dense_grads(model)
+    return found, weight.grad
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_tied_embedding_backward_creates_no_vocab_matrix(micro_batches):
+    """protege.forward.tied_input_embedding + losses.grad_into: the tied weight's gradient equals the dense
+    embedding path's, and the backward creates no (V, H) tensor, where the dense path creates two (the embedding's
+    dense gradient, then autograd's sum with the loss's). Two micro-batches: the second adds into .grad."""
+    dense_ops, dense_grad = _vocab_allocations_in_backward(False, micro_batches)
+    sparse_ops, sparse_grad = _vocab_allocations_in_backward(True, micro_batches)
+    assert any("embedding_dense_backward" in op for op in dense_ops) and len(dense_ops) >= 2, dense_ops
+    assert sparse_ops == [], sparse_ops
+    assert not sparse_grad.is_sparse
+    assert torch.allclose(sparse_grad, dense_grad, atol=1e-12, rtol=1e-10), (sparse_grad - dense_grad).abs().max()
+
+
+def test_grad_into_is_only_for_that_weight():
+    """grad_into(w) leaves another weight's fused gradient to autograd (whose hooks, DDP's among them, then fire),
+    and is off again after the block."""
+    grads = []
+    for into in (None, "other"):
+        hidden, weight, t_hidden, t_weight = _inputs()
+        other = weight.detach().clone().requires_grad_()
+        accumulated = []
+        weight.register_post_accumulate_grad_hook(lambda p: accumulated.append(p.grad.clone()))
+        with L.grad_into(other if into else None):
+            values = L.chunked_dense_divergence(hidden, weight, teacher_hidden=t_hidden, teacher_weight=t_weight,
+                                                name="reverse_kl", chunk_size=8, fused=True)
+        values.sum().backward()
+        assert weight.grad is not None and other.grad is None
+        assert len(accumulated) == 1 and torch.equal(accumulated[0], weight.grad)  # through autograd
+        grads.append(weight.grad)
+    assert torch.equal(grads[0], grads[1])
+    with L.grad_into(weight):
+        pass
+    values = L.chunked_dense_divergence(hidden, weight, teacher_hidden=t_hidden, teacher_weight=t_weight,
+                                        name="reverse_kl", chunk_size=8, fused=True)
+    weight.grad = None
+    values.sum().backward()  # after the block: through autograd again
+    assert torch.equal(weight.grad, grads[0])
+
+
+def test_tied_input_embedding_only_for_a_trained_plain_tied_weight():
+    import protege.forward as fwd
+    from tests.tiny import make_model, make_plain_model
+
+    tied = make_model(1, seed=0)
+    assert fwd.tied_input_embedding(tied) is tied.get_input_embeddings()
+    assert fwd.tied_input_embedding(make_plain_model(64)) is None  # untied: AdamW would get a sparse gradient
+    tied.get_input_embeddings().weight.requires_grad_(False)
+    assert fwd.tied_input_embedding(tied) is None

@@ -24,7 +24,9 @@ from protege.trainer import Distiller
 PINNED_LAG0 = [[0.06353344768285751, 0.3536940813064575, 0.06353344768285751, 0.5160450339317322],
                [0.18103472888469696, 1.6051326990127563, 0.18103469908237457, 0.7678075432777405],
                [0.3189370036125183, 2.0627217292785645, 0.3189370334148407, 1.4323774576187134]]
-PINNED_WEIGHTS = 1.4613403641186933  # torch's fused AdamW (protege.build.build_optimizer) and the CPU decode step
+PINNED_WEIGHTS = 1.4613398813399003  # the tied embedding's gradient as a sparse addend (protege.forward.
+# tied_input_embedding: every weight within 1.2e-7 of the dense path's, float32 summation order), before it
+# 1.4613403641186933 with torch's fused AdamW (protege.build.build_optimizer) and the CPU decode step
 # (protege.rollout.fast_decode: the same tokens, sampling logprobs to float32 rounding); before the decode step
 # 1.4613403385484474 (2e-8 relative), with the default AdamW 1.4613410182651059 and a third-step grad norm of
 # 2.0627214908599854 (the same to 5e-7 relative)

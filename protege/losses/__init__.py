@@ -24,7 +24,7 @@ completion-token count of the whole optimizer step, which makes gradient accumul
 """
 
 from ._checks import DIVERGENCES, TAIL_MODES
-from .chunked import chunked_dense_divergence, chunked_loss_from_hidden, dense_teacher_chunk
+from .chunked import chunked_dense_divergence, chunked_loss_from_hidden, dense_teacher_chunk, grad_into
 from .divergences import dense_divergence, divergence
 from .reduce import reduce_tokens
 from .sampled import discounted_reward_to_go, sampled_token_pg_loss, token_logprobs_from_logits
@@ -52,5 +52,6 @@ __all__ = [
     "chunked_loss_from_hidden",
     "dense_teacher_chunk",
     "chunked_dense_divergence",
+    "grad_into",
     "reduce_tokens",
 ]

@@ -17,6 +17,8 @@ on the output head); pass a custom loss_fn to chunked_loss_from_hidden if yours 
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -32,6 +34,33 @@ def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, loss_fn: Callable, *
     if out.shape != hidden.shape[:1]:
         raise ValueError(f"loss_fn returned shape {tuple(out.shape)}; expected one value per row ({hidden.shape[0]},)")
     return out
+
+
+_direct = threading.local()  # .weight: the parameter whose fused gradient goes straight into .grad (grad_into)
+
+
+@contextmanager
+def grad_into(weight: torch.Tensor | None):
+    """Inside, a fused chunked loss on exactly this leaf `weight` adds its gradient straight into weight.grad
+    in backward (weight.grad = g when None, else weight.grad += g) and hands autograd None for it.
+
+    For a tied lm_head whose embedding gives its gradient as a sparse addend (protege.forward.
+    tied_input_embedding): autograd would sum the two addends into a new (V, H) tensor (it never adds a sparse
+    addend in place); the weight's AccumulateGrad adds a sparse gradient into an existing dense .grad in place.
+    Only valid when the weight still gets an autograd gradient from elsewhere (the embedding) after this loss's
+    backward: distributed hooks (DDP) fire on that one, with .grad complete. protege.forward.HiddenStates takes
+    the tied embedding's gradient as sparse only inside this block. Per thread; None: off."""
+    before = getattr(_direct, "weight", None)
+    _direct.weight = weight
+    try:
+        yield
+    finally:
+        _direct.weight = before
+
+
+def grad_into_weight() -> torch.Tensor | None:
+    """The weight of the innermost grad_into block of this thread, else None."""
+    return getattr(_direct, "weight", None)
 
 
 class _FusedChunks(torch.autograd.Function):
@@ -76,6 +105,7 @@ class _FusedChunks(torch.autograd.Function):
         # takes grad_W as the weight's .grad without a (V, H) copy.
         ctx.grads = [grad_h, None if grad_w is None else grad_w.to(weight.dtype)]
         ctx.n_extras = len(extras)
+        ctx.into = weight if want_w and weight is getattr(_direct, "weight", None) and weight.is_leaf else None
         return torch.cat(outs)
 
     @staticmethod
@@ -91,6 +121,13 @@ class _FusedChunks(torch.autograd.Function):
         grads, ctx.grads = ctx.grads, None  # scaled in place and handed over: no second (V, H) copy of grad_W
         scaled = [None if g is None else g.mul_(s.to(g.dtype)) for g in grads]
         del grads
+        if ctx.into is not None:  # grad_into: straight into .grad, no (V, H) sum with the embedding's addend
+            weight, ctx.into = ctx.into, None
+            if weight.grad is None:
+                weight.grad = scaled[1]
+            else:
+                weight.grad.add_(scaled[1])
+            scaled[1] = None
         return *scaled, None, None, *([None] * ctx.n_extras)
 
 
@@ -217,4 +254,4 @@ def chunked_dense_divergence(
                                     fused=fused)
 
 
-__all__ = ["chunked_loss_from_hidden", "dense_teacher_chunk", "chunked_dense_divergence"]
+__all__ = ["chunked_loss_from_hidden", "dense_teacher_chunk", "chunked_dense_divergence", "grad_into"]

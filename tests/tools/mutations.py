@@ -68,6 +68,9 @@ MUTATIONS = [
       "                pass\n",
       ["tests/test_overlap.py", "-k", "lag1_samples"], "lag 1 samples with the first weights forever"),
     # ---- losses and objective
+    m("grad-into-overwrites", "protege/losses/chunked.py", "                weight.grad.add_(scaled[1])",
+      "                weight.grad.copy_(scaled[1])", "tests/test_fused_loss.py",
+      "with the tied embedding's sparse gradient, the second micro-batch's lm_head gradient replaces the first's"),
     m("loss-sign-flipped", "protege/objective.py", "return out.masked_scatter(mask, values.float())",
       "return out.masked_scatter(mask, -values.float())", OBJECTIVES, "the student is pushed away from the teacher"),
     m("jsd-beta-swapped", "protege/losses/divergences.py",
