@@ -66,8 +66,9 @@ class HiddenStates(nn.Module):
         """attention_mask (B, S) for padded rows; or None with position_ids restarting at 0 for every packed
         row (protege/packing.py: transformers then masks attention across rows)."""
         decoder = _base(self.model).get_decoder()
-        emb = tied_input_embedding(self.model)
-        if emb is not None and torch.is_grad_enabled() and grad_into_weight() is emb.weight:  # a sparse addend
+        target = grad_into_weight()  # inside the trainer's grad_into block only
+        emb = tied_input_embedding(self.model) if target is not None and torch.is_grad_enabled() else None
+        if emb is not None and emb.weight is target:  # the tied embedding's gradient as a sparse addend
             embeds = nn.functional.embedding(input_ids, emb.weight, emb.padding_idx, emb.max_norm, emb.norm_type,
                                              emb.scale_grad_by_freq, sparse=True)  # (B, S, H)
             return decoder(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,

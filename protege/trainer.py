@@ -54,6 +54,15 @@ class RunState:
     history: list[dict] = field(default_factory=list)
 
 
+def _process_settings(cfg: Config, process_index: int) -> None:
+    """The process-wide settings a run makes: torch threads, glibc's mmap threshold, the seed."""
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    if cfg.train.malloc_mmap_threshold_mb:
+        memory.mmap_threshold(cfg.train.malloc_mmap_threshold_mb)  # freed big tensors leave the resident set
+    torch.manual_seed(cfg.train.seed + process_index)
+
+
 class Distiller:
     """Holds the models, data and optimizer of a run; `train()` is the loop."""
 
@@ -66,11 +75,7 @@ class Distiller:
         if cfg.train.prompts_per_step < self.acc.num_processes:
             raise ValueError(f"train.prompts_per_step={cfg.train.prompts_per_step} is smaller than the number of "
                              f"processes ({self.acc.num_processes}): every process needs at least one prompt per step")
-        if cfg.train.num_threads:
-            torch.set_num_threads(cfg.train.num_threads)
-        if cfg.train.malloc_mmap_threshold_mb:
-            memory.mmap_threshold(cfg.train.malloc_mmap_threshold_mb)  # freed big tensors leave the resident set
-        torch.manual_seed(cfg.train.seed + self.acc.process_index)
+        _process_settings(cfg, self.acc.process_index)
         self.out = Path(cfg.output.dir)
         self.bf16 = use_bf16(cfg.train.precision, self.acc.device.type)
         self.tok = tokenizer or load_tokenizer(cfg.student.path)
@@ -239,8 +244,7 @@ class Distiller:
         scale = fsdp.micro_batch_weights(acc, len(mbs), self.sharded)  # FSDP2: the same count on every rank
         mbs += [mbs[0]] * (len(scale) - len(mbs))
         emb = tied_input_embedding(self.model)  # a tied lm_head: no (V, H) gradient sum in the backward (memory)
-        tied = emb.weight if emb is not None and not self.sharded and emb.weight is output_weight(self.student) \
-            else None
+        tied = None if emb is None or self.sharded else emb.weight
         loss_sum = 0.0
         row_loss = torch.zeros(len(buffer))  # (N,) each row's summed per-token loss (per-teacher metrics)
         self.model.train()
