@@ -29,12 +29,11 @@ torch's default).
     python bench/bench_vs_trl.py            # everything (< 25 min), writes bench/results/vs_trl.md
     python bench/bench_vs_trl.py --quick    # 1 rep, 1 timed step, no extra rows (~5 min)
     python bench/bench_vs_trl.py --reps 2 --steps 1 --no-extras --threads 0
-    python bench/bench_vs_trl.py --quick --variants "protege lean,protege lean lag1,trl" \
-        --profile-variant "protege lean"
+    python bench/bench_vs_trl.py --quick --variants "protege mb8,protege lag1,trl"
 
-Main variants (alternated): protege with the default HF generate engine, with rollout.engine=lean, with
-rollout.engine=lean and rollout.max_lag=1 (the next buffer sampled in a second thread while a step
-trains: it uses about twice the cores of the others, so compare it by tokens/CPU-s too), and TRL.
+Main variants (alternated): protege at its defaults (rollout.engine=auto: the lean engine), with
+rollout.engine=hf (HF generate), with rollout.max_lag=1 (the next buffer sampled in a second thread while
+a step trains: it uses about twice the cores of the others, so compare it by tokens/CPU-s too), and TRL.
 """
 
 from __future__ import annotations
@@ -74,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--variants", default=",".join(VARIANTS), help="main variants to alternate, comma-separated "
                     f"(default: all of {', '.join(VARIANTS)})")
     ap.add_argument("--profile-variant", default="protege mb8", help="the lag-0 protege main variant whose extra "
-                    "step is profiled for part 2 (default 'protege mb8'; e.g. 'protege lean')")
+                    "step is profiled for part 2 (default 'protege mb8'; e.g. 'protege hf')")
     ap.add_argument("--budget-min", type=float, default=23.0,
                     help="extra rows are skipped when they would end the run after this many minutes")
     ap.add_argument("--threads", type=int, default=1,
@@ -441,11 +440,12 @@ def fmt(x, nd=1):
 
 
 VARIANTS = {  # alternated, --reps runs each
-    "protege mb8": ("protege", {"prompts": 8, "mb": 8}, "protege, 8 prompts/step, micro-batch 8"),
-    "protege lean": ("protege", {"prompts": 8, "mb": 8, "overrides": ["rollout.engine=lean"]},
-                     "protege, 8 prompts/step, mb 8, rollout.engine=lean"),
-    "protege lean lag1": ("protege", {"prompts": 8, "mb": 8, "overrides": ["rollout.engine=lean", "rollout.max_lag=1"]},
-                          "protege, 8 prompts/step, mb 8, rollout.engine=lean, rollout.max_lag=1 (2 threads' work)"),
+    "protege mb8": ("protege", {"prompts": 8, "mb": 8},
+                    "protege, 8 prompts/step, micro-batch 8 (defaults: rollout.engine=auto, the lean engine)"),
+    "protege hf": ("protege", {"prompts": 8, "mb": 8, "overrides": ["rollout.engine=hf"]},
+                   "protege, 8 prompts/step, mb 8, rollout.engine=hf (HF generate, the default before auto)"),
+    "protege lag1": ("protege", {"prompts": 8, "mb": 8, "overrides": ["rollout.max_lag=1"]},
+                     "protege, 8 prompts/step, mb 8, rollout.max_lag=1 (2 threads' work)"),
     "trl": ("trl", {"gradient_checkpointing": True}, "TRL 1.16, GA 8 x mb 1 (its defaults: gradient checkpointing)"),
 }
 EXTRAS = {  # one run each, in this order, while the time budget lasts
@@ -728,16 +728,16 @@ def reading(M, pairs, profile, rates) -> list[str]:
         ratio = p8["tok_s"] / t["tok_s"]
         pr = med(pairs) if pairs else ratio
         cpu_ratio = p8["tok_cpu_s"] / t["tok_cpu_s"]
-        lean_ratio = M["protege lean"]["tok_s"] / t["tok_s"] if "protege lean" in M else 0.0
+        hf_ratio = M["protege hf"]["tok_s"] / t["tok_s"] if "protege hf" in M else 0.0
         prot = {k: v for k, v in M.items() if k.startswith("protege")}
         best_name, best = max(prot.items(), key=lambda kv: kv[1]["tok_s"])
-        lean = {k: v for k, v in prot.items() if v["rss_mb"] <= t["rss_mb"]}
+        within = {k: v for k, v in prot.items() if v["rss_mb"] <= t["rss_mb"]}
         best_cpu = max(prot, key=lambda k: prot[k]["tok_cpu_s"])
         L.append(f"- Throughput target (>= 2x TRL tokens/s at equal threads, lag 0): **"
-                 f"{'met' if max(ratio, lean_ratio) >= 2 else 'not met'}**"
+                 f"{'met' if max(ratio, hf_ratio) >= 2 else 'not met'}**"
                  + "".join(f"; {labels[k][2]}: {M[k]['tok_s'] / t['tok_s']:.2f}x tokens/s, "
-                           f"{M[k]['tok_cpu_s'] / t['tok_cpu_s']:.2f}x tokens/CPU-s" for k in ("protege lean",
-                                                                                         "protege lean lag1") if k in M)
+                           f"{M[k]['tok_cpu_s'] / t['tok_cpu_s']:.2f}x tokens/CPU-s" for k in ("protege hf",
+                                                                                         "protege lag1") if k in M)
                  + f". protege (8 prompts, mb 8) / TRL = "
                  f"{ratio:.2f}x on median tokens/s, {pr:.2f}x as the median of per-repetition ratios (spread "
                  f"{min(pairs):.2f}x to {max(pairs):.2f}x as the load moved), {cpu_ratio:.2f}x in tokens per "
@@ -748,8 +748,8 @@ def reading(M, pairs, profile, rates) -> list[str]:
         L.append(f"- Memory target (peak RSS <= TRL's {t['rss_mb']:.0f} MB): **"
                  f"{'met' if p8['rss_mb'] <= t['rss_mb'] else 'not met'}** by protege mb8 ({p8['rss_mb']:.0f} MB). "
                  f"All protege rows (MB): {mem}. "
-                 + (f"Fastest row within TRL's memory: '{labels[max(lean, key=lambda k: lean[k]['tok_s'])][2]}' at "
-                    f"{max(v['tok_s'] for v in lean.values()) / t['tok_s']:.2f}x TRL." if lean else
+                 + (f"Fastest row within TRL's memory: '{labels[max(within, key=lambda k: within[k]['tok_s'])][2]}' at "
+                    f"{max(v['tok_s'] for v in within.values()) / t['tok_s']:.2f}x TRL." if within else
                     "No protege row stayed within TRL's memory."))
     if profile:
         ph = profile["phases"]

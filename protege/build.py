@@ -194,19 +194,28 @@ def check_vocabularies(teacher, student) -> None:
                          "(teacher.tokenizer, teacher.cross_tokenizer=auto|on) to distil across tokenizers")
 
 
-def build_rollout_engine(cfg: Config, student, *, pad_id: int, bf16: bool, seed: int, lean_seed: int | None = None):
+def rollout_engine_name(cfg: Config, sharded: bool = False) -> str:
+    """rollout.engine with auto resolved: lean, or hf for an FSDP2 student (every rank must run the same decode
+    steps, which HF generate's synced_gpus does and the lean loop, dropping finished rows per rank, does not)."""
+    if cfg.rollout.engine != "auto":
+        return cfg.rollout.engine
+    return "hf" if sharded else "lean"
+
+
+def build_rollout_engine(cfg: Config, student, *, pad_id: int, bf16: bool, seed: int, lean_seed: int | None = None,
+                         sharded: bool = False):
     """The student's RolloutEngine: HF generate or the lean loop on the live model, or a colocated vLLM engine
-    (rollout.engine). The lean engine draws from torch's global generator (checkpointed: resume continues
-    exactly), or from its own seeded with lean_seed (the overlap thread's)."""
+    (rollout.engine, auto resolved by rollout_engine_name). The lean engine draws from torch's global generator
+    (checkpointed: resume continues exactly), or from its own seeded with lean_seed (the overlap thread's)."""
     from protege.rollout.hf import HFEngine
 
-    r = cfg.rollout
-    if r.engine == "lean":
+    r, name = cfg.rollout, rollout_engine_name(cfg, sharded)
+    if name == "lean":
         from protege.rollout.lean import LeanEngine
 
         return LeanEngine(student, pad_id=pad_id, batch_tokens=r.batch_tokens, autocast_bf16=bf16, seed=lean_seed,
                           fast_decode=r.fast_decode)
-    if r.engine != "vllm":
+    if name != "vllm":
         return HFEngine(student, pad_id=pad_id, batch_tokens=r.batch_tokens, autocast_bf16=bf16,
                         fast_decode=r.fast_decode)
     from protege.rollout.vllm_engine import VLLMRolloutEngine

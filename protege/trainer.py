@@ -176,7 +176,8 @@ class Distiller:
         """The student's rollout engine, built on first use (a vLLM engine loads the weights the student has then)."""
         if self.engine is None:
             self.engine = build.build_rollout_engine(self.cfg, self.student, pad_id=self.tok.pad_token_id,
-                                                     bf16=self.bf16, seed=self.cfg.train.seed + self.acc.process_index)
+                                                     bf16=self.bf16, seed=self.cfg.train.seed + self.acc.process_index,
+                                                     sharded=self.sharded)
             if self.sharded:  # FSDP2: one generate call per rank and buffer, so every rank makes the same calls
                 self.engine.batch_tokens = 1 << 62
         return self.engine

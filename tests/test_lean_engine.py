@@ -127,3 +127,26 @@ def test_engine_seed_reproduces_its_rows(model):
     c = lean.LeanEngine(model, pad_id=0, seed=8).generate(prompts, sampling)
     assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.sampling_logprobs, b.sampling_logprobs)
     assert not torch.equal(a.completion_ids, c.completion_ids)
+
+
+@pytest.mark.parametrize("engine, sharded, want", [("auto", False, "lean"), ("auto", True, "hf"), ("hf", False, "hf"),
+                                                   ("lean", False, "lean"), ("vllm", True, "vllm")])
+def test_auto_engine_is_lean_except_for_an_fsdp2_student(engine, sharded, want):
+    """rollout.engine=auto (the default): lean, but hf when FSDP2 shards the student (tests/test_fsdp.py runs that
+    path with the default config: the lean loop would fail there, its ranks do not decode in step)."""
+    from protege.build import rollout_engine_name
+    from protege.config import load_config
+
+    cfg = load_config(None, ["student.path=s", "teacher.path=t", f"rollout.engine={engine}"])
+    assert rollout_engine_name(cfg, sharded) == want
+    assert load_config(None, ["student.path=s", "teacher.path=t"]).rollout.engine == "auto"
+
+
+def test_default_distiller_samples_with_the_lean_engine(tiny_paths, tmp_path):
+    from protege.config import load_config
+    from protege.trainer import Distiller
+
+    d = Distiller(load_config(None, [f"student.path={tiny_paths['student']}", f"teacher.path={tiny_paths['teacher']}",
+                                     f"data.path={tiny_paths['data']}", f"output.dir={tmp_path}",
+                                     "output.progress=false", "train.num_threads=1", "data.eval_prompts=0"]))
+    assert isinstance(d.student_engine(), lean.LeanEngine)

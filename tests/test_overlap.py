@@ -37,7 +37,7 @@ def config(paths, out, *extra):
                               f"data.path={paths['data']}", "rollout.max_new_tokens=6", "train.prompts_per_step=4",
                               "train.micro_batch_size=2", "optim.lr=3e-3", f"output.dir={out}",
                               "output.progress=false", "train.num_threads=1", "data.eval_prompts=0",
-                              "train.max_steps=3", *extra])
+                              "train.max_steps=3", "rollout.engine=hf", *extra])  # the recorded engine
 
 
 def fingerprint(model) -> float:

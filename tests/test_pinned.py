@@ -30,6 +30,7 @@ CASES = {
     "lmbda0.5": ["mix.lmbda=0.5"],
     "seq_kd": ["mix.lmbda=0", "mix.seq_kd=true", "loss.name=forward_kl"],
     "sampled_pg": ["loss.name=sampled_pg"],
+    "auto_engine": ["rollout.engine=auto"],  # the default engine (lean in one process), recorded when it became so
 }
 
 
@@ -38,7 +39,8 @@ def _losses(paths, out, extra) -> list[float]:
                              f"data.path={paths['data']}", "rollout.max_new_tokens=6", "train.prompts_per_step=4",
                              "train.micro_batch_size=2", "optim.lr=3e-3", "optim.warmup_steps=1",
                              "optim.schedule=cosine", f"output.dir={out}", "output.progress=false",
-                             "train.num_threads=1", "data.eval_prompts=0", "train.max_steps=3", *extra])
+                             "train.num_threads=1", "data.eval_prompts=0", "train.max_steps=3",
+                             "rollout.engine=hf", *extra])  # recorded with HF generate, the default until auto
     return [h["loss"] for h in train(cfg) if "loss" in h]
 
 
