@@ -194,24 +194,15 @@ def check_vocabularies(teacher, student) -> None:
                          "(teacher.tokenizer, teacher.cross_tokenizer=auto|on) to distil across tokenizers")
 
 
-def rollout_engine_name(cfg: Config, sharded: bool = False, device: str = "cpu") -> str:
-    """rollout.engine with auto resolved: lean for a student on the CPU, where it was measured faster and its
-    sampling checked (float32 cumsum accumulates in double there); hf on an accelerator, and for an FSDP2
-    student (every rank must run the same decode steps, which HF generate's synced_gpus does and the lean
-    loop, dropping finished rows per rank, does not)."""
-    if cfg.rollout.engine != "auto":
-        return cfg.rollout.engine
-    return "lean" if device == "cpu" and not sharded else "hf"
-
-
 def build_rollout_engine(cfg: Config, student, *, pad_id: int, bf16: bool, seed: int, lean_seed: int | None = None,
                          sharded: bool = False):
     """The student's RolloutEngine: HF generate or the lean loop on the live model, or a colocated vLLM engine
-    (rollout.engine, auto resolved by rollout_engine_name). The lean engine draws from torch's global generator
+    (rollout.engine, auto resolved by RolloutConfig.engine_for). The lean engine draws from torch's global generator
     (checkpointed: resume continues exactly), or from its own seeded with lean_seed (the overlap thread's)."""
     from protege.rollout.hf import HFEngine
 
-    r, name = cfg.rollout, rollout_engine_name(cfg, sharded, next(student.parameters()).device.type)
+    r = cfg.rollout
+    name = r.engine_for(sharded, next(student.parameters()).device.type)
     if name == "lean":
         from protege.rollout.lean import LeanEngine
 

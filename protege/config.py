@@ -243,6 +243,15 @@ class RolloutConfig(_Section):
                          "(in a thread, by a copy of the weights before this step's update) while this step trains: "
                          "rows are off-policy by one optimizer step (docs/scale.md, protege.rollout.overlap).")
 
+    def engine_for(self, sharded: bool = False, device: str = "cpu") -> str:
+        """`engine` with auto resolved: lean for a student on the CPU, where it was measured faster and its sampling
+        checked (float32 cumsum accumulates in double there); hf on an accelerator, and for an FSDP2 student
+        (every rank must run the same decode steps, which HF generate's synced_gpus does and the lean loop,
+        dropping finished rows per rank, does not)."""
+        if self.engine != "auto":
+            return self.engine
+        return "lean" if device == "cpu" and not sharded else "hf"
+
     @model_validator(mode="after")
     def _temperature(self):
         if self.max_lag and self.engine == "vllm":

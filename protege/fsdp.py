@@ -74,7 +74,7 @@ def after_prepare(cfg, model: nn.Module, student: nn.Module, device) -> bool:
     with synced_gpus and one generate call per rank and buffer, so every rank makes the same calls."""
     if not is_sharded(model):
         return False
-    if cfg.rollout.engine not in ("hf", "auto"):
+    if cfg.rollout.engine_for(sharded=True, device=device.type) != "hf":
         raise ValueError(f"rollout.engine={cfg.rollout.engine} with an FSDP2 student: generation must step in sync "
                          "on every rank (HF generate's synced_gpus; the vLLM engine needs the whole student in one "
                          "process, the lean engine drops finished rows per rank); use rollout.engine=hf, or DDP")

@@ -136,11 +136,10 @@ def test_auto_engine_is_lean_for_a_cpu_student_not_sharded(engine, sharded, devi
     """rollout.engine=auto (the default): lean on the CPU, hf on a GPU and when FSDP2 shards the student
     (tests/test_fsdp.py runs that path with the default config: the lean loop would fail there, its ranks do not
     decode in step); an explicit name is kept."""
-    from protege.build import rollout_engine_name
     from protege.config import load_config
 
     cfg = load_config(None, ["student.path=s", "teacher.path=t", f"rollout.engine={engine}"])
-    assert rollout_engine_name(cfg, sharded, device) == want
+    assert cfg.rollout.engine_for(sharded, device) == want
     assert load_config(None, ["student.path=s", "teacher.path=t"]).rollout.engine == "auto"
 
 
