@@ -93,7 +93,8 @@ def run(args) -> dict:
                 torch.manual_seed(rep)
                 out, wall, cpu = timed(lambda: fn(model, prompts, max_new_tokens=args.new_tokens, temperature=1.0,
                                                   eos_ids=eos_ids, pad_id=tok.pad_token_id, record_topk=16))
-                flops = vs.step_flops(out, model.config, model.config, mb=len(prompts), gen_rows=len(prompts))
+                flops = vs.step_flops(out, model.config, model.config, mb=len(prompts), gen_rows=len(prompts),
+                                      engine=name.split()[0])
                 rows.append({"rep": rep, "setting": setting, "engine": name, "wall": wall, "cpu": cpu,
                              "tokens": out.num_tokens, "gflop": flops["generate"] / 1e9,
                              "load": os.getloadavg()[0]})

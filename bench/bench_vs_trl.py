@@ -56,8 +56,8 @@ PROMPTS_PER_STEP = 8
 MAX_NEW_TOKENS = 64
 LR = 5e-5
 SEED = 0
-MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear", "aten::mv",
-              "aten::addmv", "aten::dot", "aten::_addmm_activation", "aten::mkldnn_linear"}
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
+              "aten::mv", "aten::addmv", "aten::dot", "aten::_addmm_activation", "aten::mkldnn_linear"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -284,8 +284,24 @@ def _linear_params(cfg) -> int:
     return h * q + 2 * h * kv + q * h + 3 * h * cfg.intermediate_size
 
 
-def step_flops(buffer, s_cfg, t_cfg, mb: int, gen_rows: int) -> dict:
-    """Matmul FLOPs of one protege step (2 per multiply-add), per phase, from the actual buffer."""
+def step_flops(buffer, s_cfg, t_cfg, mb: int, gen_rows: int, engine: str = "lean",
+               checkpointing: bool = True) -> dict:
+    """Matmul FLOPs of one protege step (2 per multiply-add), per phase, from the actual buffer.
+
+    Attention counts 4 * heads * head_dim per (query, key) pair and layer (QK^T and PV, every pair of
+    the padded square, as sdpa computes it); its backward counts twice its forward (dQ, dK, dV, dP).
+    - generate: per generation call of `gen_rows` rows, the prefill of the left-padded prompts (lm_head
+      on the last position only), then one decode step per step t = 1 .. longest completion - 1: HF
+      generate (`engine="hf"`) runs every row of the call until the last one stops, the lean engine
+      only the rows still running (those with more than t tokens), each attending to width + t keys.
+    - teacher: one padded forward of all rows + the lm_head on the completion positions.
+    - train: per micro-batch (rows sorted by length, padded), the student forward + backward (3x the
+      forward) and the fused loss's four vocabulary matmuls per completion token (student logits,
+      teacher logits from its hidden states, the hidden-state and weight gradients).
+    - recompute: what gradient checkpointing runs again during the backward, not part of `train`:
+      torch's non-reentrant checkpoint stops recomputing once the tensors the backward needs are back,
+      so each layer's forward without its last matmul (down_proj, whose output nothing saves).
+    tests/test_bench_flops.py checks these counts against every matmul and sdpa call of a real step."""
     p_lens = [len(p) for p in buffer.prompt_ids]
     c_lens = buffer.completion_mask.sum(1).tolist()
     n_tok = sum(c_lens)
@@ -294,42 +310,40 @@ def step_flops(buffer, s_cfg, t_cfg, mb: int, gen_rows: int) -> dict:
     s_lin, t_lin = _linear_params(s_cfg) * s_cfg.num_hidden_layers, _linear_params(t_cfg) * t_cfg.num_hidden_layers
     s_att = 4 * s_cfg.num_attention_heads * (h // s_cfg.num_attention_heads) * s_cfg.num_hidden_layers  # x context
     t_att = 4 * t_cfg.num_attention_heads * (t_cfg.hidden_size // t_cfg.num_attention_heads) * t_cfg.num_hidden_layers
-    # generation: one generate call per gen_rows rows (protege: the whole buffer fits its token budget), prefill of
-    # the left-padded prompts (lm_head on the last position only), then decode steps until every row of the call
-    # stopped: rows that finished early keep decoding (pad) until then.
-    gen = decode_tokens = 0
+    gen = gen_hf = prefill = decode_tokens = 0  # gen_hf: the same rows through HF generate (TRL's estimate below)
     order = sorted(range(len(p_lens)), key=lambda i: -p_lens[i])
     for s in range(0, len(order), gen_rows):
         rows = order[s:s + gen_rows]
         width, steps = max(p_lens[i] for i in rows), max(c_lens[i] for i in rows)
-        gen += len(rows) * width * (2 * s_lin + s_att * width) + len(rows) * 2 * head
+        prefill += len(rows) * width * (2 * s_lin + s_att * width) + len(rows) * 2 * head
         for t in range(1, steps):
-            gen += len(rows) * (2 * (s_lin + head) + s_att * (width + t))
-        decode_tokens += len(rows) * max(0, steps - 1)
-    # teacher: one padded forward of all rows + the lm_head on completion positions (scoring: token logprobs,
-    # top-k and entropy for the diagnostics)
+            live = len(rows) if engine == "hf" else sum(c_lens[i] > t for i in rows)
+            gen += live * (2 * (s_lin + head) + s_att * (width + t))
+            gen_hf += len(rows) * (2 * (s_lin + head) + s_att * (width + t))
+            decode_tokens += live
+    gen, gen_hf = gen + prefill, gen_hf + prefill
     seq = max(p + c for p, c in zip(p_lens, c_lens))
     teacher = len(p_lens) * seq * (2 * t_lin + t_att * seq) + n_tok * 2 * head
-    # train: per micro-batch (sorted by length) a padded student forward + backward (x3), and the chunked loss,
-    # fused (loss.fused, the default): student lm_head forward + two gradient matmuls (x3), teacher lm_head once
     order = sorted(range(len(p_lens)), key=lambda i: p_lens[i] + c_lens[i])
-    train = 0
+    train = recompute = 0
+    last_matmul = h * s_cfg.intermediate_size * s_cfg.num_hidden_layers  # down_proj of every layer
     for s in range(0, len(order), mb):
         rows = order[s:s + mb]
         seq = max(p_lens[i] + c_lens[i] for i in rows)
         train += 3 * len(rows) * seq * (2 * s_lin + s_att * seq)
-        train += sum(c_lens[i] for i in rows) * 2 * head * (3 + 1)
+        train += sum(c_lens[i] for i in rows) * 2 * head * 4
+        recompute += len(rows) * seq * (2 * (s_lin - last_matmul) + s_att * seq) if checkpointing else 0
     # TRL 1.16 on the same rows (estimate): same generation; per row (micro-batch 1) prompts left-padded to the
     # longest prompt and completions right-padded to the longest completion of the generation batch; student
     # forward + backward (+1 forward with gradient checkpointing); teacher forward; chunked loss over every padded
     # completion position: student and teacher lm_head forward, both again in backward, two gradient matmuls.
     width, c_max = max(p_lens) + max(c_lens), max(c_lens)
     trl_row = len(p_lens) * (width * (2 * t_lin + t_att * width) + c_max * 2 * head * 6)
-    trl = {"trl_gc": gen + trl_row + len(p_lens) * 4 * width * (2 * s_lin + s_att * width),
-           "trl_nogc": gen + trl_row + len(p_lens) * 3 * width * (2 * s_lin + s_att * width)}
+    trl = {"trl_gc": gen_hf + trl_row + len(p_lens) * 4 * width * (2 * s_lin + s_att * width),
+           "trl_nogc": gen_hf + trl_row + len(p_lens) * 3 * width * (2 * s_lin + s_att * width)}
     return {"generate": gen, "teacher": teacher, "train": train, "tokens": n_tok, "decode_steps_rows": decode_tokens,
-            **trl,
-            "prompt_tokens": sum(p_lens), "student_bytes": (s_lin + head) * 4, "decode_steps": max(c_lens)}
+            "prefill": prefill, "recompute": recompute, **trl,
+            "prompt_tokens": sum(p_lens), "student_bytes": (s_lin + head) * 4, "decode_steps": max(c_lens) - 1}  # forward passes after the prefill
 
 
 def _category(name: str) -> str:
@@ -388,7 +402,9 @@ def profile_step(d, spec: dict) -> dict:
         ph["n_ops"] = len(ops[p])
         ph["cpu_s"] = cpu[p]
     s_cfg, t_cfg = d.student.config, d.teacher_model.config
-    flops = step_flops(buffer, s_cfg, t_cfg, spec["mb"], gen_rows=len(buffer))
+    engine = d.cfg.rollout.engine_for(sharded=False, device=next(d.student.parameters()).device.type)
+    flops = step_flops(buffer, s_cfg, t_cfg, spec["mb"], gen_rows=len(buffer), engine=engine,
+                       checkpointing=d.cfg.train.gradient_checkpointing)
     return {"phases": phases, "flops": flops, "wall": wall, "num_events": len(events),
             "load": (load0 + os.getloadavg()[0]) / 2,
             "metrics": {k: m[k] for k in ("tokens", "time_generate", "time_teacher", "time_train")},
@@ -490,8 +506,10 @@ def main() -> None:
     if args.from_raw:  # re-render the markdown from a previous run's raw results
         raw = json.loads(Path(args.from_raw).read_text())
         saved = argparse.Namespace(**{**vars(args), **raw.get("args", {})})
+        when = raw.get("date") or datetime.datetime.fromtimestamp(Path(args.from_raw).stat().st_mtime).isoformat(
+            timespec="seconds")  # the run's date, not this rendering's (raw files before "date": the file's time)
         text = report(saved, raw.get("command", "python bench/bench_vs_trl.py"), raw["runs"], raw["rates"],
-                      raw["profile"], raw["skipped"], raw.get("total_s", 0.0))
+                      raw["profile"], raw["skipped"], raw.get("total_s", 0.0), date=when)
         Path(args.out).write_text(text)
         print(f"wrote {args.out} from {args.from_raw}")
         return
@@ -558,7 +576,8 @@ def main() -> None:
 
     raw = Path(args.cache) / "vs_trl_raw.json"
     raw.write_text(json.dumps({"runs": runs, "rates": rates, "profile": profile, "skipped": skipped,
-                               "command": command, "total_s": time.perf_counter() - started, "args": vars(args)}))
+                               "command": command, "total_s": time.perf_counter() - started, "args": vars(args),
+                               "date": datetime.datetime.now().isoformat(timespec="seconds")}))
     text = report(args, command, runs, rates, profile, skipped, time.perf_counter() - started)
     out.write_text(text)
     print(f"[{_elapsed(started)}] wrote {out}", flush=True)
@@ -569,7 +588,7 @@ def _elapsed(started: float) -> str:
     return f"{s // 60:02d}:{s % 60:02d}"
 
 
-def report(args, command, runs, rates, profile, skipped, total_s) -> str:
+def report(args, command, runs, rates, profile, skipped, total_s, date: str | None = None) -> str:
     import torch
     import transformers
     import trl
@@ -582,7 +601,7 @@ def report(args, command, runs, rates, profile, skipped, total_s) -> str:
     M = {k: {f: med([s[f] for s in v]) for f in v[0]} for k, v in sums.items()}
     L = []
     L += ["# protege vs TRL: on-policy distillation throughput on this CPU", "",
-          f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
+          f"- date: {date or datetime.datetime.now().isoformat(timespec='seconds')}",
           f"- machine: {platform.platform()}, CPU {cpu_model()} ({cpu_flags()}), {os.cpu_count()} cores, "
           f"torch threads {threads} in every child (one thread by default: the machine is "
           "shared and two 2-thread processes slow each other, bench/results/threads.md); load average during runs "
@@ -654,11 +673,30 @@ def per_rep_ratios(sums: dict, args) -> list[str]:
     return L + [""]
 
 
+def peak_rate(rates) -> float:
+    """The best fp32 matmul rate measured in this run, FLOP/s: the FLOP bound's rate."""
+    return max(rates[k] for k in ("fp32_square_2048", "fp32_square_1024", "fp32_square_512",
+                                  "fp32_train_mlp_800x576x1536")) * 1e9
+
+
+def floors(profile, rates) -> dict:
+    """Each phase's floor in CPU seconds, from this run's rates: generate = the larger of its FLOP bound and
+    the prefill's FLOPs plus every decode step streaming the student's weights at the measured read rate;
+    teacher = its FLOP bound; train = its FLOP bound plus gradient checkpointing's recomputation (which the
+    memory target needs). `nogc` is the train floor without the recomputation."""
+    fl, peak = profile["flops"], peak_rate(rates)
+    stream = fl["decode_steps"] * fl["student_bytes"] / (rates["read_gb_s"] * 1e9)
+    out = {"generate": max(fl["generate"] / peak, fl["prefill"] / peak + stream), "teacher": fl["teacher"] / peak,
+           "train": (fl["train"] + fl["recompute"]) / peak, "train_nogc": fl["train"] / peak, "stream": stream}
+    out["step"] = out["generate"] + out["teacher"] + out["train"]
+    out["step_nogc"] = out["step"] - out["train"] + out["train_nogc"]
+    return out
+
+
 def part2(profile, rates) -> list[str]:
     fl, ph, par = profile["flops"], profile["phases"], profile["params"]
-    peak_g = max(rates[k] for k in ("fp32_square_2048", "fp32_square_1024", "fp32_square_512",
-                                    "fp32_train_mlp_800x576x1536"))
-    peak = peak_g * 1e9
+    peak = peak_rate(rates)
+    peak_g = peak / 1e9
     per = "CPU-second" if rates.get("clock") == "CPU time" else "second"
     L = [f"## 2. Distance to the limit (one protege step: 8 prompts, micro-batch 8, profiled; "
          f"{profile.get('variant', 'protege mb8')})", "",
@@ -678,11 +716,13 @@ def part2(profile, rates) -> list[str]:
          f"{par['lm_head'] / 1e6:.1f} M (tied to the embedding); teacher {par['teacher_linear'] / 1e6:.1f} M in 30 "
          f"layers + lm_head. The profiled step had {fl['prompt_tokens']} prompt tokens, {fl['tokens']} completion "
          f"tokens, {fl['decode_steps']} decode steps. FLOPs = 2 per multiply-add of every matmul the code runs "
-         "(padding included): generate = prefill of the left-padded prompts + one decode step per row until the "
-         "last row stops (lm_head on the last position only); teacher = padded forward + lm_head on the completion "
-         "positions (scoring: token logprobs, top-k and entropy for the diagnostics); train = 3x the student "
-         "forward (forward + backward) + the fused chunked loss (student lm_head x3: forward and two gradient "
-         "matmuls, computed in the forward pass; teacher lm_head x1).", "",
+         "(padding included): generate = prefill of the left-padded prompts (lm_head on the last position only) + "
+         "one decode step per running row (the lean engine; HF generate runs every row until the last one stops); "
+         "teacher = padded forward + lm_head on the completion positions (scoring: token logprobs, top-k and "
+         "entropy for the diagnostics); train = 3x the student forward (forward + backward) + the fused chunked "
+         "loss (student lm_head x3: forward and two gradient matmuls, computed in the forward pass; teacher lm_head "
+         "x1); gradient checkpointing's recomputation is not in the bound (it is in the floor below). "
+         "tests/test_bench_flops.py checks these counts against every matmul and attention call of a real step.", "",
          "| phase | wall s | CPU s | GFLOP | FLOP-bound s | CPU / bound | matmul+sdpa s | other ATen ops s | "
          "outside ops (Python) s | matmul+sdpa share of wall |",
          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -694,10 +734,10 @@ def part2(profile, rates) -> list[str]:
         for k in tot:
             tot[k] += row[k]
         L.append(f"| {name} | {row['wall']:.2f} | {row['cpu']:.2f} | {row['fl'] / 1e9:.0f} | {row['fl'] / peak:.2f} | "
-                 f"{row['cpu'] / (row['fl'] / peak):.1f}x | {row['mm']:.2f} | {row['other']:.2f} | {row['out']:.2f} | "
+                 f"{row['cpu'] / (row['fl'] / peak):.2f}x | {row['mm']:.2f} | {row['other']:.2f} | {row['out']:.2f} | "
                  f"{row['mm'] / row['wall']:.0%} |")
     L.append(f"| **step** | {tot['wall']:.2f} | {tot['cpu']:.2f} | {tot['fl'] / 1e9:.0f} | {tot['fl'] / peak:.2f} | "
-             f"{tot['cpu'] / (tot['fl'] / peak):.1f}x | {tot['mm']:.2f} | {tot['other']:.2f} | {tot['out']:.2f} | "
+             f"{tot['cpu'] / (tot['fl'] / peak):.2f}x | {tot['mm']:.2f} | {tot['other']:.2f} | {tot['out']:.2f} | "
              f"{tot['mm'] / tot['wall']:.0%} |")
     decode_bytes = fl["decode_steps"] * fl["student_bytes"]
     L += ["", f"Generation has a second floor besides FLOPs: every decode step streams the student's "
@@ -706,6 +746,7 @@ def part2(profile, rates) -> list[str]:
           f"{rates['read_gb_s']:.0f} GB/s = {decode_bytes / rates['read_gb_s'] / 1e9:.2f} s, next to its FLOP floor of "
           f"{fl['generate'] / peak:.2f} s; 8-row matmuls reach neither (decode rates above: the lm_head at 8 rows is "
           "the slowest matmul of the step).", "",
+          *floor_lines(profile, rates, tot["cpu"]), "",
           f"Same rows through TRL 1.16 (estimate: micro-batches of 1 padded to the longest prompt + longest "
           f"completion, gradient checkpointing, loss over every padded completion position): "
           f"{fl['trl_gc'] / 1e9:.0f} GFLOP ({fl['trl_nogc'] / 1e9:.0f} without gradient checkpointing) vs protege's "
@@ -718,6 +759,17 @@ def part2(profile, rates) -> list[str]:
         L.append(f"- {name} ({ph[name]['n_ops']} distinct ops): {top}")
     L.append("")
     return L
+
+
+def floor_lines(profile, rates, cpu_s: float) -> list[str]:
+    f, fl = floors(profile, rates), profile["flops"]
+    return [f"The floor of the whole step on this machine, each phase at its own: generate {f['generate']:.2f} s "
+            f"(prefill {fl['prefill'] / peak_rate(rates):.2f} s of matmuls + {f['stream']:.2f} s of weight streaming), "
+            f"teacher {f['teacher']:.2f} s, train {f['train']:.2f} s (its FLOP bound + gradient checkpointing's "
+            f"recomputation, {fl['recompute'] / 1e9:.0f} GFLOP; {f['train_nogc']:.2f} s without it): {f['step']:.2f} s "
+            f"({f['step_nogc']:.2f} s without checkpointing), against {cpu_s:.2f} CPU s measured "
+            f"({cpu_s / f['step']:.2f}x the floor). At the floor the step would train {fl['tokens'] / f['step']:.1f} "
+            f"tokens per CPU-second ({fl['tokens'] / f['step_nogc']:.1f} without checkpointing)."]
 
 
 def reading(M, pairs, profile, rates) -> list[str]:
@@ -764,17 +816,26 @@ def reading(M, pairs, profile, rates) -> list[str]:
                  "vocabulary in the loss and the diagnostics, optimizer updates).")
         share = {k: v["wall_us"] / wall for k, v in ph.items()}
         fl = profile["flops"]
-        peak = max(rates[k] for k in ("fp32_square_2048", "fp32_square_1024", "fp32_square_512",
-                                      "fp32_train_mlp_800x576x1536")) * 1e9
+        peak = peak_rate(rates)
         total = sum(fl[k] for k in ("generate", "teacher", "train"))
         cpu = sum(v["cpu_s"] for v in ph.values())
         L.append(f"- Where the step goes: generate {share['generate']:.0%}, teacher {share['teacher']:.0%}, train "
-                 f"{share['train']:.0%} of the wall time. The step used {cpu / (total / peak):.1f}x its FLOP-bound "
-                 f"CPU time (generate {ph['generate']['cpu_s'] / (fl['generate'] / peak):.1f}x, teacher "
-                 f"{ph['teacher']['cpu_s'] / (fl['teacher'] / peak):.1f}x, train "
-                 f"{ph['train']['cpu_s'] / (fl['train'] / peak):.1f}x): teacher and train are close to the matmul "
+                 f"{share['train']:.0%} of the wall time. The step used {cpu / (total / peak):.2f}x its FLOP-bound "
+                 f"CPU time (generate {ph['generate']['cpu_s'] / (fl['generate'] / peak):.2f}x, teacher "
+                 f"{ph['teacher']['cpu_s'] / (fl['teacher'] / peak):.2f}x, train "
+                 f"{ph['train']['cpu_s'] / (fl['train'] / peak):.2f}x): teacher and train are close to the matmul "
                  "limit, generation is not (8-row decode matmuls, the lm_head worst of all, plus the per-token HF "
                  "generate loop).")
+        if t:
+            f = floors(profile, rates)
+            best, best_nogc = fl["tokens"] / f["step"], fl["tokens"] / f["step_nogc"]
+            need = fl["tokens"] / (2 * t["tok_cpu_s"])
+            L.append(f"- Ceiling: with every phase at its floor (part 2) protege's step would train {best:.1f} tokens per "
+                     f"CPU-second, {best / t['tok_cpu_s']:.2f}x TRL's measured {t['tok_cpu_s']:.1f} "
+                     f"({best_nogc / t['tok_cpu_s']:.2f}x without gradient checkpointing, whose memory is above TRL's: "
+                     f"docs/scale.md). 2x TRL asks for the profiled step in {need:.2f} CPU s: "
+                     f"{need / f['step']:.2f}x its floor of {f['step']:.2f} s; it took {cpu:.2f} s "
+                     f"({cpu / f['step']:.2f}x).")
         L.append(f"- Why not 4x: TRL 1.16's HF path already generates the whole 8-prompt buffer in one `generate` "
                  "call and already uses a chunked (never (B, T, V)) loss, so both frameworks run nearly the same "
                  f"arithmetic: ~{fl['trl_gc'] / 1e9:.0f} GFLOP per step for TRL vs {total / 1e9:.0f} for protege "
