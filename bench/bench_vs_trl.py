@@ -343,7 +343,8 @@ def step_flops(buffer, s_cfg, t_cfg, mb: int, gen_rows: int, engine: str = "lean
            "trl_nogc": gen_hf + trl_row + len(p_lens) * 3 * width * (2 * s_lin + s_att * width)}
     return {"generate": gen, "teacher": teacher, "train": train, "tokens": n_tok, "decode_steps_rows": decode_tokens,
             "prefill": prefill, "recompute": recompute, **trl,
-            "prompt_tokens": sum(p_lens), "student_bytes": (s_lin + head) * 4, "decode_steps": max(c_lens) - 1}  # forward passes after the prefill
+            "prompt_tokens": sum(p_lens), "student_bytes": (s_lin + head) * 4,
+            "decode_steps": max(c_lens) - 1}  # forward passes after the prefill
 
 
 def _category(name: str) -> str:
