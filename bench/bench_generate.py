@@ -16,7 +16,7 @@ at the chat model's EOS, as in training). The engines alternate in one process, 
 setting after one warm-up call each; tokens/s = completion tokens / wall s; CPU s = process time
 (one thread: the time the core worked for it, the figure least moved by other jobs).
 
-FLOP bound: bench_vs_trl.step_flops counts the matmul FLOPs of the generation (prefill of the
+FLOP bound: flops.step_flops (bench/flops.py) counts the matmul FLOPs of the generation (prefill of the
 left-padded prompts + one decode step per row until the last row stops, lm_head on the last position);
 bound = FLOPs / the best fp32 matmul rate bench_vs_trl.child_rates measures here; ratio = CPU s / bound.
 """
@@ -78,6 +78,7 @@ def run(args) -> dict:
     import torch
 
     import bench_vs_trl as vs
+    from flops import step_flops
     from protege.rollout import hf, lean
 
     model, tok, prompts, eos = setup(args)
@@ -93,7 +94,7 @@ def run(args) -> dict:
                 torch.manual_seed(rep)
                 out, wall, cpu = timed(lambda: fn(model, prompts, max_new_tokens=args.new_tokens, temperature=1.0,
                                                   eos_ids=eos_ids, pad_id=tok.pad_token_id, record_topk=16))
-                flops = vs.step_flops(out, model.config, model.config, mb=len(prompts), gen_rows=len(prompts),
+                flops = step_flops(out, model.config, model.config, mb=len(prompts), gen_rows=len(prompts),
                                       engine=name.split()[0])
                 rows.append({"rep": rep, "setting": setting, "engine": name, "wall": wall, "cpu": cpu,
                              "tokens": out.num_tokens, "gflop": flops["generate"] / 1e9,
@@ -116,7 +117,7 @@ def render(args, data: dict, command: str) -> str:
              f"- command: `{command}`",
              f"- workload: pruned 24-layer SmolLM2-135M student (fp32), {args.rows} builtin prompts "
              f"({data['prompt_tokens']} prompt tokens), {args.new_tokens} new tokens, temperature 1, record_topk 16",
-             f"- FLOP bound: generation matmul FLOPs (bench_vs_trl.step_flops) / {best:.0f} GFLOP/s (best fp32 "
+             f"- FLOP bound: generation matmul FLOPs (bench/flops.py step_flops) / {best:.0f} GFLOP/s (best fp32 "
              f"matmul rate measured here); decode-shaped rates: 8x576x1536 "
              f"{data['rates']['fp32_decode_mlp_8x576x1536']:.0f}, lm_head 8x576x49152 "
              f"{data['rates']['fp32_decode_lmhead_8x576x49152']:.0f} GFLOP/s; memory read "

@@ -1,4 +1,4 @@
-"""bench_vs_trl.step_flops (the FLOP bound of bench/results/vs_trl*.md, part 2) against a count of every
+"""bench/flops.py's step_flops (the FLOP bound of bench/results/vs_trl*.md, part 2) against a count of every
 matmul and attention call of a real protege step.
 
 The reference is a TorchDispatchMode that sees each ATen op the step runs: 2 * M * K * N for every
@@ -19,10 +19,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-spec = importlib.util.spec_from_file_location("bench_vs_trl", Path(__file__).resolve().parents[1] / "bench" /
-                                              "bench_vs_trl.py")
-bvt = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bvt)
+spec = importlib.util.spec_from_file_location("bench_flops", Path(__file__).resolve().parents[1] / "bench" /
+                                              "flops.py")
+bench_flops = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench_flops)
 
 aten = torch.ops.aten
 MM = (aten.mm, aten.addmm, aten.addmm_)
@@ -81,13 +81,14 @@ def test_step_flops_equal_a_count_of_every_matmul(tiny_paths, tmp_path, engine, 
     lengths = buffer.completion_mask.sum(1).tolist()
     assert len(set(lengths)) > 2 and max(lengths) > min(lengths) + 2, lengths  # the cases the formula must cover
     assert len({len(p) for p in buffer.prompt_ids}) > 2
-    est = bvt.step_flops(buffer, d.student.config, d.teacher_model.config, mb=4, gen_rows=len(buffer), engine=engine,
-                         checkpointing=checkpointing)
+    s_cfg, t_cfg = d.student.config, d.teacher_model.config
+    est = bench_flops.step_flops(buffer, s_cfg, t_cfg, mb=4, gen_rows=len(buffer), engine=engine,
+                                 checkpointing=checkpointing)
     assert est["generate"] == gen
     assert est["teacher"] == teacher
     assert est["train"] + est["recompute"] == train
     assert (est["recompute"] > 0) == checkpointing
     assert 0 < est["prefill"] < est["generate"]
     if engine == "lean":  # HF generate would have decoded every row to the longest: more FLOPs
-        hf = bvt.step_flops(buffer, d.student.config, d.teacher_model.config, mb=4, gen_rows=len(buffer), engine="hf")
+        hf = bench_flops.step_flops(buffer, s_cfg, t_cfg, mb=4, gen_rows=len(buffer), engine="hf")
         assert hf["generate"] > gen
