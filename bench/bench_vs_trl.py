@@ -96,6 +96,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             VARIANTS[args.profile_variant][1].get("overrides", [])):
         ap.error(f"--variants / --profile-variant: unknown or lagged {unknown or args.profile_variant}; the main "
                  f"variants are {', '.join(VARIANTS)} (profile a lag-0 protege one)")
+    if args.from_raw and not Path(args.from_raw).is_file():
+        ap.error(f"--from-raw {args.from_raw}: no such file (a run writes its raw results to <--cache>/vs_trl_raw.json)")
     return args
 
 
