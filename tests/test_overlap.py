@@ -40,18 +40,28 @@ def config(paths, out, *extra):
                               "train.max_steps=3", "rollout.engine=hf", *extra])  # the recorded engine
 
 
-def fingerprint(model) -> float:
-    """sum_i w_i * linspace(-1, 1) over every parameter: moves with any single weight."""
-    return sum(float((p.detach().double().flatten() * torch.linspace(-1, 1, p.numel(), dtype=torch.float64)).sum())
-               for p in model.parameters())
+def fingerprint(model) -> tuple[float, float]:
+    """(sum_i w_i * l_i, sum_i |w_i * l_i|) over every parameter, l = linspace(-1, 1) per tensor: the first
+    moves with any single weight; the second bounds how far float32 rounding can move it."""
+    total, scale = 0.0, 0.0
+    for p in model.parameters():
+        wl = p.detach().double().flatten() * torch.linspace(-1, 1, p.numel(), dtype=torch.float64)
+        total, scale = total + float(wl.sum()), scale + float(wl.abs().sum())
+    return total, scale
 
 
 def test_lag0_is_the_recorded_trajectory(tiny_paths, tmp_path):
     d = Distiller(config(tiny_paths, tmp_path, "loss.name=sampled_pg", "rollout.max_lag=0"))
     hist = [h for h in d.train() if "loss" in h]
     got = [[h[k] for k in ("loss", "grad_norm", "sampled_rkl", "teacher_nll")] for h in hist]
-    assert sum(got, []) == pytest.approx(sum(PINNED_LAG0, []), rel=1e-6, abs=1e-9)
-    assert fingerprint(d.student) == pytest.approx(PINNED_WEIGHTS, rel=1e-9)
+    assert sum(got, []) == pytest.approx(sum(PINNED_LAG0, []), rel=1e-5, abs=1e-7)  # as tests/test_pinned.py
+    # Not bit for bit across CPUs: float32 reductions take another order on another SIMD width. Seen: the
+    # recorded value (AVX2), +6.9e-7 on an AVX-512 Intel Xeon, +5.4e-7 there under ATEN_CPU_CAPABILITY=avx2,
+    # +1.0e-6 on an AVX-512 AMD EPYC. The bound: every weight moved by one float32 rounding unit (2^-24
+    # relative) in the worst direction, sum_i |w_i l_i| * 2^-24 (~5e-5 here, 3.5e-5 relative); a change of the
+    # trajectory moves it far past that: optim.lr 3.03e-3 instead of 3e-3 by 1.2e-2, max_grad_norm 0.5 by 0.32.
+    value, scale = fingerprint(d.student)
+    assert abs(value - PINNED_WEIGHTS) <= scale * 2.0 ** -24, (value, PINNED_WEIGHTS, scale * 2.0 ** -24)
     assert d.overlap is None and all("policy_lag" not in h for h in hist)
 
 
