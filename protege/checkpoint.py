@@ -50,6 +50,12 @@ class ResumeMismatch(ValueError):
 
 
 # ----------------------------------------------------------------------------------- writing
+def _peft_kwargs(student) -> dict:
+    """A PEFT model never had its embeddings resized here: without save_embedding_layers=False, peft asks the
+    hub whether the base model's config.json exists (a network call) and warns when it cannot tell."""
+    return {"save_embedding_layers": False} if _has_adapters(student) else {}
+
+
 def save(acc, folder: Path, *, student, state: dict, keep_last: int, sharded: bool = False) -> Path:
     """Collective: every process must call it. `student` is the unwrapped HF/PEFT model. sharded (FSDP2):
     state["optimizer"] is this rank's local optimizer state, saved per rank with the student's shards."""
@@ -60,7 +66,7 @@ def save(acc, folder: Path, *, student, state: dict, keep_last: int, sharded: bo
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         if not sharded:
-            student.save_pretrained(tmp / "student", safe_serialization=True)
+            student.save_pretrained(tmp / "student", safe_serialization=True, **_peft_kwargs(student))
         groups = {"state": {}, "param_groups": state["optimizer"]["param_groups"]}
         torch.save({**state, "optimizer": groups} if sharded else state, tmp / "trainer_state.pt")
     acc.wait_for_everyone()
@@ -342,7 +348,7 @@ def save_student(acc, student, tokenizer, dst: Path, *, sharded: bool = False) -
     if acc.is_main_process:
         tmp = dst.with_name(dst.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        student.save_pretrained(tmp, safe_serialization=True, state_dict=full)
+        student.save_pretrained(tmp, safe_serialization=True, state_dict=full, **_peft_kwargs(student))
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(dst, ignore_errors=True)
         os.replace(tmp, dst)

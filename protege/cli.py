@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    quiet_libraries()
     try:
         return args.func(args, rest) or 0
     except USER_ERRORS as e:  # errors for people: one line, no traceback
@@ -56,6 +57,21 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"protege {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
+
+
+def quiet_libraries() -> None:
+    """What the libraries print that tells a user nothing: httpx's INFO line per teacher request, and the
+    transformers / hub progress bars of every model load and save (GGUF de-quantisation, weight loading, shard
+    writing). protege's own step bar and log stay; PROTEGE_DEBUG=1 keeps everything."""
+    if os.environ.get("PROTEGE_DEBUG", "").strip().lower() not in ("", "0", "false", "no"):
+        return
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    disable_progress_bars()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -74,6 +74,54 @@ def resolve_gguf(path_or_id: str | pathlib.Path) -> tuple[pathlib.Path, str] | N
     return None
 
 
+def check_model_source(path_or_id: str) -> None:
+    """Fail at once, naming the path, when a model name cannot be loaded: a name that is a local path by its
+    shape (starts with / . ~, has two or more slashes, ends in .gguf, or its parent folder exists here) but is
+    not there, or a hub id that is neither a local folder nor in the local hub cache while nothing can be
+    downloaded (HF_HUB_OFFLINE, or the hub's host does not resolve). Without this, transformers takes a missing
+    folder for a hub id and retries the network for about a minute before saying "could not connect"."""
+    import os
+
+    text = str(path_or_id)
+    path = pathlib.Path(text).expanduser()
+    if path.exists():
+        return
+    local_shape = (text.startswith(("/", ".", "~")) or text.count("/") >= 2 or path.suffix == ".gguf"
+                   or (len(path.parts) > 1 and path.parent.is_dir()))
+    if local_shape:
+        raise ValueError(f"model path {text!r}: no such file or folder (looked in {path.absolute().parent}). "
+                         "Give an HF folder (config.json + weights), a .gguf file, a hub id, or 'smollm2'.")
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(text, "config.json")
+    except Exception:  # not a valid hub id either
+        cached = None
+    if isinstance(cached, str):
+        return
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if offline or not _hub_resolves():
+        why = "HF_HUB_OFFLINE is set" if offline else "the hub's host does not resolve from this machine"
+        raise ValueError(f"model {text!r}: no such local file or folder (looked in {path.absolute().parent}), and "
+                         f"no hub model of that name in the local cache ({why}, so nothing can be downloaded). "
+                         "Give an HF folder, a .gguf file, or 'smollm2' (the embedded SmolLM2-135M-Instruct).")
+
+
+def _hub_resolves() -> bool:
+    """Whether the hub's host name resolves (one DNS lookup, no connection): without a network it fails at once,
+    where a download attempt retries for about a minute."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return False
+    return True
+
+
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     """torch dtype from a name ("float32", "bfloat16", "float16") or a torch.dtype."""
     if isinstance(dtype, torch.dtype):
@@ -92,17 +140,31 @@ def load_model(path_or_id: str | pathlib.Path, dtype: str | torch.dtype = "float
     torch_dtype = parse_dtype(dtype)
     gguf = resolve_gguf(path_or_id)
     if gguf is None:
+        check_model_source(path_or_id)
         try:
             return AutoModelForCausalLM.from_pretrained(str(path_or_id), dtype=torch_dtype)
         except OSError as e:
             raise ValueError(_not_found(path_or_id, e)) from None
     folder, name = gguf
+    _gguf_bar_follows_hf_setting()
     # dequantize=True: dense weights even where a GGUF matmul kernel exists (packed ones cannot train).
     model = AutoModelForCausalLM.from_pretrained(
         str(folder), gguf_file=name, dtype=torch_dtype, quantization_config=GgufConfig(dequantize=True)
     )
     _drop_gguf_quantization(model)
     return model
+
+
+def _gguf_bar_follows_hf_setting() -> None:
+    """transformers' GGUF loader draws its "Converting and de-quantizing" bar with a plain tqdm that ignores
+    `transformers.utils.logging.disable_progress_bar()` (which the CLI calls); make it follow that setting."""
+    import functools
+
+    from tqdm.auto import tqdm
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    gguf_utils.tqdm = functools.partial(tqdm, disable=not hf_logging.is_progress_bar_enabled())
 
 
 def _drop_gguf_quantization(model) -> None:
@@ -122,6 +184,7 @@ def load_tokenizer(path_or_id: str | pathlib.Path):
     path_or_id = resolve_model(path_or_id)
     gguf = resolve_gguf(path_or_id)
     if gguf is None:
+        check_model_source(path_or_id)
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(path_or_id))
         except OSError as e:

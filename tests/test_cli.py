@@ -123,3 +123,31 @@ def test_real_bugs_keep_their_traceback(monkeypatch):
     monkeypatch.setattr(protege.recipe, "load_recipe", broken)
     with pytest.raises(KeyError):
         main(["train", "--student.path", "s", "--teacher.path", "t"])
+
+
+def test_the_cli_quiets_library_noise(monkeypatch):
+    """One httpx INFO line per teacher request and the transformers / GGUF progress bars of every load and save
+    are silenced by the CLI (issue 28); PROTEGE_DEBUG=1 keeps them."""
+    import logging
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    from protege import modeling
+    from protege.cli import quiet_libraries
+
+    monkeypatch.setattr(gguf_utils, "tqdm", gguf_utils.tqdm)  # restored after the test
+    monkeypatch.delenv("PROTEGE_DEBUG", raising=False)
+    httpx_level = logging.getLogger("httpx").level
+    try:
+        hf_logging.enable_progress_bar()
+        quiet_libraries()
+        assert logging.getLogger("httpx").getEffectiveLevel() >= logging.WARNING
+        assert not hf_logging.is_progress_bar_enabled()
+        modeling._gguf_bar_follows_hf_setting()
+        assert gguf_utils.tqdm(range(3)).disable  # the GGUF loader's bar
+    finally:
+        hf_logging.enable_progress_bar()
+        logging.getLogger("httpx").setLevel(httpx_level)
+        modeling._gguf_bar_follows_hf_setting()
+    assert not gguf_utils.tqdm(range(3)).disable

