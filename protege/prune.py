@@ -15,7 +15,7 @@ attention module (the KV cache is indexed by it), so `generate` with a cache wor
 
     >>> from protege.prune import prune_checkpoint
     >>> from protege.modeling import find_smollm2
-    >>> prune_checkpoint(find_smollm2(), "runs/student-24", keep=24)["kept_layers"][:4]
+    >>> prune_checkpoint(find_smollm2(), "outputs/student-24", keep=24)["kept_layers"][:4]
     [0, 1, 3, 4]
 """
 

