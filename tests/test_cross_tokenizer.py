@@ -373,3 +373,32 @@ def test_next_byte_loss_equals_brute_force(name):
     same = next_byte_loss(logits, torch.tensor(s_ref), torch.log_softmax(logits, -1).sort(-1, descending=True).values,
                           torch.tensor(s_ref)[logits.argsort(-1, descending=True)], name=name)
     torch.testing.assert_close(same, torch.zeros(n, dtype=same.dtype), atol=1e-6, rtol=0)  # a teacher = the student (fp32)
+
+
+def test_a_privileged_teacher_across_tokenizers_reads_its_own_view(other_pair):
+    """teacher.system_prompt with the cross-tokenizer path: the wrapper hands the data rows to the privileged
+    teacher inside it (it raised 'needs each sequence's data row' before), whose prompts then hold the system
+    message: the same buffer gets other teacher logprobs than without it, and a step trains on them."""
+    import copy
+
+    from protege.trainer import Distiller
+
+    tok = bpe(300)
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+    student = make_plain_model(len(tok), seed=6)
+    base = ["student.path=s", "teacher.path=t", f"data.path={other_pair['root'] / 'd.jsonl'}",
+            "output.report_to=none", "train.num_threads=1", "train.prompts_per_step=4", "train.micro_batch_size=2",
+            "rollout.max_new_tokens=8", "teacher.cross_tokenizer=on", "data.eval_prompts=0"]
+
+    def distiller(name, *extra):
+        cfg = load_config(None, [*base, f"output.dir={other_pair['root'] / name}", *extra])
+        return Distiller(cfg, student=copy.deepcopy(student), teacher_model=copy.deepcopy(student), tokenizer=tok,
+                         teacher_tokenizer=tok)
+    plain = distiller("plain")
+    buffer = plain.collect(0)
+    told = distiller("told", "teacher.system_prompt=Answer in one short line.")
+    sig_told, sig_plain = told.score(buffer), plain.score(buffer)
+    valid = buffer.completion_mask & sig_told.cross.valid & sig_plain.cross.valid
+    assert not torch.allclose(sig_told.cross.span_logprobs[valid], sig_plain.cross.span_logprobs[valid])
+    m = told.train_step(buffer, sig_told)
+    assert torch.isfinite(torch.tensor(m["loss"]))

@@ -298,7 +298,8 @@ class CrossTokenizerTeacher:
             ids[i, : len(r)] = torch.from_numpy(r)
             tmask[i, : len(r)] = True
         view = Rollouts(prompt_ids=[self.teacher_prompt(rollouts, i) for i in range(len(rollouts))],
-                        completion_ids=ids, completion_mask=tmask, sources=list(rollouts.sources))
+                        completion_ids=ids, completion_mask=tmask, sources=list(rollouts.sources),
+                        examples=rollouts.examples)  # a privileged teacher inside renders its own view
         return self.inner.score(view, ScoreRequest(topk=request.topk, temperature=request.temperature,
                                                    entropy=request.entropy))
 
