@@ -16,8 +16,8 @@ stalled connections too and answers everybody else 503. What this module adds:
   closed; a client that trickles one byte every few seconds cannot hold a socket for minutes;
 - a connection cap (`max_connections`): one more connection closes the oldest connection that
   has waited over `evict_grace_s` for a request head (stalled or idle); when there is none, the
-  one whose request body is furthest behind `min_body_rate`; when every connection is being
-  answered or sends its body fast enough, the new one is refused;
+  one whose request body is furthest behind `min_body_rate`, else the oldest waiting for a head;
+  when every connection is being answered or sends its body fast enough, the new one is refused;
   the cap is lowered at start to what the open-file limit allows;
 - when accept fails anyway for lack of file descriptors (EMFILE, ENFILE, ENOBUFS, ENOMEM), the
   connections that have waited longest for a head are closed so that accepting can resume, and
@@ -92,10 +92,11 @@ class ConnectionGuard:
 
         First the oldest one that has waited over evict_grace_s for a request head; else the one
         whose request body is furthest behind the schedule size(t) = min_body_rate * t since its
-        head: deficit = min_body_rate * t - body_bytes > 0. A connection being answered, or whose
-        body keeps up with min_body_rate, is never closed (a newcomer is then refused), nor one
-        that connected under evict_grace_s ago and is about to send its head: slow-body clients
-        that reconnect as fast as they are closed push out each other, not the others.
+        head: deficit = min_body_rate * t - body_bytes > 0; else the oldest one waiting for a head
+        however young. A connection being answered, or whose body keeps up with min_body_rate, is
+        never closed (a newcomer is then refused). While slow bodies hold the cap, a client that
+        has just connected and is about to send its head is not pushed out by the slow-body
+        clients' reconnects: they push out each other.
         """
         oldest = next((p for p in self.open if p.waiting_since is not None), None)
         if oldest is not None and now - oldest.waiting_since >= self.evict_grace_s:
@@ -105,7 +106,7 @@ class ConnectionGuard:
         worst = max(deficits, key=lambda dp: dp[0], default=(0.0, None))
         if worst[0] > 0:
             return worst[1], "evicted_slow_body"
-        return None, "refused"
+        return oldest, "evicted" if oldest is not None else "refused"
 
     def body_deadline_s(self, content_length: int | None) -> float:
         """Seconds a request body may take: header_timeout_s + size / min_body_rate."""
