@@ -204,3 +204,15 @@ def test_resuming_a_finished_run_is_a_no_op(tiny_paths, tmp_path):
     assert (tmp_path / "checkpoints" / NEWEST / "trainer_state.pt").read_bytes() == state
     after = _weights(tmp_path / "student")
     assert all(torch.equal(after[k], weights[k]) for k in weights)
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "a_file"])
+def test_an_unusable_output_dir_is_one_error_naming_it(tiny_paths, tmp_path, where):
+    """output.dir below a regular file, or a regular file itself: one ValueError naming output.dir, the
+    path and the reason. Before: a bare [Errno 20] / [Errno 17] from mkdir."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    out = blocker / "run" if where == "under_a_file" else blocker
+    with pytest.raises(ValueError, match="output.dir=") as err:
+        train(_cfg(tiny_paths, out, "train.max_steps=1"))
+    assert str(out) in str(err.value) and "cannot be used" in str(err.value)
