@@ -177,7 +177,8 @@ def _teacher_source(cfg: Config, teacher_model, *, pad_id: int, device, objectiv
         return cache.wrap(t, RemoteTeacher(t.urls, api_key=t.api_key or os.environ.get("PROTEGE_API_KEY"),
                                            protocol=t.protocol, timeout=t.timeout_s, max_wait_s=t.max_wait_s,
                                            logprob_dtype=t.logprob_dtype, vocab_size=t.vocab_size,
-                                           hidden_dtype=t.hidden_dtype, projection_cache=t.projection_cache)), None
+                                           hidden_dtype=t.hidden_dtype, projection_cache=t.projection_cache,
+                                           min_wire_version=t.min_wire_version)), None
     from protege.modeling import load_model
     from protege.teacher.local import LocalTeacher
 

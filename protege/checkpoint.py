@@ -7,6 +7,12 @@ output/checkpoints/step-N/ holds
     rng-<rank>.pt       each process's torch (CPU, CUDA) and python RNG state (tensors and plain lists)
     manifest.json       written last: size and sha256 of every other file, and the process count
 
+trainer_state.pt also records "checkpoint_format" (FORMAT). A folder without manifest.json is
+accepted (with a warning, its contents checked) only when it was written by a protege that wrote
+no manifests: one whose trainer_state.pt has no "checkpoint_format" and whose rng-<rank>.pt holds
+the python RNG state as a tuple (every protege that writes manifests stores a list there). A
+deleted manifest cannot remove those marks, so such a folder is refused and resume falls back.
+
 An FSDP2 student (protege/fsdp.py) is saved as each rank's shards instead of student/, with nothing
 gathered: student-<rank>.safetensors (its local shards: every tensor, or the trainable ones under
 LoRA) and optimizer-<rank>.pt (its optimizer state, local shards); trainer_state.pt then keeps only
@@ -38,6 +44,7 @@ import torch
 
 log = logging.getLogger("protege")
 MANIFEST = "manifest.json"
+FORMAT = 2  # trainer_state.pt's "checkpoint_format": 1 = manifests (no mark recorded), 2 = this mark too
 STATE_KEYS = ("optimizer", "scheduler", "stream", "step")
 
 
@@ -56,6 +63,21 @@ def _peft_kwargs(student) -> dict:
     return {"save_embedding_layers": False} if _has_adapters(student) else {}
 
 
+def make_output_dir(path) -> Path:
+    """Create output.dir (and its parents) and check that it takes files; ValueError naming output.dir,
+    the path and the OS's reason otherwise (a file in the way, no permission, a read-only disk)."""
+    out = Path(path)
+    probe = out / f".protege-write-test-{os.getpid()}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"output.dir={str(path)!r} cannot be used: {e.strerror or e} ({e.filename or out}); set "
+                         "output.dir to a folder this user can create and write") from None
+    return out
+
+
 def save(acc, folder: Path, *, student, state: dict, keep_last: int, sharded: bool = False) -> Path:
     """Collective: every process must call it. `student` is the unwrapped HF/PEFT model. sharded (FSDP2):
     state["optimizer"] is this rank's local optimizer state, saved per rank with the student's shards."""
@@ -68,7 +90,8 @@ def save(acc, folder: Path, *, student, state: dict, keep_last: int, sharded: bo
         if not sharded:
             student.save_pretrained(tmp / "student", safe_serialization=True, **_peft_kwargs(student))
         groups = {"state": {}, "param_groups": state["optimizer"]["param_groups"]}
-        torch.save({**state, "optimizer": groups} if sharded else state, tmp / "trainer_state.pt")
+        marked = {**state, "checkpoint_format": FORMAT}
+        torch.save({**marked, "optimizer": groups} if sharded else marked, tmp / "trainer_state.pt")
     acc.wait_for_everyone()
     if sharded:
         from protege import fsdp
@@ -228,9 +251,13 @@ def _agree(acc, chosen: Snapshot | None) -> None:
 
 
 def check_manifest(folder: Path, processes: int) -> None:
-    """Every file listed in manifest.json is there with its size and sha256 (no manifest: an older protege)."""
+    """Every file listed in manifest.json is there with its size and sha256 (no manifest: only a folder
+    that an older protege wrote, see `_manifest_era`)."""
     path = folder / MANIFEST
     if not path.exists():
+        if (mark := _manifest_era(folder)) is not None:
+            raise CheckpointError(f"{path} is missing, but {mark}: a protege that writes manifests wrote this "
+                                  "folder, so its manifest was deleted and its files cannot be checked")
         log.warning("resume: %s has no %s (written by an older protege): checking its contents only", folder,
                     MANIFEST)
         return
@@ -252,6 +279,19 @@ def check_manifest(folder: Path, processes: int) -> None:
                                   "or rewritten)")
         if _sha256(p) != want["sha256"]:
             raise CheckpointError(f"{p} differs from the file that was saved (sha256 mismatch with {MANIFEST})")
+
+
+def _manifest_era(folder: Path) -> str | None:
+    """What shows that `folder` was written by a protege that writes manifests, or None: trainer_state.pt's
+    "checkpoint_format", or an rng-<rank>.pt holding the python RNG state as a list (older ones: a tuple)."""
+    state = _torch_file(folder / "trainer_state.pt")
+    if isinstance(state, dict) and "checkpoint_format" in state:
+        return f"trainer_state.pt records checkpoint_format {state['checkpoint_format']!r}"
+    for rng_path in sorted(folder.glob("rng-*.pt")):
+        rng = _torch_file(rng_path)
+        if isinstance(rng, dict) and isinstance(rng.get("python"), list):
+            return f"{rng_path.name} holds the RNG state in the form written alongside manifests"
+    return None
 
 
 def _torch_file(path: Path):

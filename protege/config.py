@@ -57,6 +57,11 @@ class TeacherConfig(_Section):
         "float32", description="Server: dtype of logprobs on the wire; float16 makes replies ~1.5x smaller at "
         "<=2^-7 absolute error for logprobs in [-30, 0] (ids are lossless uint16 when the vocabulary fits).")
     timeout_s: float = Field(300.0, gt=0, description="Server: timeout of one HTTP request.")
+    min_wire_version: int = Field(3, ge=1, le=3, description="Server: the oldest wire version the client may step "
+                                  "down to when a server says it does not read a newer one. 3 (default): only the "
+                                  "checksummed wire, a server that refuses it stops the run; 2 or 1: an older protege "
+                                  "server is accepted without a crc32 check of its replies (logged, counted in the "
+                                  "step metrics teacher_wire_downgrades).")
     max_wait_s: float = Field(600.0, gt=0, description="Server: how long to keep retrying (with backoff) while the "
                               "teacher server is down or overloaded before the run stops with an error.")
     hidden_dtype: Literal["float16", "bfloat16", "float32"] = Field(

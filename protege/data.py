@@ -80,12 +80,28 @@ def load_rows(path: str, split: str = "train") -> list[dict]:
     return list(ds)
 
 
+def _warn_invalid_utf8(p: Path, raw: bytes, text: str) -> int:
+    """Count the invalid UTF-8 sequences that decoding replaced by U+FFFD (genuine U+FFFD characters,
+    EF BF BD in the file, excluded) and warn, naming the file and the first lines; the count."""
+    replaced = text.count("\ufffd") - raw.count(b"\xef\xbf\xbd")
+    if replaced > 0:
+        lines = [n for n, line in enumerate(raw.split(b"\n"), 1)
+                 if line.decode("utf-8", errors="replace").count("\ufffd") > line.count(b"\xef\xbf\xbd")]
+        log.warning("data file %s: %d invalid UTF-8 byte sequence(s) on %d line(s) (lines %s%s) were read as U+FFFD "
+                    "(replacement character): the prompts there differ from the file; re-save it as UTF-8", p,
+                    replaced, len(lines), ", ".join(map(str, lines[:5])), ", ..." if len(lines) > 5 else "")
+    return max(replaced, 0)
+
+
 def _jsonl_rows(p: Path) -> list[dict]:
     """One row per line of a JSONL file. Lines are split on "\\n" only (U+2028, U+0085 and the like are
     valid inside JSON strings), a UTF-8 byte-order mark is dropped, and a line that is not a JSON object
-    (invalid, nested too deeply for the parser, or another JSON value) becomes a counted bad row."""
+    (invalid, nested too deeply for the parser, or another JSON value) becomes a counted bad row. Bytes
+    that are not UTF-8 are read as U+FFFD, counted and warned about with the lines they are on."""
     rows = []
-    text = p.read_bytes().decode("utf-8-sig", errors="replace")
+    raw = p.read_bytes()
+    text = raw.decode("utf-8-sig", errors="replace")
+    _warn_invalid_utf8(p, raw, text)
     for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue

@@ -320,7 +320,7 @@ class Distiller:
         cfg, acc = self.cfg, self.acc
         if cfg.resume and self.load_checkpoint() and self.state.step >= self.max_steps:
             return self._finished()
-        self.out.mkdir(parents=True, exist_ok=True)
+        checkpoint.make_output_dir(self.out)
         metrics_path = self.out / "metrics.jsonl"
         if self.state.step == 0 and acc.is_main_process:
             metrics_path.write_text("")

@@ -109,3 +109,16 @@ def test_unreadable_csv_and_parquet_name_the_file(tmp_path, name, content):
     with pytest.raises(ValueError) as err:
         load_rows(str(path))
     assert str(path) in str(err.value)
+
+
+def test_invalid_utf8_bytes_are_counted_and_warned_with_their_lines(tmp_path, caplog):
+    """Latin-1 bytes in a UTF-8 JSONL file (and a genuine U+FFFD, which is not counted): the rows are
+    kept with U+FFFD, and one warning names the file, the count and the lines. Before: silent."""
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(b'{"prompt": "caf\xe9 ok"}\n{"prompt": "fine \xef\xbf\xbd real"}\n{"prompt": "na\xefve \xff\xfe"}\n')
+    with caplog.at_level(logging.WARNING):
+        rows = load_rows(str(path))
+    assert [r["prompt"] for r in rows] == ["caf\ufffd ok", "fine \ufffd real", "na\ufffdve \ufffd\ufffd"]
+    warned = [r.getMessage() for r in caplog.records if "UTF-8" in r.getMessage()]
+    assert len(warned) == 1 and str(path) in warned[0], warned
+    assert "4 invalid UTF-8 byte sequence(s) on 2 line(s) (lines 1, 3)" in warned[0], warned[0]

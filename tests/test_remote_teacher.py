@@ -97,8 +97,8 @@ def test_remote_float16_logprobs_within_documented_tolerance(model, servers):
 
 @pytest.mark.parametrize("newest", [1, 2])
 def test_steps_down_the_wire_version_for_an_older_server(model, monkeypatch, newest):
-    """A server that reads only versions <= `newest` answers newer bodies with its 400; the client steps
-    down one version per refusal (3 -> 2 -> 1) and stays there."""
+    """A server that reads only versions <= `newest` answers newer bodies with its 400; a client that
+    allows it (min_wire_version) steps down one version per refusal (3 -> 2 -> 1) and stays there."""
     seen = []
 
     def read_old_only(body):
@@ -112,11 +112,11 @@ def test_steps_down_the_wire_version_for_an_older_server(model, monkeypatch, new
     rollouts = make_rollouts(n=5, seed=7)
     request = ScoreRequest(topk=4)
     with serve_in_thread(create_app(HFBackend(model))) as server:
-        with RemoteTeacher(server.url, chunk_tokens=30, concurrency=1) as teacher:
+        with RemoteTeacher(server.url, chunk_tokens=30, concurrency=1, min_wire_version=newest) as teacher:
             got = teacher.score(rollouts, request)
             assert teacher._wire_version == newest
         assert seen[: 4 - newest] == list(range(3, newest - 1, -1)) and set(seen[4 - newest:]) == {newest}
-        with RemoteTeacher(server.url, logprob_dtype="float16") as teacher:
+        with RemoteTeacher(server.url, logprob_dtype="float16", min_wire_version=newest) as teacher:
             if newest == 1:
                 with pytest.raises(ValueError, match="needs a teacher server that reads wire version 2"):
                     teacher.score(rollouts, request)

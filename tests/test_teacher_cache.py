@@ -21,7 +21,7 @@ from protege.server import HFBackend, create_app
 from protege.server.background import serve_in_thread
 from protege.teacher.base import ScoreRequest
 from protege.teacher.cache import open_cache
-from protege.teacher.cache_store import ShardStore, decode_field, encode_field, read_shard
+from protege.teacher.cache_store import ShardStore, decode_field, encode_field, pack_shard, read_shard
 from protege.teacher.local import LocalTeacher
 from protege.teacher.remote import RemoteTeacher
 from protege.trainer import Distiller
@@ -191,6 +191,33 @@ def test_corrupted_shard_is_detected_and_rebuilt(tmp_path, caplog):
     assert third.take_counts()["hits"] == 12 and not caplog.records
 
 
+def test_a_nan_under_a_valid_sha256_is_a_damaged_shard(tmp_path, caplog):
+    """A shard rewritten with a NaN logprob and a correct sha256 (what a faulty teacher or an attacker
+    writes): the warning names the cache file, the file is removed, its rows are scored again, and
+    the scores are the teacher's. Before: the NaN reached the loss and stopped the run with a message
+    that did not name the cache."""
+    teacher_model = make_plain_model(VOCAB)
+    parts, request = [_rollouts(3, s) for s in (20, 21)], ScoreRequest(topk=4)
+    cached = open_cache(LocalTeacher(teacher_model, pad_id=0), tmp_path)
+    want = [cached.score(r, request) for r in parts]
+    shards = sorted(cached.store.folder.glob("*.ptc"), key=lambda p: p.stat().st_mtime_ns)
+    header, rows = read_shard(shards[0])
+    rows[1]["token_logprobs"][0] = float("nan")
+    shards[0].write_bytes(pack_shard(header["manifest"], [bytes.fromhex(k) for k in header["keys"]], rows))
+    caplog.set_level(logging.WARNING, "protege")
+    again = open_cache(LocalTeacher(teacher_model, pad_id=0), tmp_path)
+    got = [again.score(r, request) for r in parts]
+    counts = again.take_counts()
+    assert (counts["hits"], counts["misses"], counts["teacher_calls"]) == (3, 3, 1), counts
+    damaged = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+    assert len(damaged) == 1 and str(shards[0]) in damaged[0] and "token_logprobs" in damaged[0] and "NaN" in damaged[0]
+    for g, w, r in zip(got, want, parts):
+        assert torch.isfinite(g.token_logprobs[r.completion_mask]).all()
+        torch.testing.assert_close(g.token_logprobs[r.completion_mask], w.token_logprobs[r.completion_mask],
+                                   atol=1e-6, rtol=0)
+    assert len(read_shard(shards[0])[1]) == 3  # rebuilt, sound
+
+
 def test_another_teachers_cache_is_not_read(tmp_path, caplog):
     a, b = make_plain_model(VOCAB, seed=0), make_plain_model(VOCAB, seed=1)  # same shape, other weights
     rows, request = _rollouts(5, 20), ScoreRequest(topk=4)
@@ -259,7 +286,8 @@ def test_stored_values_come_back_bit_for_bit(tmp_path):
         assert torch.equal(back.view(torch.int16) if x.dtype == torch.bfloat16 else back.nan_to_num(0.5),
                            x.view(torch.int16) if x.dtype == torch.bfloat16 else x.nan_to_num(0.5))
     store = ShardStore(tmp_path, "m" * 64)
-    rows = [{"token_logprobs": lp[i], "hidden_states": hidden[i:i + 1].expand(5, 3)} for i in range(2)]
+    finite = lp.nan_to_num(nan=-1.0)  # a shard holding NaN is damaged (test_a_nan_under_a_valid_sha256...)
+    rows = [{"token_logprobs": finite[i], "hidden_states": hidden[i:i + 1].expand(5, 3)} for i in range(2)]
     store.put([b"a" * 32, b"b" * 32], rows)
     fresh = ShardStore(tmp_path, "m" * 64)
     back = fresh.get(b"b" * 32)["hidden_states"]

@@ -76,13 +76,14 @@ class ServerSettings:
     # connections (protege.server.connections; uvicorn settings where uvicorn has them)
     header_timeout_s: float = 10.0  # a request head must arrive within this, from connect / first byte
     body_timeout_s: float = 30.0  # longest wait for the next piece of a request body (then 408)
+    min_body_rate: float = 65536.0  # bytes/s: a body must be whole within header_timeout_s + size / this
     keep_alive_s: float = 5.0  # idle kept-alive connections are closed after this (uvicorn timeout_keep_alive)
     max_connections: int = 1000  # more closes the oldest one waiting for a head (lowered to the open-file limit)
     graceful_shutdown_s: float = 5.0  # in-flight requests get this long at shutdown (uvicorn)
     log_interval_s: float = 60.0  # accept errors / connection-cap warnings: at most one line per interval
 
     def __post_init__(self):
-        for name in ("header_timeout_s", "body_timeout_s", "keep_alive_s", "max_connections", "graceful_shutdown_s",
+        for name in ("header_timeout_s", "body_timeout_s", "min_body_rate", "keep_alive_s", "max_connections", "graceful_shutdown_s",
                      "log_interval_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:

@@ -55,10 +55,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"of connecting (or of its first byte after a response) (default: {d.header_timeout_s:g})")
     parser.add_argument("--body-timeout-s", type=float, default=d.body_timeout_s,
                         help=f"answer 408 when a request body stalls this long (default: {d.body_timeout_s:g})")
+    parser.add_argument("--min-body-rate", type=float, default=d.min_body_rate,
+                        help="bytes per second a request body must average: the connection is closed when the body "
+                             "is not whole within --header-timeout-s + Content-Length / this, and at the connection "
+                             f"cap the slowest bodies are closed first (default: {d.min_body_rate:g})")
     parser.add_argument("--keep-alive-s", type=float, default=d.keep_alive_s,
                         help=f"close kept-alive connections idle this long (default: {d.keep_alive_s:g})")
     parser.add_argument("--max-connections", type=int, default=d.max_connections,
-                        help="open connections; one more closes the oldest still waiting for a request head "
+                        help="open connections; one more closes the oldest still waiting for a request head, else "
+                             "the one whose request body arrives slowest "
                              f"(lowered to fit the open-file limit) (default: {d.max_connections})")
     parser.add_argument("--timeout-graceful-shutdown", type=float, default=d.graceful_shutdown_s,
                         help=f"seconds in-flight requests get at shutdown (default: {d.graceful_shutdown_s:g})")
@@ -72,6 +77,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
                           max_query_ids=args.max_query_ids, max_body_bytes=args.max_body_bytes,
                           max_request_seqs=args.max_request_seqs, max_request_tokens=args.max_request_tokens,
                           header_timeout_s=args.header_timeout_s, body_timeout_s=args.body_timeout_s,
+                          min_body_rate=args.min_body_rate,
                           keep_alive_s=args.keep_alive_s, max_connections=args.max_connections,
                           graceful_shutdown_s=args.timeout_graceful_shutdown)
 

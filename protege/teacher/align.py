@@ -13,12 +13,15 @@ from character offsets of a normalised string:
   ByteLevel BPE   each char of the piece is one byte through GPT-2's byte-to-unicode alphabet (Ġ = ' ')
   SentencePiece   '▁' is a space, '<0xNN>' byte-fallback pieces are one byte each; a leading '▁' that
                   the tokenizer added in front of the text (prefix space) is not a byte of the text
-  WordPiece       a '##' piece continues a word; a word-initial piece owns a space before it. WordPiece
-                  normalisers may lose bytes (lowercasing, accent stripping, dropped whitespace): when
-                  the table's bytes do not reproduce the text, the tokenizer's own offsets into the
-                  *original* text are used, and bytes no token covers (dropped whitespace) belong to
-                  the token after them (the last token takes the trailing ones), so the tokens still
-                  tile the text and every span's bytes are equal on both sides
+  WordPiece       a '##' piece continues a word; a word-initial piece owns a space before it.
+  normalising     (WordPiece, or any tokenizer whose normaliser changes the text: lowercasing, accent
+                  stripping, NFKC ligatures and combining marks, dropped whitespace, `<unk>`): when the
+                  table's bytes do not reproduce the text, the tokenizer's own offsets into the
+                  *original* text are used (`lengths_from_offsets`): a token whose offsets overlap the
+                  next one's shares the next token's span; uncovered whitespace belongs to the token
+                  after it, other uncovered bytes (a combining accent) to the token before them; so the
+                  tokens still tile the text, every span's bytes are equal on both sides, and a span's
+                  original text normalises to its teacher tokens' text
   other           the piece's UTF-8 bytes (WordLevel / character tokenizers)
 
 Special tokens own no text bytes. They are paired explicitly, in order, by class: the EOS / end-of-turn
@@ -210,15 +213,43 @@ def char_to_byte_offsets(text: str, offsets: np.ndarray) -> np.ndarray:
     return table[np.clip(offsets, 0, len(cps))]
 
 
+_ASCII_SPACE = np.zeros(256, dtype=bool)
+_ASCII_SPACE[list(b" \t\n\r\x0b\x0c")] = True
+
+
 def lengths_from_offsets(text: str, char_offsets: np.ndarray) -> np.ndarray:
-    """Byte lengths that tile `text` from a tokenizer's (n, 2) char offsets into the original text: a
-    token owns the bytes up to its end (uncovered bytes before it included); the last owns the rest."""
+    """Byte lengths that tile `text` from a tokenizer's (n, 2) char offsets into the original text.
+
+    A normalising tokenizer's offsets can overlap, leave bytes uncovered, or cover none:
+      overlap   token i ends after token i+1 starts (NFKC "ﬁ" -> `f` (0, 1) and `##in` (0, 2); a
+                prefix '▁' and the `<unk>` after it on the same char): token i gets no bytes of its
+                own, it shares the next token's span (its end is the next one's end, the next token
+                then owns 0 bytes and the same boundary key);
+      gap       bytes between token i's end and token i+1's start: the run of non-whitespace bytes
+                at the gap's start goes to token i (a combining accent NFKC folded into the char
+                before it, an ignored control character), the rest, from the gap's first ASCII
+                whitespace byte, to token i+1 (dropped spaces before a word); bytes before the
+                first token go to the first, after the last to the last.
+    Every token's end E_i is thus monotone and E_{n-1} = len(bytes): the lengths diff(E) tile the text.
+    """
     n = len(char_offsets)
     if n == 0:
         return np.zeros(0, dtype=np.int64)
-    ends = np.maximum.accumulate(char_to_byte_offsets(text, char_offsets[:, 1]))
-    ends[-1] = len(text.encode("utf-8"))
-    return np.diff(np.concatenate([[0], ends]))
+    data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+    starts = char_to_byte_offsets(text, char_offsets[:, 0])  # (n,)
+    ends = np.maximum.accumulate(char_to_byte_offsets(text, char_offsets[:, 1]))  # (n,)
+    is_space = np.r_[_ASCII_SPACE[data], True]  # (B + 1,): a sentinel at the end
+    next_space = np.minimum.accumulate(np.where(is_space, np.arange(len(is_space)), len(is_space))[::-1])[::-1]
+    gap_end = np.maximum(starts[1:], ends[:-1])  # (n - 1,) where token i+1's own bytes begin
+    split = np.minimum(next_space[np.minimum(ends[:-1], len(data))], gap_end)  # end of token i's non-space tail
+    overlap = ends[:-1] > starts[1:]  # (n - 1,)
+    out = np.r_[np.where(overlap, ends[:-1], split), len(data)].astype(np.int64)  # (n,)
+    if overlap.any():  # an overlapping token ends where the first non-overlapping token after it ends
+        own = np.r_[~overlap, True]
+        first_own = np.minimum.accumulate(np.where(own, np.arange(n), n)[::-1])[::-1]
+        out = out[first_own]
+    out = np.maximum.accumulate(np.minimum(out, len(data)))
+    return np.diff(np.r_[0, out])
 
 
 def text_lengths(vocab: VocabBytes, ids: np.ndarray, text: str) -> np.ndarray | None:

@@ -27,7 +27,8 @@ and read back into its `torch` dtype; nothing is ever rounded. Never pickle: num
 
 Reading: opening the store reads every shard's header (to index the keys); a shard's payload is
 read, and its sha256 checked, the first time one of its rows is asked for. A shard that is short,
-truncated, unparsable or fails its sha256 is damaged: a warning names the file, the file is removed,
+truncated, unparsable, fails its sha256 or holds a NaN or +inf (a logprob is finite or -inf;
+a valid sha256 over a NaN only says the NaN was written so) is damaged: a warning names the file, the file is removed,
 and its rows are misses (scored again by the teacher and written to a new shard), never used. A
 shard whose header names another manifest (another teacher's) is never read (a warning names it).
 Writing: a new shard goes to a temporary file in the same directory, is flushed and fsynced, and
@@ -37,6 +38,7 @@ is renamed into place (os.replace): a reader sees a complete shard or none.
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 import logging
 import os
@@ -152,6 +154,10 @@ def read_shard(path: Path) -> tuple[dict, list[dict[str, torch.Tensor]]]:
         count = total * int(np.prod(f["tail"], dtype=np.int64))
         raw = np.frombuffer(payload, dtype=_NP[f["code"]], count=count, offset=f["offset"])
         columns[name] = decode_field(raw.reshape(total, *f["tail"]), f["code"], f["torch"])
+        if columns[name].is_floating_point() and (bad := int((columns[name].isnan() | (columns[name] == math.inf))
+                                                             .sum())):
+            raise DamagedShard(f"its field {name} holds {bad} NaN or +inf value(s) under a valid sha256 (written so "
+                               "by a faulty teacher or on purpose)")
     rows, start = [], 0
     for length in header["lengths"]:
         rows.append({name: col[start:start + length] for name, col in columns.items()})

@@ -9,21 +9,26 @@ Failures: connection errors, timeouts, 5xx and 429 are retried with exponential 
 (0.25 s doubling up to 10 s, or the server's Retry-After), on another replica when there is one,
 until `max_retries` attempts or `max_wait_s` seconds have passed for that chunk (default 600 s:
 long enough for a restarted teacher to load); then TeacherUnavailable names the URLs and
-teacher.max_wait_s. A 4xx is the caller's mistake: it is raised at once as TeacherRefused (a
+teacher.max_wait_s. A Retry-After wait is capped at min(60 s, max_wait_s) and the budget left (inf,
+1e9: capped; nan, negative: ignored), and the warning and the final error say what the server asked. A 4xx is the caller's mistake: it is raised at once as TeacherRefused (a
 ValueError) with the server's message. A URL without http:// or https:// is refused at once.
 
 Every reply is checked before it is returned (protege.teacher.replies: shapes and lengths as
 asked, logprobs finite or -inf and <= 0, ids inside the vocabulary, top-k mass <= 1, and the wire
 version-3 crc32). A reply that fails is retried like a 5xx, at most `max_invalid_replies` times
 per chunk, then TeacherReplyError (a ValueError naming the URL and the field) stops the caller:
-a wrong reply is never returned, so never trained on.
+a wrong reply is never returned, so never trained on. A bad reply that a retry replaced is logged
+and counted (step metric teacher_invalid_replies_retried).
 
 protocol="protege": binary POST /v1/score (top-k, logprobs at query ids, actual-token logprobs),
     wire version 3: ids come as uint16 when the teacher's vocabulary fits (lossless), logprobs as
     float32, or float16 with `logprob_dtype="float16"` (half the logprob bytes, <= 4.9e-4 relative
     error, max 0.0078 absolute for logprobs in [-30, 0]; see protege.wire), the whole body under a
-    crc32. A server that reads only older versions (an older protege) is detected from its 400 and
-    spoken to in version 2 (no checksum), or 1 (float32 logprobs only), from then on. With
+    crc32. A server that answers 400 "wire version 3 is not supported" (an older protege) is spoken
+    to in version 2 (no checksum), or 1 (float32 logprobs only), from then on, only when
+    `min_wire_version` (teacher.min_wire_version, default 3) allows it: by default the request
+    fails naming the setting, so a forged 400 cannot switch the checksum off. A step down is
+    logged and counted (step metrics teacher_wire_version, teacher_wire_downgrades). With
     ScoreRequest(hidden=True) (loss.support=full) it sends the teacher's final hidden states in
     `hidden_dtype`, and `output_weight` is the teacher's projection (protege.teacher.projection).
 protocol="openai":  POST /v1/completions with prompt_logprobs, what vLLM serves (`--max-logprobs` >= k).
@@ -43,6 +48,7 @@ protocol="openai":  POST /v1/completions with prompt_logprobs, what vLLM serves 
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import math
 import random
 import threading
@@ -59,10 +65,12 @@ from protege.teacher.base import ScoreRequest
 from protege.teacher.projection import RemoteProjection
 from protege.teacher.replies import (InvalidReply, TeacherReplyError, check_score_reply, decode_score_reply,
                                      error_message, json_object, local_vocab_size, parse_completions_reply,
-                                     retry_after_seconds)
+                                     retry_after_seconds, retry_wait)
 from protege.records import Rollouts, TeacherSignal
 
 __all__ = ["RemoteTeacher", "TeacherRefused", "TeacherReplyError", "TeacherUnavailable"]
+
+log = logging.getLogger("protege.teacher")
 
 
 class TeacherUnavailable(ConnectionError):
@@ -93,7 +101,7 @@ class RemoteTeacher:
                  max_retries: int = 100, max_wait_s: float = 600.0, chunk_tokens: int = 32768,
                  concurrency: int = 4, protocol: str = "protege", vocab_size: int | None = None,
                  model: str | None = None, logprob_dtype: str = "float32", max_invalid_replies: int = 3,
-                 hidden_dtype: str = "float16", projection_cache: str | None = None):
+                 hidden_dtype: str = "float16", projection_cache: str | None = None, min_wire_version: int = wire.VERSION):
         urls = [urls] if isinstance(urls, str) else list(urls)
         if not urls:
             raise ValueError("RemoteTeacher needs at least one server URL (teacher.urls)")
@@ -104,6 +112,8 @@ class RemoteTeacher:
         if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int)
                                        or vocab_size < 1):
             raise ValueError(f"vocab_size={vocab_size!r} must be a positive integer (teacher.vocab_size)")
+        if min_wire_version not in range(1, wire.VERSION + 1):
+            raise ValueError(f"min_wire_version={min_wire_version!r} must be 1..{wire.VERSION} (teacher.min_wire_version)")
         if logprob_dtype not in wire.LOGPROB_DTYPES:
             raise ValueError(f"logprob_dtype={logprob_dtype!r}: use 'float32' (exact) or 'float16' (half the bytes, "
                              "~1e-3 relative error)")
@@ -114,6 +124,8 @@ class RemoteTeacher:
         self.logprob_dtype, self.hidden_dtype = logprob_dtype, hidden_dtype
         self.projection = RemoteProjection(self.urls, projection_cache, hidden_dtype)
         self._wire_version = wire.VERSION  # lowered when a server turns the newer versions down
+        self.min_wire_version = min_wire_version  # never lowered below this
+        self._counts = {"wire_downgrades": 0, "invalid_replies_retried": 0}  # since the last step_metrics()
         self.protocol = protocol
         self.chunk_tokens = chunk_tokens
         self.concurrency = concurrency
@@ -309,11 +321,34 @@ class RemoteTeacher:
             except TeacherRefused as exc:  # an older server: "wire version 3 is not supported; ..."
                 if exc.status != 400 or version < 2 or f"wire version {version} is not supported" not in str(exc):
                     raise
-                if self.logprob_dtype != "float32" and version <= 2:
-                    raise ValueError(f"logprob_dtype={self.logprob_dtype!r} needs a teacher server that reads wire "
-                                     f"version 2; this one does not ({exc})") from None
-                with self._lock:
-                    self._wire_version = min(self._wire_version, version - 1)
+                self._step_down(version, exc)
+
+    def _step_down(self, version: int, exc: TeacherRefused) -> None:
+        """Speak wire version - 1 from now on, when teacher.min_wire_version allows it (logged, counted)."""
+        if version - 1 < self.min_wire_version:
+            raise TeacherRefused(f"{exc}. The client keeps wire version {version} (teacher.min_wire_version="
+                                 f"{self.min_wire_version}): version {version - 1} has no crc32 check, so a reply's "
+                                 "flipped bits would be trained on. Upgrade the server (protege serve-teacher), or "
+                                 f"set teacher.min_wire_version={version - 1} to accept it", exc.status) from None
+        if self.logprob_dtype != "float32" and version <= 2:
+            raise ValueError(f"logprob_dtype={self.logprob_dtype!r} needs a teacher server that reads wire "
+                             f"version 2; this one does not ({exc})") from None
+        with self._lock:
+            if version - 1 < self._wire_version:
+                self._counts["wire_downgrades"] += 1
+                log.warning("teacher server speaks only wire version <= %d (%s): using it from now on%s", version - 1,
+                            exc, " (no crc32 check of replies)" if version - 1 < 3 else "")
+            self._wire_version = min(self._wire_version, version - 1)
+
+    def step_metrics(self) -> dict[str, int]:
+        """The trainer's per-step hook: the wire version in use, and since the last call: wire steps down
+        and bad replies that a retry replaced."""
+        with self._lock:
+            out = {f"teacher_{k}": v for k, v in self._counts.items()}
+            self._counts = dict.fromkeys(self._counts, 0)
+        if self.protocol == "protege":
+            out["teacher_wire_version"] = self._wire_version
+        return out
 
     def _score_openai(self, chunk, sequences, prompt_lengths, comp_lens, query, request,
                       vocab) -> dict[str, torch.Tensor]:
@@ -361,15 +396,24 @@ class RemoteTeacher:
                 with self._lock:
                     self._busy[j] -= 1
             if ok:
+                if invalid:
+                    with self._lock:
+                        self._counts["invalid_replies_retried"] += invalid
+                    log.warning("teacher reply from %s was damaged %d time(s), retried and answered well (%s)", url,
+                                invalid, last)
                 return result
             bad_reply = isinstance(result, InvalidReply)
             invalid += bad_reply
             last = (f"{url}: invalid reply: {result}" if bad_reply else result).replace("\n", " ")
             failed, attempt = j, attempt + 1
-            delay = retry_after if retry_after is not None else min(10.0, 0.25 * 2 ** (attempt - 1))
-            delay *= 1.0 if retry_after is not None else random.uniform(0.8, 1.2)
             elapsed = time.monotonic() - start
-            out_of_budget = attempt > self.max_retries or elapsed + delay > self.max_wait_s
+            backoff = min(10.0, 0.25 * 2 ** (attempt - 1)) * random.uniform(0.8, 1.2)
+            delay, note = retry_wait(retry_after, backoff, self.max_wait_s - elapsed, self.max_wait_s)
+            if note:
+                last = f"{last} ({note})"
+                log.warning("teacher server %s: %s", url, note)
+            out_of_budget = attempt > self.max_retries or elapsed + delay > self.max_wait_s or (
+                retry_after is not None and elapsed >= self.max_wait_s)
             if bad_reply and (invalid > self.max_invalid_replies or out_of_budget):
                 raise TeacherReplyError(url, result, invalid)
             if out_of_budget:

@@ -154,12 +154,35 @@ def error_message(response) -> str:
     return response.text[:500]
 
 
+RETRY_AFTER_CAP_S = 60.0  # the longest one Retry-After wait (also at most teacher.max_wait_s and the budget left)
+
+
 def retry_after_seconds(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (None when absent or not a number)."""
+    """Seconds from a Retry-After header as the server wrote them (inf, nan and negatives included:
+    `retry_wait` judges them); None when absent or not a number."""
     try:
-        return max(0.0, float(value)) if value is not None else None
+        return float(value) if value is not None else None
     except ValueError:
         return None
+
+
+def retry_wait(asked: float | None, backoff: float, left_s: float, max_wait_s: float) -> tuple[float, str]:
+    """(seconds to wait before the next attempt, a note when the server's Retry-After was not obeyed as is).
+
+    No Retry-After: `backoff`. A Retry-After that is not a number >= 0 (nan, negative): `backoff`,
+    noted. A finite one: min(asked, cap) with cap = min(RETRY_AFTER_CAP_S, max_wait_s), noted when
+    capped (inf and 1e9 included), so a busy server that asks for an absurd wait is retried within
+    the budget instead of ending it on the first answer. Never more than `left_s`, the budget left.
+    """
+    if asked is None:
+        return backoff, ""
+    if not asked >= 0:  # nan or negative
+        return min(backoff, left_s), f"the server asked for Retry-After: {asked:g} s, not a wait: backed off {backoff:.2f} s"
+    cap = min(RETRY_AFTER_CAP_S, max_wait_s)
+    wait = min(asked, cap, left_s)
+    note = "" if asked <= cap else (f"the server asked for Retry-After: {asked:g} s; waited {wait:.1f} s (capped at "
+                                     f"min({RETRY_AFTER_CAP_S:g} s, teacher.max_wait_s))")
+    return max(0.0, wait), note
 
 
 def json_object(body: bytes) -> dict:
