@@ -18,8 +18,8 @@ A reference is `{FILE | KEY}`. FILE is a name under bench/results/ or a path fro
   error). `ROW & CELL2` also asks the row's second cell to be CELL2; `| table N` picks the N-th table of
   the file (from 1); `| number N` takes the cell's N-th number (default the first: "2.80 -> 0.95 (-66%)"
   holds 2.80, 0.95 and -66);
-- .md, a labelled number outside tables: `after "LABEL"`: the first number after LABEL, which must
-  occur exactly once in the file.
+- .md, a labelled number outside tables: `after "LABEL"`: the first number after LABEL on its line
+  (`| number N`: the N-th), LABEL occurring exactly once in the file.
 The expression may use numbers, + - * / and parentheses (a ratio of two keys, a unit change `/ 1000`).
 
 A number that looks measured but is a setting, a target or plain arithmetic is marked
@@ -90,21 +90,22 @@ def _tables(text: str) -> list[tuple[list[str], list[list[str]]]]:
     return out
 
 
-def _first_number(cell: str, where: str) -> float:
-    m = NUMBER.search(cell)
-    if not m:
-        raise ClaimError(f"{where}: the cell '{cell}' holds no number")
-    return float(m.group())
+def _nth_number(cell: str, index: int, where: str) -> float:
+    numbers = NUMBER.findall(cell)
+    if len(numbers) < index:
+        raise ClaimError(f"{where}: '{cell}' holds {len(numbers)} numbers, not {index}")
+    return float(numbers[index - 1])
 
 
 def _md_value(path: Path, key: str) -> float:
     text = path.read_text()
-    label = re.fullmatch(r'\s*after\s+"(.+)"\s*', key)
+    label = re.fullmatch(r'\s*after\s+"(.+)"\s*(?:\|\s*number (\d+)\s*)?', key)
     if label:
         hits = [m.end() for m in re.finditer(re.escape(label.group(1)), text)]
         if len(hits) != 1:
             raise ClaimError(f'{path.name}: "{label.group(1)}" occurs {len(hits)} times, not once')
-        return _first_number(text[hits[0]:hits[0] + 80], f'{path.name} after "{label.group(1)}"')
+        rest = text[hits[0]:].split("\n", 1)[0]
+        return _nth_number(rest, int(label.group(2) or 1), f'{path.name} after "{label.group(1)}"')
     parts = [p.strip() for p in key.split("|")]
     options = dict(p.split() for p in parts[2:] if re.fullmatch(r"(table|number) \d+", p))
     if len(parts) < 2 or len(options) != len(parts) - 2:
@@ -121,12 +122,7 @@ def _md_value(path: Path, key: str) -> float:
     if len(hits) != 1:
         raise ClaimError(f"{path.name}: row '{row_key}' / column '{col}' matches {len(hits)} cells, not one "
                          f"(tables {[h[0] for h in hits]}; add '| table N' or '& NEXT CELL')")
-    where = f"{path.name} row '{row_key}' / column '{col}'"
-    numbers = NUMBER.findall(hits[0][1])
-    index = int(options.get("number", 1))
-    if len(numbers) < index:
-        raise ClaimError(f"{where}: the cell '{hits[0][1]}' holds {len(numbers)} numbers, not {index}")
-    return float(numbers[index - 1])
+    return _nth_number(hits[0][1], int(options.get("number", 1)), f"{path.name} row '{row_key}' / column '{col}'")
 
 
 def _json_value(path: Path, key: str) -> float:
