@@ -14,7 +14,7 @@ A reference is `{FILE | KEY}`. FILE is a name under bench/results/ or a path fro
 (docs/demo/report.md; `report.md` alone means that file). KEY addresses exactly one value:
 - .json: a dotted path, `a.b.0.c` (integers index lists);
 - .md, a table cell: `ROW | COLUMN`: the row whose first cell starts with ROW and the column whose
-  header is exactly COLUMN, in the one table of the file that has both (more than one match is an
+  header is exactly COLUMN (a first cell equal to ROW wins over those it begins), in the one table of the file that has both (more than one match is an
   error). `ROW & CELL2` also asks the row's second cell to be CELL2; `| table N` picks the N-th table of
   the file (from 1); `| number N` takes the cell's N-th number (default the first: "2.80 -> 0.95 (-66%)"
   holds 2.80, 0.95 and -66);
@@ -118,6 +118,7 @@ def _md_value(path: Path, key: str) -> float:
         if table_no not in (None, str(n)) or col not in header:
             continue
         rows = [r for r in body if len(r) >= len(lead) and r[0].startswith(lead[0]) and r[1:len(lead)] == lead[1:]]
+        rows = [r for r in rows if r[0] == lead[0]] or rows  # an exact first cell wins over a prefix
         hits += [(n, r[header.index(col)]) for r in rows if header.index(col) < len(r)]
     if len(hits) != 1:
         raise ClaimError(f"{path.name}: row '{row_key}' / column '{col}' matches {len(hits)} cells, not one "
