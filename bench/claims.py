@@ -52,7 +52,7 @@ BOUND = re.compile(r"(?:(?<=[\s(\[])(?P<sign>[-+]))?(?<![\w.])(?P<num>\d+(?:\.\d
 MEASURED = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?:x\b|%| ?s\b| ?ms\b| ?min\b| minutes?\b| GB/s\b| GB\b| MB\b"
                       r"| GiB\b| MiB\b| tokens/s\b| tok/s\b)")
 REF = re.compile(r"\{([^{}|]+)\|([^{}]+)\}")
-NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
+NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 
 
