@@ -14,8 +14,6 @@ import re
 import sys
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 import claims  # noqa: E402  (bench/claims.py)
@@ -64,7 +62,7 @@ def test_the_check_reads_the_addressed_value_not_any_matching_number(tmp_path, m
     results = tmp_path / "bench" / "results"
     results.mkdir(parents=True)
     (results / "t.md").write_text("| variant | tok/s | ratio |\n|---|---:|---:|\n| a | 17.5 | 1.61x |\n"
-                                  "| b | 16.2 | 1.49x |\n\n- total 10.6 min, score 45 of 46\n")
+                                  "| b | 16.2 | 1.49x |\n| c one | 1.0 | 2.00x |\n| c two | 1.0 | 3.00x |\n\n- total 10.6 min, score 45 of 46\n")
     (results / "t.json").write_text(json.dumps({"run": {"wall_s": 111.2, "steps": [8, 9]}}))
     monkeypatch.setattr(claims, "REPO", tmp_path)
     ok = ("a at 1.61x<!-- {t.md | a | ratio} -->, 111.2 s<!-- {t.json | run.wall_s} -->, step 9<!-- {t.json | "
@@ -73,8 +71,9 @@ def test_the_check_reads_the_addressed_value_not_any_matching_number(tmp_path, m
     assert claims.check_text("p.md", ok) == []
     assert claims.check_text("p.md", ok.replace("1.61x", "1.49x"))       # 1.49 is in the file, not in that cell
     assert claims.check_text("p.md", ok.replace("-7%", "-8%"))
-    for broken, says in (("{t.md | c | ratio}", "0 cells"), ("{t.json | run.wall}", "no key 'wall'"),
-                         ("{u.md | a | ratio}", "no results file"), ("{t.md | after \"s\"}", "times, not once")):
+    for broken, says in (("{t.md | d | ratio}", "0 cells"), ("{t.json | run.wall}", "no key 'wall'"),
+                         ("{u.md | a | ratio}", "no results file"), ("{t.md | after \"s\"}", "times, not once"),
+                         ("{t.md | c | ratio}", "2 cells")):
         problems = claims.check_text("p.md", ok.replace("{t.md | a | ratio}", broken, 1))
         assert any(says in p for p in problems), (broken, problems)
     assert any("looks measured" in p for p in claims.check_text("p.md", ok + " and 3.2 GB more"))
