@@ -21,6 +21,8 @@ A reference is `{FILE | KEY}`. FILE is a name under bench/results/ or a path fro
 - .md, a labelled number outside tables: `after "LABEL"`: the first number after LABEL on its line
   (`| number N`: the N-th), LABEL occurring exactly once in the file.
 The expression may use numbers, + - * / and parentheses (a ratio of two keys, a unit change `/ 1000`).
+In a table row each `|` of a binding is written `\|` (GitHub splits table cells on a bare `|`, even
+inside a comment): `| lean | 9.50<!-- {generate.md \| fixed & lean \| CPU s} --> |`.
 
 A number that looks measured but is a setting, a target or plain arithmetic is marked
 `<!-- given: why -->` (for example `8 MB pieces<!-- given: the chunk size -->`).
@@ -196,7 +198,7 @@ def _masked(text: str) -> str:
 def claims(page: str, text: str) -> tuple[list[Claim], list[str]]:
     """The page's bound numbers, and its measured-looking numbers that have no binding or `given`."""
     masked = _masked(text)
-    found, covered = [], set()
+    found, covered, unescaped = [], set(), []
     for m in COMMENT.finditer(masked):
         body = m.group(1).strip()
         num = BOUND.search(masked[max(0, m.start() - 40):m.start()])
@@ -206,11 +208,17 @@ def claims(page: str, text: str) -> tuple[list[Claim], list[str]]:
         if num and "{" in body:
             start = base + (num.start("sign") if num.group("sign") else num.start("num"))
             written = (num.group("sign") or "") + num.group("num")
-            found.append(Claim(page, masked.count("\n", 0, start) + 1, start, base + num.end("num"), written, body))
+            line_start = masked.rfind("\n", 0, start) + 1
+            in_table = masked.startswith("|", line_start)
+            if in_table and re.search(r"(?<!\\)\|", body):
+                unescaped.append(f"{page}:{masked.count(chr(10), 0, start) + 1}: a binding in a table row must write "
+                                 f"its | as \\| (else the table splits there): {body}")
+            found.append(Claim(page, masked.count("\n", 0, start) + 1, start, base + num.end("num"), written,
+                               body.replace("\\|", "|")))
     unbound = [f"{page}:{masked.count(chr(10), 0, m.start()) + 1}: '{m.group()}' looks measured but has no binding"
                for m in MEASURED.finditer(COMMENT.sub(lambda c: " " * len(c.group()), masked))
                if m.start() not in covered]
-    return found, unbound
+    return found, unbound + unescaped
 
 
 def check_text(page: str, text: str) -> list[str]:
