@@ -1,4 +1,4 @@
-"""Binds each measured number in README.md and docs/*.md to one value of one results file, and checks or
+r"""Binds each measured number in README.md and docs/*.md to one value of one results file, and checks or
 re-renders it.
 
 Syntax (chosen over a separate bindings file: the binding sits next to its number, so it survives edits
