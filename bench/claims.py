@@ -209,7 +209,7 @@ def claims(page: str, text: str) -> tuple[list[Claim], list[str]]:
             start = base + (num.start("sign") if num.group("sign") else num.start("num"))
             written = (num.group("sign") or "") + num.group("num")
             line_start = masked.rfind("\n", 0, start) + 1
-            in_table = masked.startswith("|", line_start)
+            in_table = masked[line_start:start].lstrip().startswith("|")
             if in_table and re.search(r"(?<!\\)\|", body):
                 unescaped.append(f"{page}:{masked.count(chr(10), 0, start) + 1}: a binding in a table row must write "
                                  f"its | as \\| (else the table splits there): {body}")
