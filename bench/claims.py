@@ -198,11 +198,14 @@ def _masked(text: str) -> str:
 def claims(page: str, text: str) -> tuple[list[Claim], list[str]]:
     """The page's bound numbers, and its measured-looking numbers that have no binding or `given`."""
     masked = _masked(text)
-    found, covered, unescaped = [], set(), []
+    found, covered, misplaced = [], set(), []
     for m in COMMENT.finditer(masked):
         body = m.group(1).strip()
         num = BOUND.search(masked[max(0, m.start() - 40):m.start()])
         base = max(0, m.start() - 40)
+        if "{" in body and not num:
+            misplaced.append(f"{page}:{masked.count(chr(10), 0, m.start()) + 1}: a binding with no number (and "
+                             f"unit) right before it: {body}")
         if num and (body.startswith("given") or "{" in body):
             covered.add(base + num.start("num"))
         if num and "{" in body:
@@ -211,14 +214,14 @@ def claims(page: str, text: str) -> tuple[list[Claim], list[str]]:
             line_start = masked.rfind("\n", 0, start) + 1
             in_table = masked[line_start:start].lstrip().startswith("|")
             if in_table and re.search(r"(?<!\\)\|", body):
-                unescaped.append(f"{page}:{masked.count(chr(10), 0, start) + 1}: a binding in a table row must write "
+                misplaced.append(f"{page}:{masked.count(chr(10), 0, start) + 1}: a binding in a table row must write "
                                  f"its | as \\| (else the table splits there): {body}")
             found.append(Claim(page, masked.count("\n", 0, start) + 1, start, base + num.end("num"), written,
                                body.replace("\\|", "|")))
     unbound = [f"{page}:{masked.count(chr(10), 0, m.start()) + 1}: '{m.group()}' looks measured but has no binding"
                for m in MEASURED.finditer(COMMENT.sub(lambda c: " " * len(c.group()), masked))
                if m.start() not in covered]
-    return found, unbound + unescaped
+    return found, unbound + misplaced
 
 
 def check_text(page: str, text: str) -> list[str]:

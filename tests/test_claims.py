@@ -77,6 +77,7 @@ def test_the_check_reads_the_addressed_value_not_any_matching_number(tmp_path, m
         problems = claims.check_text("p.md", ok.replace("{t.md | a | ratio}", broken, 1))
         assert any(says in p for p in problems), (broken, problems)
     assert any("looks measured" in p for p in claims.check_text("p.md", ok + " and 3.2 GB more"))
+    assert any("no number" in p for p in claims.check_text("p.md", "fast<!-- {t.md | a | ratio} -->"))
     row = "| a | 1.61x<!-- {t.md | a | ratio} --> |"   # a bare | inside a table row splits the table
     assert any("must write its | as" in p for p in claims.check_text("p.md", row))
     assert claims.check_text("p.md", row.replace(" | a | ratio", r" \| a \| ratio")) == []
