@@ -131,12 +131,13 @@ def report(rows: list, args, minutes: float, total: int) -> list[str]:
 
 def choose(args) -> list[dict]:
     files = [f for f in args.files.split(",") if f]
-    return [m for m in MUTATIONS if args.only in m["name"] and (not files or m["file"] in files)]
+    names = args.only.split(",")
+    return [m for m in MUTATIONS if any(n in m["name"] for n in names) and (not files or m["file"] in files)]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="", help="run the mutations whose name contains this text")
+    ap.add_argument("--only", default="", help="run the mutations whose name contains this text (or one of several, comma-separated)")
     ap.add_argument("--files", default="", help="comma-separated source files: run only their mutations")
     ap.add_argument("--list", action="store_true", help="list the mutations and exit")
     ap.add_argument("--no-baseline", action="store_true", help="skip the unmutated runs of the chosen selections")

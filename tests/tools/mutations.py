@@ -16,6 +16,7 @@ BATCHER = "tests/test_batcher.py"
 DATA = "tests/test_data.py"
 LOSSES = "tests/test_losses.py"
 CACHE = "tests/test_teacher_cache.py"
+ROWS = "tests/test_trainer_rows.py"
 
 
 def m(name, file, old, new, tests, why):
@@ -120,6 +121,8 @@ MUTATIONS = [
     m("batcher-fails-everyone", "protege/server/batcher.py",
       "results.extend(self._call([pieces[i]], temperature))", "raise RuntimeError('merged batch failed')", BATCHER,
       "one poisoned request fails every caller merged with it"),
+    m("openai-generations-never-merged", "protege/server/openai_generate.py", "            open_[job.key] = groups[-1]\n",
+      "", ["tests/test_openai_routes.py", "-k", "merged"], "each /v1/completions request alone: no merging"),
     m("auth-off-on-metrics", "protege/server/app.py", 'route("/metrics", prometheus, ["GET"]),',
       'route("/metrics", prometheus, ["GET"], auth=False),', BATCHER, "a route left without bearer auth"),
     m("server-temperature-floor-gone", "protege/server/parse.py", "    if 0 < value < MIN_TEMPERATURE:\n",
@@ -158,6 +161,46 @@ MUTATIONS = [
       "out[text] = self.flat[self.starts[text] + self.lengths[text] - 1]",
       ["tests/test_cross_tokenizer.py::test_next_byte_loss_equals_brute_force"],
       "the next-byte loss groups tokens by their last byte"),
+    # ---- which rows a step trains on (tests/test_trainer_rows.py, issue 31)
+    m("num-generations-prompts-once", "protege/trainer.py",
+      "student_p += [ids] * g\n                student_ex += [ex] * g", "student_p += [ids]\n                student_ex += [ex]",
+      [ROWS, "-k", "num_generations"], "rollout.num_generations ignored: each prompt sampled once"),
+    m("num-generations-examples-misaligned", "protege/trainer.py", "student_ex += [ex] * g", "student_ex += [ex]",
+      [ROWS, "-k", "num_generations"], "rows fall out of line with the data rows privileged/routed teachers read"),
+    m("eval-fraction-leaks", "protege/data.py", "eval_rows, rows = shuffled[:cut], shuffled[cut:]",
+      "eval_rows, rows = shuffled[:cut], shuffled", [ROWS, "-k", "eval_fraction"],
+      "the held-out rows are also trained on"),
+    m("lmbda-coin-halved", "protege/trainer.py", "on_policy = [coin.random() < cfg.mix.lmbda for _ in picked]",
+      "on_policy = [coin.random() < cfg.mix.lmbda / 2 for _ in picked]", [ROWS, "-k", "lmbda"],
+      "mix.lmbda's share of on-policy rows is off"),
+    m("lmbda-coin-same-every-step", "protege/trainer.py", "coin = random.Random(cfg.train.seed * 7919 + step)",
+      "coin = random.Random(cfg.train.seed * 7919)", [ROWS, "-k", "lmbda"],
+      "the same rows are on-policy at every step"),
+    m("stale-ratio-current-policy", "protege/objective.py",
+      "L.sampled_token_pg_loss(full, mb.sampling_logprobs.to(h.device),",
+      "L.sampled_token_pg_loss(full, full.detach(),", [ROWS, "-k", "stale_buffer"],
+      "rollout.max_lag: the importance ratio uses the current policy, not the recorded behaviour logprobs"),
+    m("keep-last-prunes-newest", "protege/checkpoint.py", "for old in complete(final.parent)[:-keep_last]:",
+      "for old in complete(final.parent)[keep_last:]:", [ROWS, "-k", "keep_last"],
+      "output.keep_last deletes the newest checkpoints"),
+    m("learn-in-eval-mode", "protege/trainer.py", "        self.model.train()\n", "        self.model.eval()\n",
+      ["tests/test_trainer.py", "-k", "gradient_checkpointing"],
+      "the student trains in eval mode: gradient checkpointing silently off"),
+    m("eval-remote-rkl-swapped", "protege/eval.py",
+      "sampled_rkl(rollouts.sampling_logprobs, signal.token_logprobs, mask)",
+      "sampled_rkl(signal.token_logprobs, rollouts.sampling_logprobs, mask)", ["tests/test_eval.py", "-k", "remote"],
+      "the held-out rkl with a remote teacher has its sign flipped"),
+    m("replies-ids-edge", "protege/teacher/replies.py", "(ids >= vocab_size)", "(ids > vocab_size)",
+      "tests/test_reply_edges.py", "a top-k id equal to the vocabulary size accepted"),
+    m("replies-no-logprob-slack", "protege/teacher/replies.py", "(x > LOGPROB_TOL)", "(x > 0)",
+      "tests/test_reply_edges.py", "float32 rounding's tiny positive logprobs refused (replies retried forever)"),
+    m("replies-mass-slack-tenfold", "protege/teacher/replies.py", "(mass > 1 + mass_tol)", "(mass > 1 + 10 * mass_tol)",
+      "tests/test_reply_edges.py", "top-k mass well past 1 accepted"),
+    m("cache-key-without-completion", "protege/teacher/cache.py", "for ids in (prompt, completion, query):",
+      "for ids in (prompt, completion[:-1], query):", "tests/test_cache_keys.py",
+      "a completion's scores handed to another completion of the same prompt"),
+    m("cache-key-unprefixed", "protege/teacher/cache.py", 'h.update(struct.pack("<Q", len(raw)) + raw)',
+      "h.update(raw)", "tests/test_cache_keys.py", "prompt/completion boundary not in the key"),
     # ---- data
     m("data-splitlines", "protege/data.py", 'text.split("\\n")', "text.splitlines()", DATA,
       "JSONL split on U+2028 / U+0085 inside valid rows"),
