@@ -1,6 +1,6 @@
 """Plant realistic bugs one at a time and check that the test suite catches each of them.
 
-    .venv/bin/python tests/tools/mutate.py                 # every mutation (~15 min on 2 cores)
+    .venv/bin/python tests/tools/mutate.py                 # every mutation (see bench/results/mutation.md)
     .venv/bin/python tests/tools/mutate.py --only resume   # the mutations whose name contains "resume"
     .venv/bin/python tests/tools/mutate.py --list
     .venv/bin/python tests/tools/mutate.py --files protege/data.py,protege/prune.py   # a partial run
@@ -62,10 +62,13 @@ def outcome(rc: int | None) -> str:
     return OUTCOMES.get(rc, "ERROR")
 
 
+WORKERS = "0"  # pytest-xdist workers per run (--workers); 0 = in the pytest process
+
+
 def run_tests(root: Path, tests: list[str], timeout: float) -> tuple[int | None, float, str]:
     """pytest on `tests` inside the tree `root` (its protege package first on the path); rc None = timeout."""
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "PROTEGE_NO_SKIP": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-n", "0", "-p", "no:cacheprovider", *tests]
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-n", WORKERS, "-p", "no:cacheprovider", *tests]
     t0 = time.time()
     try:
         proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
@@ -142,8 +145,11 @@ def main() -> int:
     ap.add_argument("--list", action="store_true", help="list the mutations and exit")
     ap.add_argument("--no-baseline", action="store_true", help="skip the unmutated runs of the chosen selections")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per mutation's test run")
+    ap.add_argument("--workers", default="0", help="pytest -n for each run (0: no xdist workers)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "mutation.md"))
     args = ap.parse_args()
+    global WORKERS
+    WORKERS = args.workers
     chosen = choose(args)
     if args.list:
         for m in chosen:
