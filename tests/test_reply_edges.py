@@ -80,3 +80,19 @@ def test_padding_positions_are_not_held_to_the_mass_rule():
     check_values(arrays, [0], VOCAB, MASS_TOL["float32"])
     with pytest.raises(InvalidReply):
         check_values(arrays, [1], VOCAB, MASS_TOL["float32"])
+
+
+@pytest.mark.parametrize("finish, ok", [("stop", True), ("length", True), ("content_filter", False), (None, False)])
+def test_api_reply_finish_reason_is_stop_or_length(finish, ok):
+    """A generation API's reply cut for any other reason (a content filter, a tool call) is not an answer."""
+    import orjson
+
+    from protege.teacher.api_replies import parse_generation_reply
+
+    body = orjson.dumps({"choices": [{"index": 0, "text": "xy", "finish_reason": finish}],
+                         "usage": {"completion_tokens": 2}})
+    if ok:
+        assert parse_generation_reply(body, chat=False, topk=0, vocab_size=None, url="u")["finish_reason"] == finish
+    else:
+        with pytest.raises(InvalidReply, match="finish_reason"):
+            parse_generation_reply(body, chat=False, topk=0, vocab_size=None, url="u")
