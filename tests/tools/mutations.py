@@ -288,7 +288,7 @@ MUTATIONS = [
     m("api-store-sha-unchecked", "protege/teacher/api_store.py", "        if not ok:\n", "        if False:\n",
       "tests/test_api_teacher.py", "a damaged stored API reply is used"),
     m("teacher-projection-sha-unchecked", "protege/teacher/projection.py", "if got != sha:", "if False:",
-      "tests/test_remote_hidden.py", "a projection whose weights changed is used"),
+      ["tests/test_remote_hidden.py", "tests/test_projection_identity.py"], "a projection whose weights changed is used"),
     m("ema-follows-at-rate-1", "protege/teacher/self_teacher.py",
       "theta_t.lerp_(params[name].detach().to(theta_t.dtype), self.ema_rate)",
       "theta_t.lerp_(params[name].detach().to(theta_t.dtype), 1.0)", "tests/test_self_teacher.py",
