@@ -27,13 +27,21 @@ def test_demo_pipeline_reduced(tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert "How do I make a fire?" in report and "training.png" in report
     assert (tmp_path / "training.png").stat().st_size > 10_000
-    for key in ("rkl", "fkl", "greedy_teacher_nll", "greedy_distinct_2", "teacher_greedy_distinct_2"):
-        assert summary["before"][key] >= 0 and summary["after"][key] >= 0
+    before, after = summary["before"], summary["after"]
+    for key in ("rkl", "fkl"):  # exact KLs of a student with 4 of 30 layers cut: > 0, finite and small
+        assert 1e-3 < before[key] < 20 and 0 < after[key] < 20, (key, before[key], after[key])
+    assert 0 < before["greedy_teacher_nll"] < 20 and 0 < after["greedy_teacher_nll"] < 20
+    for key in ("greedy_distinct_2", "teacher_greedy_distinct_2"):  # shares
+        assert 0 <= before[key] <= 1 and 0 <= after[key] <= 1
+    for key in [k for k in before if k.startswith("teacher_")]:  # the teacher does not train
+        assert before[key] == after[key], key
     assert len(summary["kept_layers"]) == 26
     mine = summary["prompts"]
     assert [a["prompt"] for a in mine["answers"]] == ["How do I boil an egg?", "What is a good name for a cat?"]
-    for key in ("rkl", "greedy_repetition_rate", "greedy_eos_rate", "teacher_greedy_eos_rate"):
-        assert mine["before"][key] >= 0 and mine["after"][key] >= 0
+    for key in ("greedy_repetition_rate", "greedy_eos_rate", "teacher_greedy_eos_rate"):  # shares
+        assert 0 <= mine["before"][key] <= 1 and 0 <= mine["after"][key] <= 1
+    assert 1e-3 < mine["before"]["rkl"] < 20 and 0 < mine["after"]["rkl"] < 20
+    assert mine["before"]["teacher_greedy_eos_rate"] == mine["after"]["teacher_greedy_eos_rate"]
     assert "## Prompts the recipe never saw" in report and "How do I boil an egg?" in report
     assert "| eos_rate >= 0.5x teacher |" in report
     saved = json.loads((tmp_path / "summary.json").read_text())

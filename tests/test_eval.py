@@ -121,3 +121,40 @@ def test_protege_eval_command(tiny_paths, capsys):
                  "--max-new-tokens", "4"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["rkl"] > 0 and metrics["fkl"] > 0 and "greedy_teacher_nll" in metrics
+
+
+def test_remote_teacher_eval_of_different_models_is_the_sampled_rkl():
+    """A remote teacher (real server on 127.0.0.1) and a student that differ: the held-out rkl is
+    mean over sampled tokens of log q(y) - log p(y), recomputed here by brute-force forwards of both models
+    on the same samples (evaluate's seeded generation replayed); its sign agrees with the in-process
+    teacher's exact KL(q||p) > 0 on the same models."""
+    from protege.server import HFBackend, create_app
+    from protege.server.background import serve_in_thread
+    from protege.teacher.remote import RemoteTeacher
+
+    tok = make_tokenizer()
+    student, teacher = make_model(2, 0), make_model(3, 1)
+    prompts = _prompts(tok, 6)
+    kw = dict(pad_id=0, eos_ids=[1], max_new_tokens=8, micro_batch_size=3, seed=7)
+    server = serve_in_thread(create_app(HFBackend(teacher, pad_id=0, model_name="tiny"), max_k=8))
+    try:
+        with RemoteTeacher(server.url) as remote:
+            got = evaluate(student, remote, prompts, teacher_local=False, **kw)["rkl"]
+    finally:
+        server.stop()
+    exact = evaluate(student, LocalTeacher(teacher, pad_id=0), prompts, teacher_local=True, **kw)["rkl"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        r = generate(student, prompts, max_new_tokens=8, eos_ids=[1], pad_id=0)
+    diffs = []
+    with torch.no_grad():
+        for i in range(len(r)):
+            n = int(r.completion_mask[i].sum())
+            ids = r.completion_ids[i, :n]
+            seq, p0 = torch.cat([r.prompt_ids[i], ids])[None], len(r.prompt_ids[i])
+            q = torch.log_softmax(student(seq).logits[0, p0 - 1: p0 - 1 + n].double(), -1)
+            p = torch.log_softmax(teacher(seq).logits[0, p0 - 1: p0 - 1 + n].double(), -1)
+            diffs.append((q - p).gather(-1, ids[:, None])[:, 0])
+    want = float(torch.cat(diffs).mean())
+    assert exact > 0.05 and want > 0.01, (exact, want)  # different models: a swapped sign cannot hide as 0
+    assert got == pytest.approx(want, rel=1e-4, abs=1e-5), (got, want, exact)

@@ -187,7 +187,9 @@ def test_concurrent_requests_are_merged_and_each_equals_its_own_run(client, serv
             assert [sorted(t) for t in lp["top_logprobs"]] == [sorted(t) for t in lp_a["top_logprobs"]]
             torch.testing.assert_close([sorted(t.values()) for t in lp["top_logprobs"]],
                                        [sorted(t.values()) for t in lp_a["top_logprobs"]], atol=ATOL, rtol=0)
-    assert queue.engine_calls - calls <= len(prompts)
+    # 7 requests of 2 sampling keys (greedy; temperature 1 with per-row seeds): merged, fewer calls than
+    # requests (no merging makes exactly 7); all in one batch_wait window make 2
+    assert 2 <= queue.engine_calls - calls < len(prompts), queue.engine_calls - calls
 
 
 BAD = [

@@ -101,6 +101,64 @@ def test_pruned_layers_are_the_original_layers():
         assert torch.equal(pruned.model.layers[new].mlp.down_proj.weight, before[old])
 
 
+def llama_logits_by_hand(model, kept: list[int], ids: list[int]) -> torch.Tensor:
+    """(T, V) float64 logits of an unpruned Llama `model` run through only its layers `kept`, written from
+    the math (RMSNorm, rotary embeddings, causal grouped-query attention, SwiGLU), not with HF's modules."""
+    cfg = model.config
+    nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // nh
+    theta = (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta") or getattr(cfg, "rope_theta", 10000.0)
+
+    def w(module):
+        return module.weight.detach().double()
+
+    def rms(x, module):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps) * w(module)
+
+    t = len(ids)
+    inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)  # (d/2,)
+    ang = torch.arange(t, dtype=torch.float64)[:, None] * inv[None]  # (T, d/2)
+    cos, sin = torch.cat([ang, ang], -1).cos()[:, None], torch.cat([ang, ang], -1).sin()[:, None]  # (T, 1, d)
+
+    def rope(x):  # (T, n, d)
+        return x * cos + torch.cat([-x[..., d // 2:], x[..., : d // 2]], -1) * sin
+
+    x = w(model.model.embed_tokens)[torch.tensor(ids)]  # (T, H)
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    for i in kept:
+        layer = model.model.layers[i]
+        a, h = layer.self_attn, rms(x, layer.input_layernorm)
+        q = rope((h @ w(a.q_proj).T).view(t, nh, d))  # (T, nh, d)
+        k = rope((h @ w(a.k_proj).T).view(t, nkv, d)).repeat_interleave(nh // nkv, 1)  # (T, nh, d)
+        v = (h @ w(a.v_proj).T).view(t, nkv, d).repeat_interleave(nh // nkv, 1)  # (T, nh, d)
+        scores = torch.einsum("qhd,khd->hqk", q, k) / d ** 0.5  # (nh, T, T)
+        att = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+        x = x + torch.einsum("hqk,khd->qhd", att, v).reshape(t, nh * d) @ w(a.o_proj).T
+        h, mlp = rms(x, layer.post_attention_layernorm), layer.mlp
+        x = x + (torch.nn.functional.silu(h @ w(mlp.gate_proj).T) * (h @ w(mlp.up_proj).T)) @ w(mlp.down_proj).T
+    return rms(x, model.model.norm) @ w(model.lm_head).T  # (T, V)
+
+
+def test_pruned_model_is_the_kept_layers_of_the_original():
+    """Every weight of the pruned model is the original's (kept layers in order, embeddings, norm, head),
+    and its logits equal a forward written by hand through the original's kept layers."""
+    import copy
+
+    original = tiny_llama(num_layers=6, seed=3)
+    reference = copy.deepcopy(original)
+    pruned, kept = prune_layers(original, keep=4, strategy="even")
+    want = {n: p for n, p in reference.named_parameters() if ".layers." not in n}
+    for new, old in enumerate(kept):
+        want.update({n.replace(f"layers.{old}.", f"layers.{new}."): p for n, p in reference.named_parameters()
+                     if f".layers.{old}." in n})
+    got = dict(pruned.named_parameters())
+    assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in got)
+    ids = [1, 5, 9, 14, 3, 7, 30, 31]
+    with torch.no_grad():
+        logits = pruned(torch.tensor([ids])).logits[0].double()  # (T, V)
+    torch.testing.assert_close(logits, llama_logits_by_hand(reference, kept, ids), atol=1e-5, rtol=1e-5)
+
+
 def make_identity(layer):
     with torch.no_grad():
         layer.self_attn.o_proj.weight.zero_()
@@ -172,10 +230,20 @@ def test_smollm2_pruned_to_24_layers_still_answers():
     from protege.modeling import find_smollm2, load_model, load_tokenizer
 
     model = load_model(find_smollm2(), dtype="float32").eval()
+    reference = load_model(find_smollm2(), dtype="float32").eval()
     tokenizer = load_tokenizer(find_smollm2())
     assert model.config.num_hidden_layers == 30
     pruned, kept = prune_layers(model, keep=24, strategy="even")
     assert len(kept) == 24 and pruned.config.num_hidden_layers == 24
+    assert kept == even_layers(30, 24)
+    for new, old in enumerate(kept):  # each kept layer is the original's, every weight
+        mine, theirs = dict(pruned.model.layers[new].named_parameters()), reference.model.layers[old].named_parameters()
+        assert all(torch.equal(mine[n], p) for n, p in theirs)
+    ids = tokenizer("How do I make a fire?", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():  # the pruned logits = a hand-written forward through the original's kept layers
+        logits = pruned(torch.tensor([ids])).logits[0].double()  # (T, V)
+        torch.testing.assert_close(logits, llama_logits_by_hand(reference, kept, ids), atol=2e-3, rtol=1e-4)
+    del reference
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": "How do I make a fire?"}], tokenize=False, add_generation_prompt=True
     )

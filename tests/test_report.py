@@ -21,3 +21,16 @@ def test_report_names_the_given_models(tmp_path):
     assert "Student: tiny-llama-7 keeping layers [0, 3, 6] (3 of 7); teacher: tiny-llama-7 (7 layers)" in text
     assert "Total time 12 s." in text
     assert "Reverse KL fell by 75%." in text  # 1 - 0.5 / 2.0
+
+
+def test_bar_rows_check_each_metric_in_its_direction():
+    """distinct_2 and eos_rate must reach factor x the teacher's; repetition_rate must stay under 1.5x it."""
+    from protege.report import bar_rows
+
+    teacher = {"teacher_greedy_distinct_2": 1.0, "teacher_greedy_repetition_rate": 0.1, "teacher_greedy_eos_rate": 1.0}
+    cases = [({"distinct_2": 0.81, "repetition_rate": 0.149, "eos_rate": 0.51}, [True, True, True]),
+             ({"distinct_2": 0.79, "repetition_rate": 0.151, "eos_rate": 0.49}, [False, False, False]),
+             ({"distinct_2": 1.0, "repetition_rate": 0.02, "eos_rate": 1.0}, [True, True, True])]
+    for student, want in cases:
+        after = {**teacher, **{f"greedy_{k}": v for k, v in student.items()}}
+        assert [ok for *_, ok in bar_rows(after)] == want, student

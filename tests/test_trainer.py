@@ -56,7 +56,7 @@ def test_lmbda_and_seq_kd_choose_the_rows(tiny_paths, tmp_path, mix, source):
         text = d.tok.decode(buffer.completion_ids[0][buffer.completion_mask[0]])
         assert text.endswith("<eos>") and text[:-5].isdigit()
         assert buffer.sampling_logprobs is None
-    m = d.train_step()
+    m = d.train_step(buffer)  # the step trains on this buffer, not a freshly collected one
     assert m["loss"] > 0 and m["tokens"] == buffer.num_tokens
 
 
@@ -259,12 +259,22 @@ def test_vllm_engine_without_vllm_fails_before_loading_models(tiny_paths, tmp_pa
 
 
 def test_gradient_checkpointing_gives_the_same_step(tiny_paths, tmp_path):
-    params = []
+    """Same step with and without checkpointing, and checkpointing really ran: the backward re-runs each
+    decoder layer's forward once per micro-batch (counted here), so the two steps are not one path."""
+    params, grad_forwards = [], []
     for gc in (False, True):
         d = Distiller(_cfg(tiny_paths, tmp_path / str(gc), "train.max_steps=1", f"train.gradient_checkpointing={gc}"))
-        assert d.student.is_gradient_checkpointing == gc
-        d.train_step()
+        buffer = d.collect(0)
+        calls = []
+        mlp = d.student.model.layers[0].mlp  # its forward, wrapped (module hooks do not fire on the recompute)
+        inner = mlp.forward
+        mlp.forward = lambda *a, **k: calls.append(torch.is_grad_enabled()) or inner(*a, **k)
+        d.train_step(buffer)
+        del mlp.forward
+        grad_forwards.append(sum(calls))  # forwards that record a graph (the scoring forwards do not)
         params.append(torch.cat([p.detach().flatten() for p in d.student.parameters()]))
+    micro_batches = -(-len(buffer) // 2)
+    assert grad_forwards == [micro_batches, 2 * micro_batches], grad_forwards
     assert torch.allclose(params[0], params[1], atol=1e-6, rtol=0), (params[0] - params[1]).abs().max()
 
 
