@@ -50,3 +50,20 @@ def test_baseline_runs_each_mutations_exact_selection(monkeypatch):
     monkeypatch.setattr(mutate, "run_tests", lambda root, tests, timeout: (5 if "gone" in tests else 0, 0.0, ""))
     selections = [("tests/test_resume.py", "-k", "gone"), ("tests/test_resume.py",)]
     assert mutate.baseline(selections, 1.0) == {selections[0]}  # its mutations: UNMEASURED, never CAUGHT
+
+
+def test_every_mutation_still_finds_its_text():
+    """A refactor that moves a line a mutation names makes it STALE: it would measure nothing. Each mutation's
+    original text occurs exactly once in its file, and the tests it names exist."""
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "tests" / "tools"))
+    from mutations import MUTATIONS
+
+    stale = [f"{mu['name']}: {mu['file']} holds its text {(root / mu['file']).read_text().count(mu['old'])} times"
+             for mu in MUTATIONS if (root / mu["file"]).read_text().count(mu["old"]) != 1]
+    missing = [f"{mu['name']}: {t}" for mu in MUTATIONS for t in mu["tests"]
+               if t.startswith("tests/") and not (root / t.split("::")[0]).exists()]
+    assert not stale and not missing, "\n".join(stale + missing)
