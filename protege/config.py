@@ -35,6 +35,13 @@ class StudentConfig(_Section):
 
 
 class TeacherConfig(_Section):
+    kind: str = Field("auto", pattern=r"^(auto|in-process|server|self|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$",
+                      description="What the teacher is: in-process (teacher.path), server (teacher.urls; an API with "
+                      "teacher.protocol=openai-chat|openai-completions), self (teacher.self), or a teacher kind of your "
+                      "own as module:Class (a protege.teacher.base.Teacher with a from_config classmethod, see "
+                      "docs/teachers.md). auto: from which of path, urls or self is set.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Settings a teacher kind of your own reads "
+                                    "(teacher.kind=module:Class); protege's kinds read none.")
     path: str | None = Field(None, description="In-process teacher: HF hub id, local HF dir, a .gguf file, or "
                              "smollm2 (embedded).")
     urls: list[str] = Field(default_factory=list, description="Remote teacher server URL(s) (protege serve-teacher "
@@ -99,11 +106,30 @@ class TeacherConfig(_Section):
     def _on_off(cls, value):  # YAML reads a bare on/off as true/false
         return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
+    @property
+    def resolved_kind(self) -> str:
+        """teacher.kind, with auto resolved from the source that is set (the one place that infers it)."""
+        if self.kind != "auto":
+            return self.kind
+        return "server" if self.urls else "self" if self.self is not None else "in-process"
+
+    @property
+    def plugin(self) -> bool:
+        """A teacher kind of the user's own (teacher.kind=module:Class)."""
+        return ":" in self.kind
+
     @model_validator(mode="after")
     def _one_source(self):
+        if self.plugin:
+            return self
         if sum([self.path is not None, bool(self.urls), self.self is not None]) != 1:
             raise ValueError("set exactly one of teacher.path (in-process), teacher.urls (server) or teacher.self "
                              "(the student itself: base, ema or live)")
+        source = {"in-process": self.path is not None, "server": bool(self.urls), "self": self.self is not None}
+        if self.kind != "auto" and not source[self.kind]:
+            raise ValueError(f"teacher.kind={self.kind} needs teacher."
+                             f"{ {'in-process': 'path', 'server': 'urls', 'self': 'self'}[self.kind]}: set it, or set "
+                             "teacher.kind=auto")
         return self
 
 
@@ -340,11 +366,14 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     resume: bool = Field(False, description="Continue from the newest checkpoint in output.dir.")
+    resume_new_teacher: bool = Field(False, description="resume=true with a teacher whose identity differs from the "
+                                     "checkpoint's (another model, server, system prompt, EMA rate, teacher list): "
+                                     "continue on purpose, the differences logged. false: such a resume is refused.")
 
     @model_validator(mode="after")
     def _combinations(self):
         loss = self.loss
-        check_teacher_set(self)
+        check_teachers_config(self)
         for t in teacher_configs(self):
             check_api_teacher(t.protocol, several=bool(self.teachers), lmbda=self.mix.lmbda, seq_kd=self.mix.seq_kd,
                               loss_name=loss.name, support=loss.support, top_k=loss.top_k, temperature=loss.temperature)
@@ -407,7 +436,7 @@ def teacher_configs(cfg: Config) -> list[TeacherConfig]:
     return list(cfg.teachers) if cfg.teachers else [cfg.teacher]
 
 
-def check_teacher_set(cfg: Config) -> None:
+def check_teachers_config(cfg: Config) -> None:
     """One teacher or several named ones, never both; names unique; settings that fit the mode (docs/teachers.md)."""
     if cfg.teacher is None and not cfg.teachers:
         raise ValueError("teacher: required, not set (set teacher.path or teacher.urls, or teachers: a list of "

@@ -41,7 +41,7 @@ from protege.forward import HiddenStates, dense_grads, forward_completion_hidden
 from protege.losses import grad_into, reduce_tokens
 from protege.rollout.base import RolloutEngine, Sampling
 from protege.records import Rollouts, TeacherSignal
-from protege.teacher.base import Teacher, optional
+from protege.teacher.base import Teacher
 from protege.teacher.cache import cache_metrics
 from protege.teacher.several import check_routing, per_teacher_metrics
 
@@ -99,20 +99,21 @@ class Distiller:
         self.stream = PromptStream(len(self.train_set), cfg.train.seed)
         self.max_steps = build.max_steps(cfg, len(self.train_set))  # the config is never rewritten
         self.teacher_tok, self.cross = build.cross_tokenizer_mode(cfg, self.tok, teacher_tokenizer)
-        self.objective = build.build_objective(cfg, cross_tokenizer=self.cross)
+        objective = build.build_objective(cfg, cross_tokenizer=self.cross)  # its scoring chunk, for the teacher
         self.student = build.build_student(cfg, student, self.acc.device)
         self.teacher: Teacher
         tok_t = self.teacher_tok if self.cross else self.tok  # the teacher's own tokenizer renders its prompts
         self.teacher, self.teacher_model = build.build_teacher(
-            cfg, teacher_model, pad_id=build.pad_id_of(tok_t), device=self.acc.device, objective=self.objective,
+            cfg, teacher_model, pad_id=build.pad_id_of(tok_t), device=self.acc.device, objective=objective,
             student=self.student, tokenizer=tok_t, data_columns=columns)
         if self.cross:  # the teacher re-tokenizes the student's text; its signal is on the student's positions
             self.teacher = build.wrap_cross_tokenizer(cfg, self.teacher, self.tok, self.teacher_tok,
                                                       output_weight(self.student).shape[0])
+        self.objective = build.build_objective(cfg, cross_tokenizer=self.cross, teacher=self.teacher)
         build.check_vocabularies(self.teacher, self.student)
         self.engine: RolloutEngine | None = None  # the student's, see student_engine()
-        self.teacher_engine = None if self.cross else build.build_teacher_engine(
-            cfg, self.teacher_model, pad_id=self.tok.pad_token_id, teacher=self.teacher, tokenizer=self.tok)
+        self.teacher_engine = build.build_teacher_engine(cfg, self.teacher, pad_id=self.tok.pad_token_id,
+                                                         tokenizer=self.tok)
         r = cfg.rollout
         self.sampling = Sampling(max_new_tokens=r.max_new_tokens, eos_ids=tuple(self.eos_ids), temperature=r.temperature,
                                  top_p=r.top_p, top_k=r.top_k, record_topk=self.objective.rollout_topk)
@@ -157,12 +158,11 @@ class Distiller:
             parts[-1].examples = student_ex
         if off_p:
             if self.teacher_engine is None:
-                raise ValueError("mix.seq_kd needs an in-process teacher (teacher.path) to generate")
-            view = getattr(self.teacher, "teacher_view", None)  # a privileged teacher answers its own prompt
-            gen_p, gen_ex = view(off_ex) if callable(view) else (off_p, off_ex)
-            rows = {"examples": gen_ex} if getattr(self.teacher_engine, "reads_examples", False) else {}  # API
+                raise ValueError("mix.seq_kd needs a teacher that samples (capabilities.generates: an in-process "
+                                 "teacher.path or an API teacher)")
+            gen_p, gen_ex = self.teacher.prompt_view(off_p, off_ex)  # a privileged teacher answers its own prompt
             parts.append(self.teacher_engine.generate(gen_p, replace(self.sampling, record_topk=0), source="teacher",
-                                                      **rows))
+                                                      examples=gen_ex))
             parts[-1].prompt_ids, parts[-1].examples = list(off_p), off_ex  # trained on the student's prompt
         if refs:
             parts.append(Rollouts.from_references([p for p, _ in refs], [c for _, c in refs]))
@@ -272,7 +272,7 @@ class Distiller:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        optional(self.teacher, "after_step", self.student)  # e.g. an EMA self-teacher follows the new weights
+        self.teacher.after_step(self.student)  # e.g. an EMA self-teacher follows the new weights
         if self.engine is not None:  # the next buffer samples the new weights (a no-op for the HF engine)
             self.engine.sync_weights(self.student)
         loss_total = float(acc.reduce(torch.tensor(loss_sum, device=acc.device), reduction="sum"))
@@ -303,7 +303,7 @@ class Distiller:
         if buffer.policy_version is not None and student_rows.any():  # rollout.max_lag: steps since sampling
             m["policy_lag"] = float(self.state.step - 1 - buffer.policy_version[student_rows].float().mean())
         m.update(self._health(buffer, signal, student_rows))
-        m.update(optional(self.teacher, "step_metrics", default={}))  # e.g. privileged_leak
+        m.update(self.teacher.step_metrics())  # e.g. privileged_leak
         m.update(per_teacher_metrics(buffer, signal, row_loss, self.cfg.output.diagnostics_top_k))  # several teachers
         return m
 
@@ -369,9 +369,9 @@ class Distiller:
 
         cfg, r = self.cfg, self.cfg.rollout
         examples = self.eval_set.examples[: cfg.data.eval_prompts] if self.eval_set else []
-        examples = examples if getattr(self.teacher, "scores_student_rows", True) else []  # API: own samples only
+        examples = examples if self.teacher.capabilities.scores_student_rows else []  # API: own samples only
         return evaluate(self.student, self.teacher, [self.prompts.prompt_ids(e) for e in examples],
-                        teacher_local=self.objective.teacher_local and not self.cross, examples=examples,
+                        teacher_local=self.objective.teacher_local, examples=examples,
                         pad_id=self.tok.pad_token_id, eos_ids=self.eos_ids,
                         max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                         batch_tokens=r.batch_tokens, micro_batch_size=cfg.train.micro_batch_size, bf16=self.bf16)

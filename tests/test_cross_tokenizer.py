@@ -193,7 +193,7 @@ def test_student_eos_maps_to_the_token_that_ends_the_teachers_turn():
                                     student_vocab_size=128, student_eos_ids=eos_ids(s_tok),
                                     teacher_eos_ids=eos_ids(t_tok))
     assert im_end != t_tok.eos_token_id and teacher.t_by_class["eos"] == im_end
-    _, segments = teacher.teacher_view(torch.tensor(s_tok("hi")["input_ids"] + [s_tok.eos_token_id]).numpy())
+    _, segments = teacher.completion_plan(torch.tensor(s_tok("hi")["input_ids"] + [s_tok.eos_token_id]).numpy())
     assert segments == ["hi", im_end]
 
 

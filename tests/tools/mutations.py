@@ -136,11 +136,11 @@ MUTATIONS = [
       'identity = {"kind": "in-process", "weights_sha256": weights_sha256(teacher.model),',
       'identity = {"kind": "in-process",', CACHE, "another teacher's cache is read"),
     # ---- several teachers
-    m("routed-ema-member-frozen", "protege/teacher/routed.py", '            optional(teacher, "after_step", student)',
+    m("routed-ema-member-frozen", "protege/teacher/routed.py", '            teacher.after_step(student)',
       "            pass", ["tests/test_routed_teachers.py"],
       "an EMA self teacher among routed teachers never follows the student"),
     m("seq-kd-ignores-privileged-context", "protege/trainer.py",
-      "gen_p, gen_ex = view(off_ex) if callable(view) else (off_p, off_ex)", "gen_p, gen_ex = off_p, off_ex",
+      "gen_p, gen_ex = self.teacher.prompt_view(off_p, off_ex)", "gen_p, gen_ex = off_p, off_ex",
       ["tests/test_privileged.py"], "a privileged teacher's samples are answers to the student's prompt"),
     # ---- cross-tokenizer
     m("span-baseline-sampled-path", "protege/cross_objective.py",
