@@ -18,7 +18,8 @@ from protege.forward import check_supported, output_weight
 from protege.objective import Objective
 from protege.teacher import cache
 from protege.teacher.base import Teacher
-from protege.teacher.privileged import check_data  # noqa: F401  (the trainer's start-up check of the rows)
+from protege.teacher.privileged import check_data
+from protege.teacher.several import check_routing
 
 
 def build_accelerator(cfg: Config) -> Accelerator:
@@ -31,6 +32,22 @@ def build_accelerator(cfg: Config) -> Accelerator:
     if fsdp.requested():  # FSDP2 on CPU (gloo): accelerate only shards on GPUs by itself
         fsdp.enable_on_cpu(acc)
     return acc
+
+
+def check_before_models(cfg: Config, train_set, eval_set) -> frozenset[str]:
+    """The start-up checks that need no model (a missing vllm, privileged columns, reference completions for
+    mix.lmbda < 1, a teacher for every routed row); returns the training rows' columns."""
+    if cfg.rollout.engine == "vllm":
+        from protege.rollout.vllm_engine import require_vllm
+
+        require_vllm("rollout.engine=vllm", "rollout.engine=hf")
+    columns = check_data(cfg, train_set.examples)  # a privileged column named but absent: fails here
+    if cfg.mix.lmbda < 1 and not cfg.mix.seq_kd and not any(e.reference for e in train_set.examples):
+        raise ValueError("mix.lmbda < 1 without mix.seq_kd uses the dataset's reference completions, but no row "
+                         f"has one (columns {cfg.data.completion_column!r} or a final assistant turn in "
+                         f"{cfg.data.messages_column!r}). Set mix.seq_kd=true or mix.lmbda=1.")
+    check_routing(cfg, train_set, eval_set)  # routed teachers: every row names one
+    return columns
 
 
 def max_steps(cfg: Config, num_prompts: int) -> int:

@@ -339,7 +339,9 @@ class OutputConfig(_Section):
     save_every: int = Field(0, ge=0, description="Checkpoint interval (0 = only at the end).")
     keep_last: int = Field(2, ge=1, description="Checkpoints kept.")
     report_to: Literal["none", "tensorboard", "wandb"] = Field("none", description="Tracker through accelerate.")
-    progress: bool = Field(True, description="Show a progress bar with ETA.")
+    progress: bool = Field(True, description="Show a progress bar with ETA (and the phase of the step under way).")
+    overwrite: bool = Field(False, description="A fresh run (resume=false) into an output.dir holding an earlier "
+                            "run's checkpoints or metrics: true starts over in it; false stops with an error.")
     diagnostics_top_k: int = Field(16, ge=0, description="k of the OPD health diagnostics (top-k overlap, entropy "
                                    "gap) at student-visited positions; 0 = off.")
     probe_every: int = Field(0, ge=0, description="Greedy probe interval in steps (0 = off): greedy answers to "

@@ -29,9 +29,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 
-from protege import build, checkpoint, fsdp, memory, packing, run_state
+from protege import build, checkpoint, fsdp, memory, packing, run_log, run_state
 from protege.config import Config, check_vocab_bounds
 from protege.cross_objective import completion_logprobs, fill_span_baseline, spread_baseline
 from protege.data import PromptStream, PromptTokenizer, load_prompt_sets
@@ -43,7 +42,7 @@ from protege.rollout.base import RolloutEngine, Sampling
 from protege.records import Rollouts, TeacherSignal
 from protege.teacher.base import Teacher
 from protege.teacher.cache import cache_metrics
-from protege.teacher.several import check_routing, per_teacher_metrics
+from protege.teacher.several import per_teacher_metrics
 
 log = logging.getLogger("protege")
 
@@ -83,19 +82,10 @@ class Distiller:
             self.tok.pad_token = self.tok.eos_token
         self.eos_ids = eos_ids(self.tok)
         check_vocab_bounds(cfg, len(self.tok), f"the student's tokenizer {cfg.student.path}")  # before the weights
-        if cfg.rollout.engine == "vllm":  # a missing vllm fails before minutes of model loading
-            from protege.rollout.vllm_engine import require_vllm
-
-            require_vllm("rollout.engine=vllm", "rollout.engine=hf")
-        # data first: a bad dataset fails before minutes of model loading
+        # data first: a bad dataset (or a missing vllm) fails before minutes of model loading
         self.prompts = PromptTokenizer(self.tok, cfg.data.max_prompt_tokens)
         self.train_set, self.eval_set = load_prompt_sets(cfg.data, seed=cfg.train.seed)
-        columns = build.check_data(cfg, self.train_set.examples)  # a privileged column named but absent: fails here
-        if cfg.mix.lmbda < 1 and not cfg.mix.seq_kd and not any(e.reference for e in self.train_set.examples):
-            raise ValueError("mix.lmbda < 1 without mix.seq_kd uses the dataset's reference completions, but no row "
-                             f"has one (columns {cfg.data.completion_column!r} or a final assistant turn in "
-                             f"{cfg.data.messages_column!r}). Set mix.seq_kd=true or mix.lmbda=1.")
-        check_routing(cfg, self.train_set, self.eval_set)  # routed teachers: every row names one
+        columns = build.check_before_models(cfg, self.train_set, self.eval_set)  # the rows' columns
         self.stream = PromptStream(len(self.train_set), cfg.train.seed)
         self.max_steps = build.max_steps(cfg, len(self.train_set))  # the config is never rewritten
         self.teacher_tok, self.cross = build.cross_tokenizer_mode(cfg, self.tok, teacher_tokenizer)
@@ -122,6 +112,7 @@ class Distiller:
         self.model, self.optimizer = self.acc.prepare(HiddenStates(self.student), self.optimizer)
         self.sharded = fsdp.after_prepare(cfg, self.model, self.student, self.acc.device)  # FSDP2: protege/fsdp.py
         self.state = RunState()
+        self.progress: run_log.Progress | None = None  # the bar, while train() runs
         self.monitor = HealthMonitor()
         self.overlap = build.build_overlap(cfg, self) if cfg.rollout.max_lag else None  # protege.rollout.overlap
         if cfg.output.report_to != "none":
@@ -199,15 +190,22 @@ class Distiller:
         """One optimizer step in three named phases: collect, score, learn. A given `buffer` (and `signal`)
         replaces the first phase(s): tests train on a fixed buffer, benchmarks time each phase alone."""
         t0 = time.perf_counter()
+        self._phase("generating")
         if buffer is None:  # Rollouts (CPU); with rollout.max_lag the next step's buffer is then sampled meanwhile
             buffer = self.overlap.take(self.state.step) if self.overlap else self.collect(self.state.step)
         t1 = time.perf_counter()
+        self._phase("teacher")
         signal = self.score(buffer) if signal is None else signal  # aligned on the buffer's completion positions
         t2 = time.perf_counter()
+        self._phase("training")
         learned = self.learn(buffer, signal)  # loss, grad_norm, lr, num_tokens
         t3 = time.perf_counter()
         self.state.step += 1
         return self._step_metrics(buffer, signal, **learned, t_gen=t1 - t0, t_teacher=t2 - t1, t_train=t3 - t2)
+
+    def _phase(self, name: str) -> None:
+        if self.progress is not None:
+            self.progress.phase(name)
 
     def score(self, buffer: Rollouts) -> TeacherSignal:
         """The teacher's signal for the whole buffer: exactly what the objective asks for (and, for the span
@@ -318,19 +316,21 @@ class Distiller:
     # ------------------------------------------------------------------------------- the loop
     def train(self) -> list[dict]:
         cfg, acc = self.cfg, self.acc
+        run_log.check_output_dir(cfg, self.out)  # a fresh run never overwrites an earlier one silently
+        run_log.warn_idle_settings(cfg, bool(self.eval_set))
         if cfg.resume and self.load_checkpoint() and self.state.step >= self.max_steps:
             return self._finished()
         self.out.mkdir(parents=True, exist_ok=True)
         metrics_path = self.out / "metrics.jsonl"
         if self.state.step == 0 and acc.is_main_process:
             metrics_path.write_text("")
-            (self.out / "config.yaml").write_text(_yaml(cfg))
+            (self.out / "config.yaml").write_text(run_log.config_yaml(cfg))
         if self.eval_set and self.state.step == 0:
-            self._log_eval(self._evaluate(), metrics_path)
+            run_log.log_result(self, run_log.heldout(self), metrics_path)
         probing = bool(self.eval_set and cfg.output.probe_every)
         if probing and self.state.step == 0:
-            self._log_eval(self._probe(), metrics_path, "probe")
-        bar = _progress(cfg, acc, self.state.step, self.max_steps)
+            run_log.log_result(self, run_log.probe(self), metrics_path, "probe")
+        self.progress = run_log.Progress(cfg, acc, self.state.step, self.max_steps)
         while self.state.step < self.max_steps:
             m = self.train_step()
             self.state.history.append(m)
@@ -339,66 +339,24 @@ class Distiller:
                     f.write(json.dumps(m) + "\n")
                 if cfg.output.report_to != "none":
                     acc.log({k: v for k, v in m.items() if isinstance(v, (int, float))}, step=m["step"])
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{m['loss']:.4f}", len=f"{m['completion_len_mean']:.0f}",
-                                tok_s=f"{m['tokens_per_s']:.0f}")
-            elif acc.is_main_process and m["step"] % cfg.output.log_every == 0:
-                log.info(_line(m))
+                self.progress.step(m, cfg)
             s = self.state.step
             if self.eval_set and cfg.output.eval_every and s % cfg.output.eval_every == 0 and s < self.max_steps:
-                self._log_eval(self._evaluate(), metrics_path)
+                run_log.log_result(self, run_log.heldout(self), metrics_path)
             if probing and s % cfg.output.probe_every == 0 and s < self.max_steps:
-                self._log_eval(self._probe(), metrics_path, "probe")
+                run_log.log_result(self, run_log.probe(self), metrics_path, "probe")
             if cfg.output.save_every and s % cfg.output.save_every == 0 and s < self.max_steps:
                 self.save_checkpoint()
-        if bar is not None:
-            bar.close()
+        self.progress.close()
+        self.progress = None
         if self.eval_set:
-            self._log_eval(self._evaluate(), metrics_path)
+            run_log.log_result(self, run_log.heldout(self), metrics_path)
         if probing:
-            self._log_eval(self._probe(), metrics_path, "probe")
+            run_log.log_result(self, run_log.probe(self), metrics_path, "probe")
         self.save_checkpoint()
         self.save_final()
         acc.end_training()
         return self.state.history
-
-    def _evaluate(self) -> dict:
-        """Held-out metrics of the current student (protege.eval.evaluate); {} without held-out prompts."""
-        from protege.eval import evaluate
-
-        cfg, r = self.cfg, self.cfg.rollout
-        examples = self.eval_set.examples[: cfg.data.eval_prompts] if self.eval_set else []
-        examples = examples if self.teacher.capabilities.scores_student_rows else []  # API: own samples only
-        return evaluate(self.student, self.teacher, [self.prompts.prompt_ids(e) for e in examples],
-                        teacher_local=self.objective.teacher_local, examples=examples,
-                        pad_id=self.tok.pad_token_id, eos_ids=self.eos_ids,
-                        max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                        batch_tokens=r.batch_tokens, micro_batch_size=cfg.train.micro_batch_size, bf16=self.bf16)
-
-    def _probe(self) -> dict:
-        """The greedy probe (protege.probe) of the current student as probe/* metrics; warnings go to the log."""
-        from protege.probe import GreedyProbe, probe_step
-
-        examples = self.eval_set.examples[: self.cfg.output.probe_prompts]
-        probe = GreedyProbe([self.prompts.prompt_ids(e) for e in examples], 2 * self.cfg.rollout.max_new_tokens,
-                            self.eos_ids, self.tok.pad_token_id, bf16=self.bf16)
-        values, warnings = probe_step(self.monitor, probe, self.student, self.teacher_model, self.state.step)
-        for w in warnings:
-            log.warning("health: %s", w)
-        return {**values, "warnings": warnings} if warnings else values
-
-    def _log_eval(self, result: dict, path: Path, prefix: str = "eval") -> None:
-        if not result:
-            return
-        result = {"step": self.state.step, **{k if k == "warnings" else f"{prefix}/{k}": v for k, v in result.items()}}
-        self.state.history.append(result)
-        if self.acc.is_main_process:
-            with path.open("a") as f:
-                f.write(json.dumps(result) + "\n")
-            log.info("%s @ step %d: %s", prefix, self.state.step,
-                     ", ".join(f"{k[len(prefix) + 1:]}={v:.4g}" for k, v in result.items()
-                               if k.startswith(prefix + "/") and isinstance(v, float)))
 
     # --------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
@@ -438,25 +396,3 @@ class Distiller:
 def train(cfg: Config, **kwargs) -> list[dict]:
     """Run a distillation described by `cfg`; returns the metrics of every step and evaluation."""
     return Distiller(cfg, **kwargs).train()
-
-
-# ------------------------------------------------------------------------------------ helpers
-def _progress(cfg: Config, acc: Accelerator, start: int, total: int):
-    if not (cfg.output.progress and acc.is_main_process):
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=start, desc="distill", unit="step", dynamic_ncols=True)
-
-
-def _line(m: dict) -> str:
-    return (f"step {m['step']}: loss {m['loss']:.4f} grad_norm {m['grad_norm'] or 0:.3f} lr {m['lr']:.2e} "
-            f"len {m['completion_len_mean']:.1f} trunc {m['truncation_rate']:.2f} "
-            f"gen {m['time_generate']:.2f}s teacher {m['time_teacher']:.2f}s train {m['time_train']:.2f}s "
-            f"({m['tokens_per_s']:.0f} tok/s)")
-
-
-def _yaml(cfg: Config) -> str:
-    import yaml
-
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
