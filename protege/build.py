@@ -12,7 +12,7 @@ import os
 import torch
 from accelerate import Accelerator
 
-from protege.api_kinds import API_KINDS, needs_logprobs
+from protege.api_kinds import API_KINDS
 from protege.config import Config
 from protege.forward import check_supported, output_weight
 from protege.objective import Objective
@@ -111,7 +111,7 @@ def check_cross_tokenizer(cfg: Config) -> None:
         raise ValueError("mix.seq_kd with a teacher of another tokenizer: its samples are in its own vocabulary. "
                          "Write the teacher's samples as a dataset's completions (mix.lmbda=0 uses them), or set "
                          "mix.seq_kd=false")
-    if cfg.loss.cross_tokenizer == "span" and cfg.loss.name != "sft" and cfg.mix.lmbda < 1:
+    if cfg.loss.cross_tokenizer == "span" and cfg.loss.name.reads_logprobs and cfg.mix.lmbda < 1:
         raise ValueError("loss.cross_tokenizer=span needs student rollouts (importance ratio to the sampling "
                          "policy): set mix.lmbda=1, or use loss.cross_tokenizer=shared_topk|uld|hybrid|next_byte")
 
@@ -200,7 +200,7 @@ def _teacher_source(cfg: Config, teacher_model, *, pad_id: int, device, objectiv
         from protege.teacher.api import APITeacher
 
         return APITeacher(t.protocol, t.urls, store_dir=t.api_store or os.path.join(cfg.output.dir, "teacher_api"),
-                          topk=cfg.loss.top_k if needs_logprobs(cfg.loss.name) else 0, api_key=t.api_key,
+                          topk=cfg.loss.top_k if cfg.loss.name.reads_logprobs else 0, api_key=t.api_key,
                           model=t.model, timeout=t.timeout_s, max_wait_s=t.max_wait_s,
                           max_concurrency=t.max_concurrency, vocab_size=t.vocab_size), None
     if t.resolved_kind == "self":  # the student itself: no model of its own (mix.seq_kd is refused by the config)

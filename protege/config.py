@@ -7,6 +7,7 @@ impossible combinations are refused with the field's dotted name and the fix.
 from __future__ import annotations
 
 import copy
+from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from protege.api_kinds import check_api_teacher
+from protege.loss_names import LossName, Support
 
 
 class _Section(BaseModel):
@@ -202,17 +204,16 @@ class MixConfig(_Section):
 
 
 class LossConfig(_Section):
-    name: Literal["reverse_kl", "forward_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl", "sampled_pg",
-                  "sft"] = Field(
-        "reverse_kl", description="Divergence per position, 'sampled_pg' (OPD as RL, sampled-token reverse KL "
+    name: LossName = Field(
+        LossName.REVERSE_KL, description="Divergence per position, 'sampled_pg' (OPD as RL, sampled-token reverse KL "
         "with importance ratio) or 'sft' (cross-entropy on the rows' tokens, e.g. teacher samples).")
     beta: float = Field(0.5, ge=0, le=1, description="JSD mixture weight (GKD); 0 = forward KL, 1 = reverse KL.")
     alpha: float = Field(0.1, ge=0, lt=1, description="Skew KL mixing weight (DistiLLM).")
     temperature: float = Field(1.0, ge=1e-3, le=100, description="Temperature of both distributions in the loss "
                                "(1e-3 to 100: smaller ones overflow the logits).")
     scale_temperature_squared: bool = Field(False, description="Multiply by temperature^2 (Hinton).")
-    support: Literal["full", "teacher", "student", "union", "sampled"] = Field(
-        "full", description="Categories the divergence runs over: the full vocabulary (in-process teacher, or a "
+    support: Support = Field(
+        Support.FULL, description="Categories the divergence runs over: the full vocabulary (in-process teacher, or a "
         "protege teacher server sending hidden states), the "
         "teacher's top-k, the student's top-k, their union, or the sampled token (+tail).")
     top_k: int = Field(16, ge=1, description="k of top-k supports (at most the vocabulary size, checked when "
@@ -382,11 +383,11 @@ class Config(_Section):
         remote = [getattr(t, "name", "teacher") for t in teacher_configs(self) if t.urls and t.protocol == "openai"]
         cross = self.teacher is not None and (self.teacher.cross_tokenizer == "on" or (
             self.teacher.cross_tokenizer == "auto" and self.teacher.tokenizer is not None))
-        if loss.support == "full" and remote and loss.name not in ("sampled_pg", "sft") and not cross:
+        if loss.support.exact and remote and not loss.name.token_level and not cross:
             raise ValueError("loss.support=full needs the teacher's hidden states: an in-process teacher (teacher.path)"
                              " or `protege serve-teacher` (teacher.protocol=protege); with teacher.protocol=openai use "
                              "loss.support=teacher|sampled" + (f" (openai teachers: {remote})" if self.teachers else ""))
-        if loss.name == "sampled_pg" and self.mix.lmbda < 1:
+        if loss.name.needs_rollouts and self.mix.lmbda < 1:
             raise ValueError("loss.name=sampled_pg needs student rollouts (importance ratio to the sampling policy):"
                              " set mix.lmbda=1")
         if self.train.micro_batch_size > self.train.prompts_per_step * self.rollout.num_generations:
@@ -396,16 +397,16 @@ class Config(_Section):
         if selfs and self.mix.seq_kd:
             raise ValueError(f"mix.seq_kd samples from an in-process teacher model; teacher.self={selfs[0]} "
                              "has none of its own: set mix.seq_kd=false")
-        if loss.token_clip is not None and loss.name == "sampled_pg":
+        if loss.token_clip is not None and loss.name is LossName.SAMPLED_PG:
             raise ValueError("loss.token_clip clamps a divergence at [0, clip]; sampled_pg's per-token surrogate "
                              "-rho*A is signed by design: use loss.ratio_clip instead, or unset loss.token_clip")
         for t in teacher_configs(self):
             check_cache(t, loss)
-        if any(t.protocol == "openai" for t in teacher_configs(self)) and loss.support in ("student", "union"):
+        if any(t.protocol == "openai" for t in teacher_configs(self)) and loss.support.reads_student_ids:
             raise ValueError("teacher.protocol=openai cannot return logprobs at the student's ids: use "
                              "loss.support=teacher|sampled, or protege serve-teacher")
-        if (self.rollout.max_lag and self.teacher.urls and loss.support in ("student", "union") and self.mix.lmbda < 1
-                and loss.name not in ("sampled_pg", "sft")):
+        if (self.rollout.max_lag and self.teacher.urls and loss.support.reads_student_ids and self.mix.lmbda < 1
+                and not loss.name.token_level):
             raise ValueError("rollout.max_lag=1 with a remote teacher, loss.support=student|union and mix.lmbda<1 "
                              "would read the live student's top-k while it trains: set rollout.max_lag=0 or "
                              "mix.lmbda=1")
@@ -424,9 +425,9 @@ def check_cache(t: TeacherConfig, loss: LossConfig) -> None:
     if t.protocol in ("openai-chat", "openai-completions"):
         raise ValueError(f"teacher.cache_dir with teacher.protocol={t.protocol}: an API teacher keeps its own store "
                          "(teacher.api_store); unset teacher.cache_dir")
-    token_level = loss.name in ("sampled_pg", "sft") or loss.support == "sampled"
+    token_level = loss.name.token_level or loss.support is Support.SAMPLED
     cross = t.cross_tokenizer == "on" or t.tokenizer is not None  # a cross-tokenizer teacher is asked for top-k
-    reads_hidden = not token_level and not cross and (t.path is not None or loss.support == "full")
+    reads_hidden = not token_level and not cross and (t.path is not None or loss.support.exact)
     if reads_hidden and not t.cache_hidden:
         raise ValueError(f"teacher.cache_dir with loss.support={loss.support} and this teacher: the loss reads the "
                          "teacher's hidden states; set teacher.cache_hidden=true to cache them, or use "
@@ -459,8 +460,7 @@ def check_teachers_config(cfg: Config) -> None:
         if weighted:
             raise ValueError(f"teachers {weighted}: weight is used by teachers_mode=mixture only (in routed mode "
                              "each row has one teacher); remove it or set teachers_mode=mixture")
-    elif cfg.loss.support in ("teacher", "union") and any(t.urls for t in cfg.teachers) \
-            and cfg.loss.name not in ("sampled_pg", "sft"):
+    elif cfg.loss.support.reads_teacher_topk and any(t.urls for t in cfg.teachers) and not cfg.loss.name.token_level:
         raise ValueError(f"teachers_mode=mixture with a teacher behind urls cannot combine top-k lists "
                          f"(loss.support={cfg.loss.support}: each teacher's top-k ids differ): use "
                          "loss.support=student|sampled or loss.name=sampled_pg, or in-process teachers")
@@ -571,7 +571,7 @@ def _one_line(e: Exception) -> str:
 def check_vocab_bounds(cfg: Config, vocab_size: int, source: str) -> None:
     """Top-k sizes that cannot exceed the vocabulary, checked as soon as it is known (before weights load)."""
     checks = [("output.diagnostics_top_k", cfg.output.diagnostics_top_k)]
-    if cfg.loss.support in ("teacher", "student", "union"):
+    if cfg.loss.support.topk:
         checks.insert(0, ("loss.top_k", cfg.loss.top_k))
     for name, k in checks:
         if k > vocab_size:
@@ -609,7 +609,8 @@ def describe_config() -> str:
             if section is not None:
                 walk(section, f"{prefix}{name}{'[].' if 'list' in str(f.annotation) else '.'}")
                 continue
-            default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))
+            value = None if f.is_required() else f.get_default(call_default_factory=True)
+            default = "required" if f.is_required() else repr(value.value if isinstance(value, Enum) else value)
             lines.append(f"  {prefix}{name} = {default}\n      {f.description or ''}")
 
     walk(Config, "")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 
 from protege import checkpoint, fsdp
+from protege.errors import ResumeMismatch
 from protege.teacher.identity import identity_changes
 
 log = logging.getLogger("protege")
@@ -62,6 +63,6 @@ def check_same_teacher(saved: dict | None, current: dict, allow_change: bool) ->
         log.warning("resume: resume_new_teacher=true: continuing with another teacher than the checkpoint's: %s",
                     "; ".join(changes))
         return
-    raise checkpoint.ResumeMismatch("resume: the checkpoint was trained with another teacher: " + "; ".join(changes)
+    raise ResumeMismatch("resume: the checkpoint was trained with another teacher: " + "; ".join(changes)
                                     + ". Resume with that teacher, set resume_new_teacher=true to change teachers "
                                     "on purpose, or start a new output.dir")

@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from protege.checkpoint import ResumeMismatch
+from protege.errors import ResumeMismatch
 from protege.config import load_config
 from protege.trainer import Distiller
 

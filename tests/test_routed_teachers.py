@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from tiny import make_model, make_tokenizer  # noqa: E402
 
-from protege.checkpoint import ResumeMismatch  # noqa: E402
+from protege.errors import ResumeMismatch  # noqa: E402
 from protege.config import LossConfig, load_config  # noqa: E402
 from protege.data import Example  # noqa: E402
 from protege.objective import Objective  # noqa: E402
