@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from protege.config.sections import Section
+from protege.loss_names import Support
 
 
 class TeacherConfig(Section):
