@@ -147,7 +147,7 @@ class CrossTokenizerTeacher(Wrapper):
         self.vocab_size = student_vocab_size  # the signal speaks of the student's positions and ids
         self.s_vocab = VocabBytes.from_tokenizer(student_tokenizer, eos_ids=student_eos_ids, size=student_vocab_size)
         self.t_vocab = VocabBytes.from_tokenizer(teacher_tokenizer, eos_ids=teacher_eos_ids,
-                                                 size=getattr(inner, "vocab_size", None))
+                                                 size=inner.vocab_size)
         self.prompts = PromptTokenizer(teacher_tokenizer, max_prompt_tokens)
         self.t_eot = end_of_turn_id(teacher_tokenizer, teacher_eos_ids)
         s_eos = student_tokenizer.eos_token_id
