@@ -126,7 +126,7 @@ def main() -> None:
             starts[strategy] = (student, sets, ev)
         pruned, sets, ev = starts[strategy]
         student = copy.deepcopy(pruned)
-        stages = load_recipe(recipe_path("demo_smollm2"), [*overrides, f"output.dir={work}/row{i}"],
+        stages = load_recipe(recipe_path("demo_smollm2"), [*overrides, f"output.dir={work}/row{i}", "output.overwrite=true"],
                              base={"student": {"path": "in-memory:pruned"}, "teacher": {"path": teacher_path}})
         t = time.time()
         histories = run_recipe(stages, student=student, teacher_model=teacher, tokenizer=tok)

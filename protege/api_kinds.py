@@ -17,13 +17,10 @@ did not generate), so every row must be a teacher sample. Pure Python (no torch)
 
 from __future__ import annotations
 
+from protege.loss_names import LossName, Support
+
 API_KINDS = ("openai-chat", "openai-completions")
 MAX_TOP_LOGPROBS = 20  # what OpenAI's API returns at most per position
-
-
-def needs_logprobs(loss_name: str) -> bool:
-    """Whether the loss reads teacher logprobs (everything but sft, which trains on the text alone)."""
-    return loss_name != "sft"
 
 
 def check_api_teacher(protocol: str, *, lmbda: float, seq_kd: bool, loss_name: str, support: str, top_k: int,
@@ -39,13 +36,14 @@ def check_api_teacher(protocol: str, *, lmbda: float, seq_kd: bool, loss_name: s
     if lmbda != 0 or not seq_kd:
         problems.append(f"every row must be a teacher sample (mix.lmbda={lmbda:g}, mix.seq_kd={seq_kd}): the API "
                         "cannot score student rollouts or dataset references")
-    if loss_name == "sampled_pg":
+    loss_name, support = LossName(loss_name), Support(support)
+    if loss_name.needs_rollouts:
         problems.append("loss.name=sampled_pg needs student rollouts scored by the teacher")
-    elif needs_logprobs(loss_name):
-        if support not in ("teacher", "sampled"):
+    elif loss_name.reads_logprobs:
+        if support.exact or support.reads_student_ids:  # only its own tokens' top logprobs come back
             problems.append(f"loss.support={support} needs logprobs the API does not send (it sends the top "
                             "logprobs of its own tokens only)")
-        if support == "teacher" and top_k > MAX_TOP_LOGPROBS:
+        if support is Support.TEACHER and top_k > MAX_TOP_LOGPROBS:
             problems.append(f"loss.top_k={top_k} is more than the {MAX_TOP_LOGPROBS} top_logprobs an API sends")
         if temperature != 1.0:
             problems.append(f"loss.temperature={temperature:g}: API logprobs are the model's own distribution "

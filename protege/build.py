@@ -12,13 +12,14 @@ import os
 import torch
 from accelerate import Accelerator
 
-from protege.api_kinds import API_KINDS, needs_logprobs
-from protege.config import Config, teacher_configs
+from protege.api_kinds import API_KINDS
+from protege.config import Config
 from protege.forward import check_supported, output_weight
 from protege.objective import Objective
 from protege.teacher import cache
 from protege.teacher.base import Teacher
-from protege.teacher.privileged import check_data  # noqa: F401  (the trainer's start-up check of the rows)
+from protege.teacher.privileged import check_data
+from protege.teacher.several import check_routing
 
 
 def build_accelerator(cfg: Config) -> Accelerator:
@@ -33,6 +34,22 @@ def build_accelerator(cfg: Config) -> Accelerator:
     return acc
 
 
+def check_before_models(cfg: Config, train_set, eval_set) -> frozenset[str]:
+    """The start-up checks that need no model (a missing vllm, privileged columns, reference completions for
+    mix.lmbda < 1, a teacher for every routed row); returns the training rows' columns."""
+    if cfg.rollout.engine == "vllm":
+        from protege.rollout.vllm_engine import require_vllm
+
+        require_vllm("rollout.engine=vllm", "rollout.engine=hf")
+    columns = check_data(cfg, train_set.examples)  # a privileged column named but absent: fails here
+    if cfg.mix.lmbda < 1 and not cfg.mix.seq_kd and not any(e.reference for e in train_set.examples):
+        raise ValueError("mix.lmbda < 1 without mix.seq_kd uses the dataset's reference completions, but no row "
+                         f"has one (columns {cfg.data.completion_column!r} or a final assistant turn in "
+                         f"{cfg.data.messages_column!r}). Set mix.seq_kd=true or mix.lmbda=1.")
+    check_routing(cfg, train_set, eval_set)  # routed teachers: every row names one
+    return columns
+
+
 def max_steps(cfg: Config, num_prompts: int) -> int:
     """train.max_steps, or train.epochs passes over the training prompts when epochs is set."""
     if cfg.train.epochs:
@@ -40,10 +57,11 @@ def max_steps(cfg: Config, num_prompts: int) -> int:
     return cfg.train.max_steps
 
 
-def build_objective(cfg: Config, cross_tokenizer: bool = False) -> Objective:
-    """The loss (protege.objective), told where the teacher runs, what the diagnostics read and whether the
+def build_objective(cfg: Config, cross_tokenizer: bool = False, teacher: Teacher | None = None) -> Objective:
+    """The loss (protege.objective), told where the teacher runs (its capabilities; before the teacher is built:
+    in-process, which only the teacher's scoring chunk reads), what the diagnostics read and whether the
     teacher has another tokenizer (cross_tokenizer_mode)."""
-    return Objective.build(cfg.loss, teacher_local=not any(t.urls for t in teacher_configs(cfg)),
+    return Objective.build(cfg.loss, teacher_local=teacher is None or not teacher.capabilities.remote,
                            diagnostics_top_k=cfg.output.diagnostics_top_k, sampling_temperature=cfg.rollout.temperature,
                            cross_tokenizer=cross_tokenizer)
 
@@ -93,7 +111,7 @@ def check_cross_tokenizer(cfg: Config) -> None:
         raise ValueError("mix.seq_kd with a teacher of another tokenizer: its samples are in its own vocabulary. "
                          "Write the teacher's samples as a dataset's completions (mix.lmbda=0 uses them), or set "
                          "mix.seq_kd=false")
-    if cfg.loss.cross_tokenizer == "span" and cfg.loss.name != "sft" and cfg.mix.lmbda < 1:
+    if cfg.loss.cross_tokenizer == "span" and cfg.loss.name.reads_logprobs and cfg.mix.lmbda < 1:
         raise ValueError("loss.cross_tokenizer=span needs student rollouts (importance ratio to the sampling "
                          "policy): set mix.lmbda=1, or use loss.cross_tokenizer=shared_topk|uld|hybrid|next_byte")
 
@@ -157,21 +175,40 @@ def build_teacher(cfg: Config, teacher_model, *, pad_id: int, device, objective:
     return PrivilegedTeacher(teacher, cfg, tokenizer), model
 
 
+def teacher_kind_class(kind: str) -> type[Teacher]:
+    """The class of teacher.kind=module:Class (a teacher kind of the user's own), imported; ValueError naming the
+    field when it cannot be imported or is not a protege.teacher.base.Teacher with a from_config classmethod."""
+    import importlib
+
+    module, _, name = kind.partition(":")
+    try:
+        cls = vars(importlib.import_module(module)).get(name)
+    except ImportError as e:
+        raise ValueError(f"teacher.kind={kind}: cannot import module {module!r} ({e}); put it on PYTHONPATH") from None
+    if not (isinstance(cls, type) and issubclass(cls, Teacher)):
+        raise ValueError(f"teacher.kind={kind}: {module} has no class {name} subclassing protege.teacher.base.Teacher "
+                         "with a from_config(cfg, *, teacher_model, pad_id, device, student, chunk_positions) classmethod")
+    return cls
+
+
 def _teacher_source(cfg: Config, teacher_model, *, pad_id: int, device, objective: Objective, student):
     t = cfg.teacher
+    if t.plugin:  # teacher.kind=module:Class: the user's own kind builds itself
+        return teacher_kind_class(t.kind).from_config(cfg, teacher_model=teacher_model, pad_id=pad_id, device=device,
+                                                      student=student, chunk_positions=objective.scoring_chunk), None
     if t.protocol in API_KINDS:  # a generation API: teacher samples only (protege.api_kinds)
         from protege.teacher.api import APITeacher
 
         return APITeacher(t.protocol, t.urls, store_dir=t.api_store or os.path.join(cfg.output.dir, "teacher_api"),
-                          topk=cfg.loss.top_k if needs_logprobs(cfg.loss.name) else 0, api_key=t.api_key,
+                          topk=cfg.loss.top_k if cfg.loss.name.reads_logprobs else 0, api_key=t.api_key,
                           model=t.model, timeout=t.timeout_s, max_wait_s=t.max_wait_s,
                           max_concurrency=t.max_concurrency, vocab_size=t.vocab_size), None
-    if t.self is not None:  # the student itself: no model of its own (mix.seq_kd is refused by the config)
+    if t.resolved_kind == "self":  # the student itself: no model of its own (mix.seq_kd is refused by the config)
         from protege.teacher.self_teacher import build_self_teacher
 
         return build_self_teacher(t.self, student, pad_id=pad_id, token_budget=t.batch_tokens,
                                   chunk_positions=objective.scoring_chunk, ema_rate=t.ema_rate), None
-    if t.urls:
+    if t.resolved_kind == "server":
         from protege.teacher.remote import RemoteTeacher
 
         return cache.wrap(t, RemoteTeacher(t.urls, api_key=t.api_key or os.environ.get("PROTEGE_API_KEY"),
@@ -184,7 +221,8 @@ def _teacher_source(cfg: Config, teacher_model, *, pad_id: int, device, objectiv
 
     model = (teacher_model if teacher_model is not None else load_model(t.path, t.dtype)).to(device)
     return cache.wrap(t, LocalTeacher(model, pad_id=pad_id, token_budget=t.batch_tokens,
-                                      chunk_positions=objective.scoring_chunk)), model
+                                      chunk_positions=objective.scoring_chunk,
+                                      identity={"source": t.path or "", "dtype": t.dtype})), model
 
 
 def check_vocabularies(teacher, student) -> None:
@@ -234,17 +272,12 @@ def build_overlap(cfg: Config, distiller):
                    make_engine=make_engine)
 
 
-def build_teacher_engine(cfg: Config, teacher_model, *, pad_id: int, teacher=None, tokenizer=None):
-    """The engine that samples teacher rows (mix.seq_kd): HF generate on the in-process teacher, the API
-    teacher itself (teacher.protocol=openai-chat|openai-completions, given the student's tokenizer), or None."""
-    from protege.rollout.hf import HFEngine
-
-    if getattr(teacher, "reads_examples", False):  # an API teacher (protege.teacher.api)
-        teacher.tokenizer = tokenizer
-        return teacher
-    if teacher_model is None:
+def build_teacher_engine(cfg: Config, teacher: Teacher, *, pad_id: int, tokenizer=None):
+    """The engine that samples teacher rows (mix.seq_kd), when the teacher's capabilities say it samples: HF
+    generate on an in-process teacher's model, an API teacher itself (given the student's tokenizer); else None."""
+    if not teacher.capabilities.generates:
         return None
-    return HFEngine(teacher_model, pad_id=pad_id, batch_tokens=cfg.rollout.batch_tokens)
+    return teacher.generator(pad_id=pad_id, batch_tokens=cfg.rollout.batch_tokens, tokenizer=tokenizer)
 
 
 def build_optimizer(cfg: Config, student, total_steps: int):

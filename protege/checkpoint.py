@@ -42,18 +42,13 @@ from typing import Callable
 
 import torch
 
+from protege import fsdp
+from protege.errors import CheckpointError, ResumeMismatch
+
 log = logging.getLogger("protege")
 MANIFEST = "manifest.json"
 FORMAT = 2  # trainer_state.pt's "checkpoint_format": 1 = manifests (no mark recorded), 2 = this mark too
 STATE_KEYS = ("optimizer", "scheduler", "stream", "step")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used (unreadable, altered, incomplete, non-finite); the message says why."""
-
-
-class ResumeMismatch(ValueError):
-    """The checkpoints are fine but do not fit this run's settings (e.g. the process count)."""
 
 
 # ----------------------------------------------------------------------------------- writing
@@ -94,8 +89,6 @@ def save(acc, folder: Path, *, student, state: dict, keep_last: int, sharded: bo
         torch.save({**marked, "optimizer": groups} if sharded else marked, tmp / "trainer_state.pt")
     acc.wait_for_everyone()
     if sharded:
-        from protege import fsdp
-
         fsdp.save_shard(tmp, acc.process_index, student, state["optimizer"])
     torch.save(rng_state(), tmp / f"rng-{acc.process_index}.pt")
     acc.wait_for_everyone()
@@ -159,8 +152,6 @@ class Snapshot:
     def apply(self, student) -> None:
         """Load the weights into `student` in place (then drop this copy) and restore this process's RNG."""
         if self.sharded:
-            from protege import fsdp
-
             fsdp.load_local_state(student, self.weights, self.adapters)
         else:
             _load_weights(student, self.weights, self.adapters)
@@ -177,8 +168,6 @@ def read(acc, folder: Path, *, student) -> Snapshot:
     rng = _torch_file(folder / f"rng-{acc.process_index}.pt")
     _check_rng(rng, folder / f"rng-{acc.process_index}.pt")
     if (folder / f"student-{acc.process_index}.safetensors").exists():  # FSDP2 shards
-        from protege import fsdp
-
         weights, optimizer = fsdp.read_shard(folder, acc.process_index, student)
         return Snapshot(folder, {**state, "optimizer": optimizer}, rng, weights, _has_adapters(student), sharded=True)
     weights, adapters = read_weights(student, folder / "student")
@@ -382,8 +371,6 @@ def _has_adapters(student) -> bool:
 def save_student(acc, student, tokenizer, dst: Path, *, sharded: bool = False) -> None:
     """The final student/ folder (save_pretrained + tokenizer), replaced atomically. Collective when sharded
     (FSDP2: the weights are gathered on every rank, rank 0 writes)."""
-    from protege import fsdp
-
     full = fsdp.full_state(student) if sharded else None
     if acc.is_main_process:
         tmp = dst.with_name(dst.name + ".tmp")
@@ -392,11 +379,6 @@ def save_student(acc, student, tokenizer, dst: Path, *, sharded: bool = False) -
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(dst, ignore_errors=True)
         os.replace(tmp, dst)
-
-
-def load_student_weights(model, folder: Path) -> None:
-    """Check, then load a save_pretrained folder (full model, sharded or not, or PEFT adapters) into `model`."""
-    _load_weights(model, *read_weights(model, Path(folder)))
 
 
 def _load_weights(model, weights: dict, adapters: bool) -> None:

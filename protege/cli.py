@@ -93,9 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_config)
     _add_prune(sub)
     _add_eval(sub)
-    from protege.teacher import precompute
+    from protege import cache_teacher
 
-    precompute.add_parser(sub)  # protege cache-teacher
+    cache_teacher.add_parser(sub)  # protege cache-teacher
 
     try:
         from protege.server import cli as server_cli

@@ -87,15 +87,18 @@ def run_demo(*, out: str = "outputs/demo", keep: int = 24, strategy: str = "even
     from protege.recipe import load_recipe, run_recipe
     from protege.recipes import recipe_path
     from protege.report import write_report
+    from protege.run_log import check_output_dir
 
     t0 = time.time()
     own_rows = load_prompt_file(prompts) if prompts else []  # a bad file fails before minutes of model loading
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     teacher_path = resolve_model(teacher_path or "smollm2")
-    tok, teacher, student, kept = pruned_pair(teacher_path, keep, strategy)
     base = {"student": {"path": "in-memory:pruned"}, "teacher": {"path": teacher_path}, "output": {"dir": str(out_dir)}}
     stages = load_recipe(recipe_path("demo_smollm2"), overrides, base=base)
+    for _, cfg in stages:  # an earlier demo's runs: stop now (resume=true or output.overwrite=true), not minutes later
+        check_output_dir(cfg, Path(cfg.output.dir))
+    tok, teacher, student, kept = pruned_pair(teacher_path, keep, strategy)
     cfg0 = stages[0][1]
     pt = PromptTokenizer(tok, cfg0.data.max_prompt_tokens)
     ids = lambda rows: [pt.prompt_ids(e) for e in to_examples(rows).examples]  # noqa: E731

@@ -70,13 +70,6 @@ def overlap_metrics(
 
 
 # --------------------------------------------------------------------------- entropy
-def entropy(logits_or_logprobs: torch.Tensor) -> torch.Tensor:
-    """(...,) entropy in nats of the distribution over the last axis (..., V) (logits or logprobs)."""
-    logprobs = torch.log_softmax(logits_or_logprobs.float(), dim=-1)  # idempotent on logprobs
-    probs = logprobs.exp()
-    return -torch.where(probs > 0, probs * logprobs, torch.zeros_like(probs)).sum(-1)
-
-
 def entropy_from_logprobs(logprobs: torch.Tensor) -> torch.Tensor:
     """(...,) entropy -sum p log p of normalised logprobs (..., V); -inf entries (p = 0) add exactly 0."""
     return -(logprobs.exp() * logprobs.clamp_min(-1e30)).sum(-1)
@@ -131,43 +124,6 @@ def repetition_rate(token_lists: Iterable[Sequence[int]], n: int = 4) -> float:
         if grams:
             rates.append(1.0 - len(set(grams)) / len(grams))
     return sum(rates) / len(rates) if rates else 0.0
-
-
-def sequence_metrics(
-    completion_ids: torch.Tensor,
-    mask: torch.Tensor,
-    finish_reasons: Sequence[str] | None = None,
-    eos_id: int | Sequence[int] | None = None,
-    repetition_n: int = 4,
-) -> dict[str, float]:
-    """Length, truncation, EOS, repetition and diversity of a batch of completions.
-
-    completion_ids: (N, T) token ids; mask: (N, T) bool, True at real completion tokens.
-    finish_reasons: one per row, "length" when max_new_tokens was hit (truncation_rate is left
-    out when none are given). eos_id: one id or several; eos_rate counts rows with an EOS among
-    their tokens (left out when None).
-    """
-    mask = mask.bool()
-    lengths = mask.sum(-1)  # (N,)
-    token_lists = [row[m].tolist() for row, m in zip(completion_ids, mask)]
-    metrics = {
-        "length_mean": float(lengths.float().mean()) if len(lengths) else math.nan,
-        "length_max": float(lengths.max()) if len(lengths) else math.nan,
-        "repetition_rate": repetition_rate(token_lists, repetition_n),
-        "distinct_2": distinct_n(token_lists, 2),
-    }
-    if finish_reasons:
-        if len(finish_reasons) != len(token_lists):
-            raise ValueError(
-                f"finish_reasons has {len(finish_reasons)} entries but completion_ids has {len(token_lists)} rows; "
-                "pass one finish reason per row"
-            )
-        metrics["truncation_rate"] = truncation_rate(finish_reasons)
-    if eos_id is not None:
-        eos_ids = {int(eos_id)} if isinstance(eos_id, int) else {int(i) for i in eos_id}
-        has_eos = [any(t in eos_ids for t in tokens) for tokens in token_lists]
-        metrics["eos_rate"] = sum(has_eos) / len(has_eos) if has_eos else math.nan
-    return metrics
 
 
 # --------------------------------------------------------------------------- monitor

@@ -28,6 +28,7 @@ from protege.data import PromptTokenizer, load_rows, to_examples
 from protege.cross_objective import canonical_student_logprobs
 from protege.diagnostics import distinct_n, repetition_rate, sampled_rkl
 from protege.forward import HiddenStates, forward_completion_hidden, output_weight
+from protege.loss_names import LossName
 from protege.losses import chunked_dense_divergence
 from protege.records import Rollouts
 from protege.rollout import hf as hf_rollout
@@ -58,7 +59,7 @@ def evaluate(student, teacher, prompts: list[torch.Tensor], *, teacher_local: bo
     mask = rollouts.completion_mask
     out = {"teacher_nll": float(-signal.token_logprobs[mask].mean())}
     if teacher_local:
-        out["rkl"] = exact_divergence(student, rollouts, signal.hidden_states, teacher.output_weight, "reverse_kl",
+        out["rkl"] = exact_divergence(student, rollouts, signal.hidden_states, teacher.output_weight, LossName.REVERSE_KL,
                                       pad_id=pad_id, batch=micro_batch_size)
     elif signal.cross is not None:  # another tokenizer: log q of the text by the student's canonical path
         own = canonical_student_logprobs(student, signal.cross, rollouts, pad_id=pad_id, temperature=temperature or 1.0,
@@ -103,8 +104,8 @@ def evaluate_models(student, teacher, tok, prompts: list[torch.Tensor], *, max_n
     def metrics(rows: list[int]) -> dict:
         idx = torch.as_tensor(rows, dtype=torch.long)
         out = {}
-        for name, rollouts, sig, key in (("reverse_kl", s_samples, s_signal, "rkl"),
-                                         ("forward_kl", cache["samples"], cache["signal"], "fkl")):
+        for name, rollouts, sig, key in ((LossName.REVERSE_KL, s_samples, s_signal, "rkl"),
+                                         (LossName.FORWARD_KL, cache["samples"], cache["signal"], "fkl")):
             out[key] = exact_divergence(student, rollouts.select(rows), sig.hidden_states[idx],
                                         output_weight(teacher), name, pad_id=tok.pad_token_id)
         out["greedy_teacher_nll"] = float(-greedy_lp[idx][s_greedy.completion_mask[idx]].mean())

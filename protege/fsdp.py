@@ -30,6 +30,7 @@ import os
 import torch
 from torch import nn
 
+from protege.errors import CheckpointError
 from protege.forward import output_weight
 
 
@@ -229,8 +230,6 @@ def read_shard(folder, rank: int, student: nn.Module) -> tuple[dict, dict]:
     """(weights, optimizer state) of this rank's shards, checked against the sharded student: names, local
     shapes, finite values; CheckpointError says what is wrong."""
     from safetensors.torch import load_file
-
-    from protege.checkpoint import CheckpointError
 
     path, opt_path = folder / f"student-{rank}.safetensors", folder / f"optimizer-{rank}.pt"
     try:

@@ -1,7 +1,8 @@
 """The Objective: what a loss configuration needs from the rollout and the teacher, and the per-token loss.
 
-Built once per run from `cfg.loss` and what the teacher can send (`Objective.build`); it is the only
-code that reads the loss config. The trainer asks it three things:
+Built once per run from `cfg.loss` and what the teacher can send (`Objective.build`). The names of the
+loss table (LossName, Support: protege.loss_names, re-exported here) answer what each loss and support
+needs; no other code compares a loss or support name. The trainer asks it three things:
 
     objective.rollout_topk              k of the student's top-k the rollout must record
     objective.teacher_request(buffer)   what the teacher must send for this buffer (a ScoreRequest)
@@ -29,37 +30,15 @@ its entropy) at student-sampled positions, for the health signals of protege.dia
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 
 import torch
 
 from protege import losses as L
 from protege.config import LossConfig
+from protege.loss_names import TOKEN_LEVEL, LossName, Support  # noqa: F401  (re-exported)
 from protege.cross_objective import cross_per_token_loss, needs_canonical, teacher_topk
 from protege.teacher.base import ScoreRequest
 from protege.records import Rollouts, TeacherSignal
-
-
-class Support(str, Enum):
-    FULL = "full"
-    TEACHER = "teacher"
-    STUDENT = "student"
-    UNION = "union"
-    SAMPLED = "sampled"
-
-
-class LossName(str, Enum):
-    REVERSE_KL = "reverse_kl"
-    FORWARD_KL = "forward_kl"
-    JSD = "jsd"
-    TVD = "tvd"
-    SKEW_FORWARD_KL = "skew_forward_kl"
-    SKEW_REVERSE_KL = "skew_reverse_kl"
-    SAMPLED_PG = "sampled_pg"
-    SFT = "sft"
-
-
-TOKEN_LEVEL = (LossName.SAMPLED_PG, LossName.SFT)  # losses that read only the rows' own tokens
 
 
 @dataclass(frozen=True)

@@ -90,8 +90,8 @@ def run_recipe(stages: list[tuple[str, Config]], *, student=None, teacher_model=
 
     histories: dict[str, list[dict]] = {}
     for name, cfg in stages:
-        log.info("stage %s: %s, %d steps", name, cfg.loss.name, cfg.train.max_steps)
         d = Distiller(cfg, student=student, teacher_model=teacher_model, tokenizer=tokenizer)
+        log.info("stage %s: %s, %d steps", name, d.objective.name, d.max_steps)  # train.epochs: its step count
         histories[name] = d.train()
         student = d.student
         teacher_model = d.teacher_model if d.teacher_model is not None else teacher_model

@@ -29,9 +29,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 
-from protege import build, checkpoint, fsdp, memory, packing, run_state
+from protege import build, checkpoint, fsdp, memory, packing, run_log, run_state
 from protege.config import Config, check_vocab_bounds
 from protege.cross_objective import completion_logprobs, fill_span_baseline, spread_baseline
 from protege.data import PromptStream, PromptTokenizer, load_prompt_sets
@@ -41,9 +40,9 @@ from protege.forward import HiddenStates, dense_grads, forward_completion_hidden
 from protege.losses import grad_into, reduce_tokens
 from protege.rollout.base import RolloutEngine, Sampling
 from protege.records import Rollouts, TeacherSignal
-from protege.teacher.base import Teacher, optional
+from protege.teacher.base import Teacher
 from protege.teacher.cache import cache_metrics
-from protege.teacher.several import check_routing, per_teacher_metrics
+from protege.teacher.several import per_teacher_metrics
 
 log = logging.getLogger("protege")
 
@@ -83,36 +82,28 @@ class Distiller:
             self.tok.pad_token = self.tok.eos_token
         self.eos_ids = eos_ids(self.tok)
         check_vocab_bounds(cfg, len(self.tok), f"the student's tokenizer {cfg.student.path}")  # before the weights
-        if cfg.rollout.engine == "vllm":  # a missing vllm fails before minutes of model loading
-            from protege.rollout.vllm_engine import require_vllm
-
-            require_vllm("rollout.engine=vllm", "rollout.engine=hf")
-        # data first: a bad dataset fails before minutes of model loading
+        # data first: a bad dataset (or a missing vllm) fails before minutes of model loading
         self.prompts = PromptTokenizer(self.tok, cfg.data.max_prompt_tokens)
         self.train_set, self.eval_set = load_prompt_sets(cfg.data, seed=cfg.train.seed)
-        columns = build.check_data(cfg, self.train_set.examples)  # a privileged column named but absent: fails here
-        if cfg.mix.lmbda < 1 and not cfg.mix.seq_kd and not any(e.reference for e in self.train_set.examples):
-            raise ValueError("mix.lmbda < 1 without mix.seq_kd uses the dataset's reference completions, but no row "
-                             f"has one (columns {cfg.data.completion_column!r} or a final assistant turn in "
-                             f"{cfg.data.messages_column!r}). Set mix.seq_kd=true or mix.lmbda=1.")
-        check_routing(cfg, self.train_set, self.eval_set)  # routed teachers: every row names one
+        columns = build.check_before_models(cfg, self.train_set, self.eval_set)  # the rows' columns
         self.stream = PromptStream(len(self.train_set), cfg.train.seed)
         self.max_steps = build.max_steps(cfg, len(self.train_set))  # the config is never rewritten
         self.teacher_tok, self.cross = build.cross_tokenizer_mode(cfg, self.tok, teacher_tokenizer)
-        self.objective = build.build_objective(cfg, cross_tokenizer=self.cross)
+        objective = build.build_objective(cfg, cross_tokenizer=self.cross)  # its scoring chunk, for the teacher
         self.student = build.build_student(cfg, student, self.acc.device)
         self.teacher: Teacher
         tok_t = self.teacher_tok if self.cross else self.tok  # the teacher's own tokenizer renders its prompts
         self.teacher, self.teacher_model = build.build_teacher(
-            cfg, teacher_model, pad_id=build.pad_id_of(tok_t), device=self.acc.device, objective=self.objective,
+            cfg, teacher_model, pad_id=build.pad_id_of(tok_t), device=self.acc.device, objective=objective,
             student=self.student, tokenizer=tok_t, data_columns=columns)
         if self.cross:  # the teacher re-tokenizes the student's text; its signal is on the student's positions
             self.teacher = build.wrap_cross_tokenizer(cfg, self.teacher, self.tok, self.teacher_tok,
                                                       output_weight(self.student).shape[0])
+        self.objective = build.build_objective(cfg, cross_tokenizer=self.cross, teacher=self.teacher)
         build.check_vocabularies(self.teacher, self.student)
         self.engine: RolloutEngine | None = None  # the student's, see student_engine()
-        self.teacher_engine = None if self.cross else build.build_teacher_engine(
-            cfg, self.teacher_model, pad_id=self.tok.pad_token_id, teacher=self.teacher, tokenizer=self.tok)
+        self.teacher_engine = build.build_teacher_engine(cfg, self.teacher, pad_id=self.tok.pad_token_id,
+                                                         tokenizer=self.tok)
         r = cfg.rollout
         self.sampling = Sampling(max_new_tokens=r.max_new_tokens, eos_ids=tuple(self.eos_ids), temperature=r.temperature,
                                  top_p=r.top_p, top_k=r.top_k, record_topk=self.objective.rollout_topk)
@@ -121,6 +112,7 @@ class Distiller:
         self.model, self.optimizer = self.acc.prepare(HiddenStates(self.student), self.optimizer)
         self.sharded = fsdp.after_prepare(cfg, self.model, self.student, self.acc.device)  # FSDP2: protege/fsdp.py
         self.state = RunState()
+        self.progress: run_log.Progress | None = None  # the bar, while train() runs
         self.monitor = HealthMonitor()
         self.overlap = build.build_overlap(cfg, self) if cfg.rollout.max_lag else None  # protege.rollout.overlap
         if cfg.output.report_to != "none":
@@ -157,12 +149,11 @@ class Distiller:
             parts[-1].examples = student_ex
         if off_p:
             if self.teacher_engine is None:
-                raise ValueError("mix.seq_kd needs an in-process teacher (teacher.path) to generate")
-            view = getattr(self.teacher, "teacher_view", None)  # a privileged teacher answers its own prompt
-            gen_p, gen_ex = view(off_ex) if callable(view) else (off_p, off_ex)
-            rows = {"examples": gen_ex} if getattr(self.teacher_engine, "reads_examples", False) else {}  # API
+                raise ValueError("mix.seq_kd needs a teacher that samples (capabilities.generates: an in-process "
+                                 "teacher.path or an API teacher)")
+            gen_p, gen_ex = self.teacher.prompt_view(off_p, off_ex)  # a privileged teacher answers its own prompt
             parts.append(self.teacher_engine.generate(gen_p, replace(self.sampling, record_topk=0), source="teacher",
-                                                      **rows))
+                                                      examples=gen_ex))
             parts[-1].prompt_ids, parts[-1].examples = list(off_p), off_ex  # trained on the student's prompt
         if refs:
             parts.append(Rollouts.from_references([p for p, _ in refs], [c for _, c in refs]))
@@ -199,15 +190,22 @@ class Distiller:
         """One optimizer step in three named phases: collect, score, learn. A given `buffer` (and `signal`)
         replaces the first phase(s): tests train on a fixed buffer, benchmarks time each phase alone."""
         t0 = time.perf_counter()
+        self._phase("generating")
         if buffer is None:  # Rollouts (CPU); with rollout.max_lag the next step's buffer is then sampled meanwhile
             buffer = self.overlap.take(self.state.step) if self.overlap else self.collect(self.state.step)
         t1 = time.perf_counter()
+        self._phase("teacher")
         signal = self.score(buffer) if signal is None else signal  # aligned on the buffer's completion positions
         t2 = time.perf_counter()
+        self._phase("training")
         learned = self.learn(buffer, signal)  # loss, grad_norm, lr, num_tokens
         t3 = time.perf_counter()
         self.state.step += 1
         return self._step_metrics(buffer, signal, **learned, t_gen=t1 - t0, t_teacher=t2 - t1, t_train=t3 - t2)
+
+    def _phase(self, name: str) -> None:
+        if self.progress is not None:
+            self.progress.phase(name)
 
     def score(self, buffer: Rollouts) -> TeacherSignal:
         """The teacher's signal for the whole buffer: exactly what the objective asks for (and, for the span
@@ -272,7 +270,7 @@ class Distiller:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        optional(self.teacher, "after_step", self.student)  # e.g. an EMA self-teacher follows the new weights
+        self.teacher.after_step(self.student)  # e.g. an EMA self-teacher follows the new weights
         if self.engine is not None:  # the next buffer samples the new weights (a no-op for the HF engine)
             self.engine.sync_weights(self.student)
         loss_total = float(acc.reduce(torch.tensor(loss_sum, device=acc.device), reduction="sum"))
@@ -303,7 +301,7 @@ class Distiller:
         if buffer.policy_version is not None and student_rows.any():  # rollout.max_lag: steps since sampling
             m["policy_lag"] = float(self.state.step - 1 - buffer.policy_version[student_rows].float().mean())
         m.update(self._health(buffer, signal, student_rows))
-        m.update(optional(self.teacher, "step_metrics", default={}))  # e.g. privileged_leak
+        m.update(self.teacher.step_metrics())  # e.g. privileged_leak
         m.update(per_teacher_metrics(buffer, signal, row_loss, self.cfg.output.diagnostics_top_k))  # several teachers
         return m
 
@@ -318,19 +316,21 @@ class Distiller:
     # ------------------------------------------------------------------------------- the loop
     def train(self) -> list[dict]:
         cfg, acc = self.cfg, self.acc
+        run_log.check_output_dir(cfg, self.out)  # a fresh run never overwrites an earlier one silently
+        run_log.warn_idle_settings(cfg, bool(self.eval_set))
         if cfg.resume and self.load_checkpoint() and self.state.step >= self.max_steps:
             return self._finished()
         checkpoint.make_output_dir(self.out)
         metrics_path = self.out / "metrics.jsonl"
         if self.state.step == 0 and acc.is_main_process:
             metrics_path.write_text("")
-            (self.out / "config.yaml").write_text(_yaml(cfg))
+            (self.out / "config.yaml").write_text(run_log.config_yaml(cfg))
         if self.eval_set and self.state.step == 0:
-            self._log_eval(self._evaluate(), metrics_path)
+            run_log.log_result(self, run_log.heldout(self), metrics_path)
         probing = bool(self.eval_set and cfg.output.probe_every)
         if probing and self.state.step == 0:
-            self._log_eval(self._probe(), metrics_path, "probe")
-        bar = _progress(cfg, acc, self.state.step, self.max_steps)
+            run_log.log_result(self, run_log.probe(self), metrics_path, "probe")
+        self.progress = run_log.Progress(cfg, acc, self.state.step, self.max_steps)
         while self.state.step < self.max_steps:
             m = self.train_step()
             self.state.history.append(m)
@@ -339,66 +339,24 @@ class Distiller:
                     f.write(json.dumps(m) + "\n")
                 if cfg.output.report_to != "none":
                     acc.log({k: v for k, v in m.items() if isinstance(v, (int, float))}, step=m["step"])
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{m['loss']:.4f}", len=f"{m['completion_len_mean']:.0f}",
-                                tok_s=f"{m['tokens_per_s']:.0f}")
-            elif acc.is_main_process and m["step"] % cfg.output.log_every == 0:
-                log.info(_line(m))
+                self.progress.step(m, cfg)
             s = self.state.step
             if self.eval_set and cfg.output.eval_every and s % cfg.output.eval_every == 0 and s < self.max_steps:
-                self._log_eval(self._evaluate(), metrics_path)
+                run_log.log_result(self, run_log.heldout(self), metrics_path)
             if probing and s % cfg.output.probe_every == 0 and s < self.max_steps:
-                self._log_eval(self._probe(), metrics_path, "probe")
+                run_log.log_result(self, run_log.probe(self), metrics_path, "probe")
             if cfg.output.save_every and s % cfg.output.save_every == 0 and s < self.max_steps:
                 self.save_checkpoint()
-        if bar is not None:
-            bar.close()
+        self.progress.close()
+        self.progress = None
         if self.eval_set:
-            self._log_eval(self._evaluate(), metrics_path)
+            run_log.log_result(self, run_log.heldout(self), metrics_path)
         if probing:
-            self._log_eval(self._probe(), metrics_path, "probe")
+            run_log.log_result(self, run_log.probe(self), metrics_path, "probe")
         self.save_checkpoint()
         self.save_final()
         acc.end_training()
         return self.state.history
-
-    def _evaluate(self) -> dict:
-        """Held-out metrics of the current student (protege.eval.evaluate); {} without held-out prompts."""
-        from protege.eval import evaluate
-
-        cfg, r = self.cfg, self.cfg.rollout
-        examples = self.eval_set.examples[: cfg.data.eval_prompts] if self.eval_set else []
-        examples = examples if getattr(self.teacher, "scores_student_rows", True) else []  # API: own samples only
-        return evaluate(self.student, self.teacher, [self.prompts.prompt_ids(e) for e in examples],
-                        teacher_local=self.objective.teacher_local and not self.cross, examples=examples,
-                        pad_id=self.tok.pad_token_id, eos_ids=self.eos_ids,
-                        max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                        batch_tokens=r.batch_tokens, micro_batch_size=cfg.train.micro_batch_size, bf16=self.bf16)
-
-    def _probe(self) -> dict:
-        """The greedy probe (protege.probe) of the current student as probe/* metrics; warnings go to the log."""
-        from protege.probe import GreedyProbe, probe_step
-
-        examples = self.eval_set.examples[: self.cfg.output.probe_prompts]
-        probe = GreedyProbe([self.prompts.prompt_ids(e) for e in examples], 2 * self.cfg.rollout.max_new_tokens,
-                            self.eos_ids, self.tok.pad_token_id, bf16=self.bf16)
-        values, warnings = probe_step(self.monitor, probe, self.student, self.teacher_model, self.state.step)
-        for w in warnings:
-            log.warning("health: %s", w)
-        return {**values, "warnings": warnings} if warnings else values
-
-    def _log_eval(self, result: dict, path: Path, prefix: str = "eval") -> None:
-        if not result:
-            return
-        result = {"step": self.state.step, **{k if k == "warnings" else f"{prefix}/{k}": v for k, v in result.items()}}
-        self.state.history.append(result)
-        if self.acc.is_main_process:
-            with path.open("a") as f:
-                f.write(json.dumps(result) + "\n")
-            log.info("%s @ step %d: %s", prefix, self.state.step,
-                     ", ".join(f"{k[len(prefix) + 1:]}={v:.4g}" for k, v in result.items()
-                               if k.startswith(prefix + "/") and isinstance(v, float)))
 
     # --------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
@@ -438,25 +396,3 @@ class Distiller:
 def train(cfg: Config, **kwargs) -> list[dict]:
     """Run a distillation described by `cfg`; returns the metrics of every step and evaluation."""
     return Distiller(cfg, **kwargs).train()
-
-
-# ------------------------------------------------------------------------------------ helpers
-def _progress(cfg: Config, acc: Accelerator, start: int, total: int):
-    if not (cfg.output.progress and acc.is_main_process):
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=start, desc="distill", unit="step", dynamic_ncols=True)
-
-
-def _line(m: dict) -> str:
-    return (f"step {m['step']}: loss {m['loss']:.4f} grad_norm {m['grad_norm'] or 0:.3f} lr {m['lr']:.2e} "
-            f"len {m['completion_len_mean']:.1f} trunc {m['truncation_rate']:.2f} "
-            f"gen {m['time_generate']:.2f}s teacher {m['time_teacher']:.2f}s train {m['time_train']:.2f}s "
-            f"({m['tokens_per_s']:.0f} tok/s)")
-
-
-def _yaml(cfg: Config) -> str:
-    import yaml
-
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

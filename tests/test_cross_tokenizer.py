@@ -11,7 +11,7 @@ import torch
 from cross_tokenizers import bpe
 from tiny import make_model, make_plain_model, make_tokenizer
 
-from protege import build
+from protege import build, run_log
 from protege.config import LossConfig, load_config
 from protege.data import Example, PromptTokenizer
 from protege.forward import HiddenStates, forward_completion_hidden, output_weight
@@ -132,9 +132,9 @@ def test_cross_run_lowers_heldout_span_kl(other_pair, mode):
     d = distiller(other_pair, ["optim.lr=3e-3", "train.max_steps=12", f"loss.cross_tokenizer={mode}",
                                "loss.top_k=32"], teacher_model=other_pair["teacher"], teacher_tokenizer=other_pair["t_tok"])
     assert d.cross and isinstance(d.teacher, CrossTokenizerTeacher)
-    before = d._evaluate()["rkl"]
+    before = run_log.heldout(d)["rkl"]
     history = [d.train_step() for _ in range(12)]
-    after = d._evaluate()["rkl"]
+    after = run_log.heldout(d)["rkl"]
     assert after < 0.7 * before, (before, after)
     assert 0 < history[-1]["cross/one_to_one_share"] <= 1 and history[-1]["cross/span_len_max"] >= 1
 
@@ -193,7 +193,7 @@ def test_student_eos_maps_to_the_token_that_ends_the_teachers_turn():
                                     student_vocab_size=128, student_eos_ids=eos_ids(s_tok),
                                     teacher_eos_ids=eos_ids(t_tok))
     assert im_end != t_tok.eos_token_id and teacher.t_by_class["eos"] == im_end
-    _, segments = teacher.teacher_view(torch.tensor(s_tok("hi")["input_ids"] + [s_tok.eos_token_id]).numpy())
+    _, segments = teacher.completion_plan(torch.tensor(s_tok("hi")["input_ids"] + [s_tok.eos_token_id]).numpy())
     assert segments == ["hi", im_end]
 
 
@@ -310,7 +310,7 @@ def test_trainer_fills_the_canonical_baseline(other_pair):
     valid = mb.completion_mask & sig.cross.valid
     a = (sig.cross.span_logprobs - sig.cross.span_baseline)[valid]
     torch.testing.assert_close(a, torch.zeros_like(a), rtol=0, atol=2e-4)
-    assert abs(d._evaluate()["rkl"]) < 1e-5  # the held-out estimate uses the same baseline (its own forward)
+    assert abs(run_log.heldout(d)["rkl"]) < 1e-5  # the held-out estimate uses the same baseline (its own forward)
     m = d.train_step(mb, sig)  # (after it, weight decay has moved the student away from its copy)
     assert abs(m["loss"]) < 1e-5 and abs(m["sampled_rkl"]) < 1e-5  # and so does the step metric
 

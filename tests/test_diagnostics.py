@@ -8,12 +8,13 @@ import torch
 from protege.diagnostics import (
     HealthMonitor,
     distinct_n,
-    entropy,
+    entropy_from_logprobs,
     entropy_gap,
     overlap_metrics,
     repetition_rate,
-    sequence_metrics,
 )
+from protege.eval import text_metrics
+from protege.records import Rollouts
 
 L = math.log
 NEG_INF = float("-inf")
@@ -47,13 +48,13 @@ def test_overlap_metrics_identical_and_disjoint_lists():
     assert math.isnan(apart["overlap_token_advantage"])
 
 
-def test_entropy_of_logits_and_logprobs():
-    assert float(entropy(torch.zeros(2))) == pytest.approx(math.log(2))  # uniform logits
+def test_entropy_of_logprobs():
+    assert float(entropy_from_logprobs(torch.log_softmax(torch.zeros(2), -1))) == pytest.approx(math.log(2))
     logprobs = torch.log(torch.tensor([0.5, 0.25, 0.25]))
-    assert float(entropy(logprobs)) == pytest.approx(1.5 * math.log(2))
-    assert float(entropy(torch.tensor([0.0, NEG_INF]))) == 0.0  # a point mass, no NaN
-    batch = torch.zeros(2, 3, 4)  # (B, T, V)
-    assert entropy(batch).shape == (2, 3)
+    assert float(entropy_from_logprobs(logprobs)) == pytest.approx(1.5 * math.log(2))
+    assert float(entropy_from_logprobs(torch.tensor([0.0, NEG_INF]))) == 0.0  # a point mass, no NaN
+    batch = torch.log_softmax(torch.zeros(2, 3, 4), -1)  # (B, T, V)
+    assert entropy_from_logprobs(batch).shape == (2, 3)
 
 
 def test_entropy_gap_is_masked_mean_of_student_minus_teacher():
@@ -63,7 +64,7 @@ def test_entropy_gap_is_masked_mean_of_student_minus_teacher():
     assert entropy_gap(student, teacher, mask) == pytest.approx(((1.0 - 1.5) + (2.0 - 1.0)) / 2)
 
 
-def test_sequence_metrics_hand_computed():
+def test_text_metrics_hand_computed():
     eos = 2
     ids = torch.tensor([
         [5, 6, 7, 8, 5, 6, 7, 8, eos],  # 6 4-grams, "5 6 7 8" twice: repetition 1/6
@@ -71,18 +72,14 @@ def test_sequence_metrics_hand_computed():
         [9, 9, 9, 9, 9, eos, 0, 0, 0],  # 3 4-grams, "9 9 9 9" twice: repetition 1/3
     ])
     mask = torch.tensor([[1] * 9, [1] * 2 + [0] * 7, [1] * 6 + [0] * 3], dtype=torch.bool)
-    m = sequence_metrics(ids, mask, finish_reasons=["stop", "length", "stop"], eos_id=eos)
-    assert m["length_mean"] == pytest.approx((9 + 2 + 6) / 3)
-    assert m["length_max"] == 9
+    m = text_metrics(Rollouts(prompt_ids=[torch.tensor([1])] * 3, completion_ids=ids, completion_mask=mask,
+                              finish_reasons=["stop", "length", "stop"]))
+    assert m["length"] == pytest.approx((9 + 2 + 6) / 3)
     assert m["truncation_rate"] == pytest.approx(1 / 3)
     assert m["eos_rate"] == pytest.approx(2 / 3)
     assert m["repetition_rate"] == pytest.approx((1 / 6 + 1 / 3) / 2)
     # bigrams: 8 + 1 + 5 = 14; distinct {56, 67, 78, 85, 82, 34, 99, 92} = 8
     assert m["distinct_2"] == pytest.approx(8 / 14)
-    assert "truncation_rate" not in sequence_metrics(ids, mask)
-    assert sequence_metrics(ids, mask, eos_id=[eos, 3])["eos_rate"] == 1.0
-    with pytest.raises(ValueError, match="one finish reason per row"):
-        sequence_metrics(ids, mask, finish_reasons=["stop"])
 
 
 def test_distinct_n_and_repetition_rate():

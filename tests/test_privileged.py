@@ -25,6 +25,7 @@ from protege.data import Example
 from protege.diagnostics import privileged_leak
 from protege.objective import Objective, clip_token_loss
 from protege.records import Rollouts, TeacherSignal
+from protege.teacher.base import Wrapper
 from protege.teacher.privileged import PrivilegedTeacher, teacher_messages
 from protege.trainer import Distiller
 
@@ -96,12 +97,11 @@ def test_the_teachers_view_of_a_row():
         teacher_messages(ex, cfg2)
 
 
-class Recorder:
+class Recorder(Wrapper):
     """An inner teacher that records what it was asked to score, then scores with the real one."""
 
     def __init__(self, inner):
         self.inner, self.seen = inner, []
-        self.vocab_size, self.output_weight = inner.vocab_size, inner.output_weight
 
     def score(self, rollouts, request):
         self.seen.append(copy.deepcopy(rollouts))

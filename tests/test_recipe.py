@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import yaml
 
@@ -49,3 +51,14 @@ def test_student_flows_between_stages(tmp_path, tiny_paths):
 def test_cli_runs_a_recipe(tmp_path, tiny_paths, capsys):
     assert main(["train", str(_recipe(tmp_path, tiny_paths)), "--stages.on_policy.train.max_steps", "1"]) == 0
     assert "student saved to" in capsys.readouterr().out
+
+
+def test_stage_log_counts_the_steps_of_train_epochs(tmp_path, tiny_paths, caplog):
+    """With train.epochs set, the stage line gives the steps the stage trains, not train.max_steps."""
+    stages = load_recipe(_recipe(tmp_path, tiny_paths), ["stages.on_policy.train.epochs=0.5"])
+    with caplog.at_level(logging.INFO, logger="protege"):
+        histories = run_recipe(stages)
+    trained = len([h for h in histories["on_policy"] if "loss" in h])
+    assert trained != 3  # the stage's train.max_steps is not what epochs gives here
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stage on_policy:")]
+    assert said == [f"stage on_policy: reverse_kl, {trained} steps"]

@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from tiny import make_model, make_tokenizer  # noqa: E402
 
-from protege.checkpoint import ResumeMismatch  # noqa: E402
+from protege.errors import ResumeMismatch  # noqa: E402
 from protege.config import LossConfig, load_config  # noqa: E402
 from protege.data import Example  # noqa: E402
 from protege.objective import Objective  # noqa: E402
@@ -22,7 +22,8 @@ from protege.records import Rollouts  # noqa: E402
 from protege.teacher.base import ScoreRequest  # noqa: E402
 from protege.teacher.local import LocalTeacher  # noqa: E402
 from protege.teacher.routed import RoutedTeacher, RoutingError  # noqa: E402
-from protege.teacher.several import OffloadedTeacher, check_teacher_set, teacher_set  # noqa: E402
+from protege.teacher.identity import identity_changes  # noqa: E402
+from protege.teacher.several import OffloadedTeacher  # noqa: E402
 from protege.trainer import Distiller  # noqa: E402
 
 VOCAB = 128
@@ -183,20 +184,16 @@ def test_unknown_key_and_missing_column_fail_before_any_model_loads(tmp_path):
         cfg_of(tmp_path, none, teachers=[{"name": "a", "path": "/x"}, {"name": "a", "path": "/y"}])
 
 
-def test_teacher_set_changes_are_named():
-    base = ["student.path=s", "teachers_mode=mixture", "loss.support=sampled"]
-    two = [{"name": "a", "path": "/a"}, {"name": "b", "urls": ["http://127.0.0.1:1"], "weight": 2}]
-    saved = teacher_set(load_config(None, [*base, f"teachers={json.dumps(two)}"]))
-    check_teacher_set(saved, saved)
-    changed = [{"name": "a", "path": "/a2"}, {"name": "c", "path": "/c", "weight": 2}]
-    with pytest.raises(ResumeMismatch, match=r"teachers no longer here: \['b'\]; new teachers: \['c'\]; "
-                                             r"teacher 'a' source '/a' -> '/a2'"):
-        check_teacher_set(saved, teacher_set(load_config(None, [*base, f"teachers={json.dumps(changed)}"])))
-    single = teacher_set(load_config(None, ["student.path=s", "teacher.path=/a"]))
-    check_teacher_set(None, single)  # a checkpoint from before teacher sets, one teacher: loads as before
-    check_teacher_set(single, teacher_set(load_config(None, ["student.path=s", "teacher.path=/other"])))
-    with pytest.raises(ResumeMismatch, match="mode single -> mixture"):
-        check_teacher_set(None, saved)
+def test_teacher_identity_changes_are_named():
+    """identity_changes names each field that differs between two routed identities, as field: old -> new."""
+    two = {"kind": "mixture", "teachers": [{"name": "a", "kind": "in-process", "source": "/a", "weight": 0.5},
+                                           {"name": "b", "kind": "server", "urls": ["http://h:1"], "weight": 0.5}]}
+    assert identity_changes(two, two) == []
+    swapped = {"kind": "mixture", "teachers": two["teachers"][::-1]}
+    changes = identity_changes(two, swapped)
+    assert "teachers[0].name: 'a' -> 'b'" in changes and "teachers[1].name: 'b' -> 'a'" in changes
+    assert "teachers[0].source: '/a' -> '(none)'" in changes
+    assert identity_changes({"kind": "routed", "teachers": []}, two)[0] == "kind: 'routed' -> 'mixture'"
 
 
 # ------------------------------------------------------------------------------- end to end
@@ -233,7 +230,7 @@ def test_two_steps_routed_in_process_and_server_then_resume_with_other_set(model
                   "loss.top_k=4", "output.diagnostics_top_k=4", "train.max_steps=3", "resume=true", teachers=other)
     d2 = Distiller(cfg2, student=make_model(1, seed=13, hidden=32), teacher_model={"a": models["a"], "c": models["b"]},
                    tokenizer=tok)
-    with pytest.raises(ResumeMismatch, match=r"teachers no longer here: \['b'\]; new teachers: \['c'\]"):
+    with pytest.raises(ResumeMismatch, match=r"teachers\[1\]\.name: 'b' -> 'c'"):
         d2.train()
 
 

@@ -127,6 +127,22 @@ def test_ema_follows_its_formula_and_scores_with_the_averaged_weights(tiny_paths
         assert torch.equal(p.detach(), student[n]), f"scoring changed the student's {n}"
 
 
+def test_an_ema_teacher_inside_a_wrapper_still_follows_the_student(tiny_paths, tmp_path):
+    """teacher.system_prompt wraps the EMA self-teacher in a privileged view: the wrapper forwards after_step, so
+    the average moves with every step exactly as unwrapped (a wrapper that drops the hook freezes the EMA)."""
+    rate = 0.5
+    d = Distiller(_cfg(tiny_paths, tmp_path, "teacher.self=ema", f"teacher.ema_rate={rate}",
+                       "teacher.system_prompt=Be exact."))
+    assert d.teacher is not d.teacher.inner  # wrapped
+    want = {n: p.detach().clone().double() for n, p in d.student.named_parameters() if p.requires_grad}
+    d.train_step()
+    now = dict(d.student.named_parameters())
+    want = {n: (1 - rate) * w + rate * now[n].detach().double() for n, w in want.items()}
+    got = d.teacher.state_dict()["ema"]
+    for n in want:
+        torch.testing.assert_close(got[n].double(), want[n], rtol=1e-5, atol=1e-7)
+
+
 def test_ema_with_lora_averages_only_the_adapters(tiny_paths, tmp_path):
     d = Distiller(_cfg(tiny_paths, tmp_path, "teacher.self=ema", "student.lora.enabled=true", "student.lora.r=4"))
     adapters = sum(p.numel() * p.element_size() for p in d.student.parameters() if p.requires_grad)
@@ -183,7 +199,7 @@ def test_ema_resumes_exactly(tiny_paths, tmp_path):
         assert torch.equal(resumed.student.state_dict()[n], p), n
     for n, t in ref.teacher.state_dict()["ema"].items():
         assert torch.equal(resumed.teacher.state_dict()["ema"][n], t), n
-    with pytest.raises(Exception, match="teacher.self"):  # another kind cannot continue this EMA
+    with pytest.raises(Exception, match="kind: 'self:ema' -> 'self:live'"):  # another kind cannot continue this EMA
         Distiller(_cfg(tiny_paths, tmp_path / "cut", *[c for c in common if "self" not in c], "teacher.self=live",
                        "train.max_steps=6", "resume=true")).train()
 

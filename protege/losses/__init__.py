@@ -30,8 +30,6 @@ from .reduce import reduce_tokens
 from .sampled import discounted_reward_to_go, sampled_token_pg_loss, token_logprobs_from_logits
 from .topk import (
     sampled_token_support,
-    student_topk_support,
-    teacher_topk_support,
     topk_divergence,
     union_support,
 )
@@ -41,8 +39,6 @@ __all__ = [
     "TAIL_MODES",
     "divergence",
     "dense_divergence",
-    "teacher_topk_support",
-    "student_topk_support",
     "union_support",
     "sampled_token_support",
     "topk_divergence",

@@ -29,23 +29,6 @@ from .divergences import NEG_INF, apply_divergence
 from .sampled import gather_logprobs
 
 
-def _check_k(k: int, vocab: int) -> None:
-    if not (isinstance(k, int) and 1 <= k <= vocab):
-        raise ValueError(f"k={k} is out of range; expected an int with 1 <= k <= vocab size {vocab}")
-
-
-def teacher_topk_support(teacher_logprobs_or_logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Ids of the teacher's k most likely tokens: (B, T, V) -> (B, T, k) int64 (order by value)."""
-    _check_k(k, teacher_logprobs_or_logits.shape[-1])
-    return teacher_logprobs_or_logits.detach().topk(k, dim=-1).indices  # (B, T, k)
-
-
-def student_topk_support(student_logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Ids of the student's k most likely tokens: (B, T, V) -> (B, T, k) int64, detached."""
-    _check_k(k, student_logits.shape[-1])
-    return student_logits.detach().topk(k, dim=-1).indices  # (B, T, k)
-
-
 def union_support(ids_a: torch.Tensor, ids_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Union of two supports: (B, T, Ka), (B, T, Kb) -> ids (B, T, Ka+Kb), mask (B, T, Ka+Kb).
 
@@ -149,8 +132,6 @@ def topk_divergence(
 
 
 __all__ = [
-    "teacher_topk_support",
-    "student_topk_support",
     "union_support",
     "sampled_token_support",
     "topk_divergence",

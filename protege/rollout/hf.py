@@ -139,7 +139,10 @@ class HFEngine:
         self.model, self.pad_id, self.batch_tokens, self.autocast_bf16 = model, pad_id, batch_tokens, autocast_bf16
         self.fast = fast_decode
 
-    def generate(self, prompt_ids: list[torch.Tensor], sampling: Sampling, *, source: str = "student") -> Rollouts:
+    def generate(self, prompt_ids: list[torch.Tensor], sampling: Sampling, *, source: str = "student",
+                 examples: list | None = None) -> Rollouts:
+        """Samples of `prompt_ids`; `examples` (the rows, read by engines that render text, e.g. an API teacher)
+        is not needed here: the ids are the prompts."""
         return generate(self.model, prompt_ids, max_new_tokens=sampling.max_new_tokens,
                         temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
                         eos_ids=list(sampling.eos_ids), record_topk=sampling.record_topk, pad_id=self.pad_id,

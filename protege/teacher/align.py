@@ -120,10 +120,6 @@ class VocabBytes:
         flat = np.frombuffer(b"".join(pieces), dtype=np.uint8)
         return cls(kind, flat, starts, lengths, special, cls_of, content, fallback)
 
-    def token_lengths(self, ids: np.ndarray) -> np.ndarray:
-        """(n,) int64 byte length of each id (0 for specials)."""
-        return self.lengths[ids]
-
     def bytes_of(self, ids: np.ndarray) -> bytes:
         """The concatenated bytes of `ids` (specials contribute nothing): one vectorised gather."""
         lens = self.lengths[ids]

@@ -42,17 +42,14 @@ from protege.records import Rollouts, TeacherSignal
 from protege.rollout.base import Sampling
 from protege.teacher.api_replies import parse_generation_reply
 from protege.teacher.api_store import CompletionStore
-from protege.teacher.base import ScoreRequest
+from protege.teacher.base import Capabilities, ScoreRequest, Teacher
 from protege.teacher.remote import RemoteTeacher
 
 PATHS = {"openai-chat": "/v1/chat/completions", "openai-completions": "/v1/completions"}
 
 
-class APITeacher:
+class APITeacher(Teacher):
     """The teacher engine and teacher of teacher-sampled rows from an OpenAI-compatible API (see module doc)."""
-
-    reads_examples = True  # generate() takes the rows' data (chat messages)
-    scores_student_rows = False  # it knows only its own samples (the trainer skips held-out teacher metrics)
 
     def __init__(self, kind: str, urls: str | list[str], *, store_dir: str, topk: int = 0, api_key: str | None = None,
                  model: str | None = None, timeout: float = 300.0, max_wait_s: float = 600.0,
@@ -82,6 +79,19 @@ class APITeacher:
 
     def close(self) -> None:
         self.http.close()
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """Remote, text or top-k logprobs only; reads the rows (chat messages) and samples them itself; knows only its
+        own samples (the trainer skips held-out teacher metrics)."""
+        return Capabilities(remote=True, hidden=False, reads_rows=True, generates=True, scores_student_rows=False,
+                            identity={"kind": f"api:{self.kind}", "urls": list(self.http.urls),
+                                      "model": self.http.capabilities.identity.get("model", "")})
+
+    def generator(self, *, pad_id: int, batch_tokens: int, tokenizer=None):
+        """Itself: it samples through the API, rendering token ids with the student's `tokenizer`."""
+        self.tokenizer = tokenizer
+        return self
 
     def step_metrics(self) -> dict[str, int]:
         """The trainer's per-step hook: usage_since_last()."""

@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 from protege.records import Rollouts, TeacherSignal
-from protege.teacher.base import ScoreRequest, Teacher
+from protege.teacher.base import ScoreRequest, Teacher, Wrapper
 from protege.teacher.cache_store import ShardStore
 
 log = logging.getLogger("protege")
@@ -123,7 +123,7 @@ def row_key(manifest: str, tag: bytes, prompt: torch.Tensor, completion: torch.T
     return h.digest()
 
 
-class CachedTeacher:
+class CachedTeacher(Wrapper):
     """A Teacher answering from a ShardStore what it holds and asking `inner` (once per call) for the rest.
 
     Counters since the last `take_counts()`: hits / misses (rows), teacher_calls (calls of the inner
@@ -140,15 +140,6 @@ class CachedTeacher:
         self.cache_hidden = cache_hidden
         self.counts = dict.fromkeys(COUNTERS, 0)
         self.warn_off_policy = True  # once per run; protege cache-teacher (which trains nothing) turns it off
-
-    @property
-    def vocab_size(self) -> int:
-        return self.inner.vocab_size
-
-    def __getattr__(self, name: str):  # output_weight, model, close, ...: the inner teacher's
-        if name.startswith("_") or name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
 
     def take_counts(self) -> dict[str, int]:
         out, self.counts = self.counts, dict.fromkeys(COUNTERS, 0)

@@ -30,7 +30,7 @@ import torch
 from protege.data import Example, PromptTokenizer
 from protege.records import Rollouts, TeacherSignal
 from protege.teacher.align import SENTENCEPIECE, VocabBytes, align, lengths_from_offsets, repair_utf8, silent, text_lengths
-from protege.teacher.base import ScoreRequest, Teacher
+from protege.teacher.base import Capabilities, ScoreRequest, Teacher, Wrapper
 
 
 @dataclass
@@ -135,8 +135,10 @@ def shared_vocab_map(teacher: VocabBytes, student: VocabBytes, *, teacher_eos: l
     return out
 
 
-class CrossTokenizerTeacher:
+class CrossTokenizerTeacher(Wrapper):
     """Teacher protocol over an inner teacher in another vocabulary (module docstring)."""
+
+    vocab_size = None  # set per instance: the student's (the signal speaks of the student's positions and ids)
 
     def __init__(self, inner: Teacher, student_tokenizer, teacher_tokenizer, *, student_vocab_size: int,
                  student_eos_ids: list[int], teacher_eos_ids: list[int], max_prompt_tokens: int = 512):
@@ -145,7 +147,7 @@ class CrossTokenizerTeacher:
         self.vocab_size = student_vocab_size  # the signal speaks of the student's positions and ids
         self.s_vocab = VocabBytes.from_tokenizer(student_tokenizer, eos_ids=student_eos_ids, size=student_vocab_size)
         self.t_vocab = VocabBytes.from_tokenizer(teacher_tokenizer, eos_ids=teacher_eos_ids,
-                                                 size=getattr(inner, "vocab_size", None))
+                                                 size=inner.vocab_size)
         self.prompts = PromptTokenizer(teacher_tokenizer, max_prompt_tokens)
         self.t_eot = end_of_turn_id(teacher_tokenizer, teacher_eos_ids)
         s_eos = student_tokenizer.eos_token_id
@@ -186,7 +188,15 @@ class CrossTokenizerTeacher:
         text, ends = repair_utf8(raw, np.cumsum(lens))
         return text, np.diff(np.concatenate([[0], ends]))
 
-    def teacher_view(self, ids: np.ndarray) -> tuple[np.ndarray, list]:
+    @property
+    def capabilities(self) -> Capabilities:
+        """The inner teacher's, across tokenizers: no hidden states over the student's vocabulary, no samples the
+        student can train on (they are in the teacher's vocabulary); the teacher's tokenizer in its identity."""
+        inner = self.inner.capabilities
+        return inner.but(cross_tokenizer=True, hidden=False, generates=False,
+                         identity={**inner.identity, "tokenizer": str(getattr(self.t_tok, "name_or_path", ""))})
+
+    def completion_plan(self, ids: np.ndarray) -> tuple[np.ndarray, list]:
         """The plan of one completion for the teacher: (student byte lengths, segments), segments being text
         (str) to encode or a teacher special id, in order. A student special the teacher has no token for is
         spelled out inside the text around it (a BOS the teacher lacks is left out: it joins the next span)."""
@@ -264,7 +274,7 @@ class CrossTokenizerTeacher:
                              "loss.cross_tokenizer=span|shared_topk|uld|hybrid")
         mask = rollouts.completion_mask.bool()
         rows = [rollouts.completion_ids[i, : int(mask[i].sum())].numpy().astype(np.int64) for i in range(len(rollouts))]
-        plans = [self.teacher_view(ids) for ids in rows]
+        plans = [self.completion_plan(ids) for ids in rows]
         texts = [seg for _, segs in plans for seg in segs if isinstance(seg, str)]
         encoded = iter(self.encode_segments(texts))
         canon = self.canonical_paths(rows, rollouts.sources)

@@ -18,7 +18,7 @@ from torch import nn
 
 from protege.diagnostics import entropy_from_logprobs
 from protege.forward import HiddenStates, check_supported, completion_hidden, length_batches, output_weight, pack_rows
-from protege.teacher.base import ScoreRequest
+from protege.teacher.base import Capabilities, ScoreRequest, Teacher
 from protege.records import Rollouts, TeacherSignal
 
 
@@ -113,10 +113,14 @@ def _scatter(out: torch.Tensor, rows: list[int], tb: int, place: torch.Tensor, v
     out[rows, :tb] = block
 
 
-class LocalTeacher:
-    """A teacher model held in this process (its own dtype and device)."""
+class LocalTeacher(Teacher):
+    """A teacher model held in this process (its own dtype and device).
 
-    def __init__(self, model: nn.Module, *, pad_id: int, token_budget: int = 16384, chunk_positions: int = 2048):
+    identity: what names it in checkpoints (teacher.path, dtype; the builder gives it), {"kind": "in-process"}
+    merged in."""
+
+    def __init__(self, model: nn.Module, *, pad_id: int, token_budget: int = 16384, chunk_positions: int = 2048,
+                 identity: dict | None = None):
         check_supported(model, "teacher")
         self.model = model.eval()
         for p in self.model.parameters():
@@ -126,6 +130,17 @@ class LocalTeacher:
         self.chunk_positions = chunk_positions  # positions per (chunk, V) logits block while scoring
         self.output_weight = output_weight(model).detach()  # (V, H): exact logits from hidden states, on its device
         self.vocab_size = self.output_weight.shape[0]
+        self.identity = {"kind": "in-process", **(identity or {})}
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(generates=True, identity=dict(self.identity))
+
+    def generator(self, *, pad_id: int, batch_tokens: int, tokenizer=None):
+        """HF generate on its own model (mix.seq_kd)."""
+        from protege.rollout.hf import HFEngine
+
+        return HFEngine(self.model, pad_id=pad_id, batch_tokens=batch_tokens)
 
     def score(self, rollouts: Rollouts, request: ScoreRequest) -> TeacherSignal:
         return score_rows(self.model, rollouts.prompt_ids, rollouts.completion_ids, rollouts.completion_mask,

@@ -44,7 +44,7 @@ from protege.config import Config, ConfigError
 from protege.data import Example, PromptTokenizer
 from protege.diagnostics import privileged_leak
 from protege.records import Rollouts, TeacherSignal
-from protege.teacher.base import ScoreRequest
+from protege.teacher.base import Capabilities, ScoreRequest, Wrapper
 
 log = logging.getLogger("protege")
 DATA_KEYS = ("privileged_context_column", "teacher_prompt_column", "privileged_template", "max_teacher_prompt_tokens")
@@ -55,6 +55,12 @@ def asked_explicitly(cfg: Config) -> bool:
     from protege.config import teacher_configs
 
     return any(t.system_prompt for t in teacher_configs(cfg)) or bool(set(DATA_KEYS) & cfg.data.model_fields_set)
+
+
+def privileged_view(cfg: Config) -> dict:
+    """The settings of the teacher's view that change its signal (its identity in checkpoints): the system
+    prompt and the data keys that pick and render the privileged context."""
+    return {"system_prompt": cfg.teacher.system_prompt, **{k: getattr(cfg.data, k) for k in DATA_KEYS}}
 
 
 def uses_privileged(cfg: Config, columns: set[str] | frozenset[str] | None = None) -> bool:
@@ -146,11 +152,11 @@ def _context_text(value) -> str:
     return str(value)
 
 
-class PrivilegedTeacher:
+class PrivilegedTeacher(Wrapper):
     """Wraps any teacher: renders each row's teacher prompt, then calls `inner.score` on the same completions.
 
-    Attributes it does not define (vocab_size, output_weight, after_step, state_dict, ...) are the inner
-    teacher's, so the wrapper is transparent to the trainer and to other wrappers."""
+    Its hooks and output projection are the inner teacher's (protege.teacher.base.Wrapper); its record adds
+    reads_rows and the view settings that change the signal (system prompt, privileged columns)."""
 
     def __init__(self, inner, cfg: Config, tokenizer):
         self.inner, self.cfg = inner, cfg
@@ -158,10 +164,11 @@ class PrivilegedTeacher:
         self.prompts = PromptTokenizer(tokenizer, budget)  # .truncated counts teacher prompts cut to the budget
         self._metrics: dict = {}
 
-    def __getattr__(self, name):  # only called for attributes not found on the wrapper itself
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
+    @property
+    def capabilities(self) -> Capabilities:
+        inner = self.inner.capabilities
+        view = {k: v for k, v in privileged_view(self.cfg).items() if v}
+        return inner.but(reads_rows=True, identity={**inner.identity, **view})
 
     def teacher_prompt_ids(self, examples: list[Example]) -> tuple[list[torch.Tensor], list[bool]]:
         """Per row: the teacher's prompt ids and whether a privileged column was used (rows that share an
@@ -173,7 +180,7 @@ class PrivilegedTeacher:
                 done[id(ex)] = (self.prompts.prompt_ids(Example(messages=msgs)), used)
         return [done[id(ex)][0] for ex in examples], [done[id(ex)][1] for ex in examples]
 
-    def teacher_view(self, examples: list[Example]) -> tuple[list[torch.Tensor], list[Example]]:
+    def prompt_view(self, prompt_ids: list, examples: list[Example]) -> tuple[list[torch.Tensor], list[Example]]:
         """(prompt ids, rows) as this teacher sees them, for the teacher's own samples (mix.seq_kd): it answers
         the prompt that holds the privileged context; the student then learns that answer to its own prompt."""
         ids, _ = self.teacher_prompt_ids(examples)
@@ -204,5 +211,4 @@ class PrivilegedTeacher:
     def step_metrics(self) -> dict:
         """The last scored buffer's privileged-view metrics (then cleared), merged with the inner teacher's."""
         out, self._metrics = self._metrics, {}
-        inner = getattr(self.inner, "step_metrics", None)
-        return {**(inner() if inner else {}), **out}
+        return {**self.inner.step_metrics(), **out}

@@ -61,7 +61,7 @@ import orjson
 import torch
 
 from protege import wire
-from protege.teacher.base import ScoreRequest
+from protege.teacher.base import Capabilities, ScoreRequest, Teacher
 from protege.teacher.projection import RemoteProjection
 from protege.teacher.replies import (InvalidReply, TeacherReplyError, check_score_reply, decode_score_reply,
                                      error_message, json_object, local_vocab_size, parse_completions_reply,
@@ -96,7 +96,7 @@ def check_url(url: str) -> str:
     return url.strip().rstrip("/")
 
 
-class RemoteTeacher:
+class RemoteTeacher(Teacher):
     def __init__(self, urls: str | list[str], *, api_key: str | None = None, timeout: float = 300.0,
                  max_retries: int = 100, max_wait_s: float = 600.0, chunk_tokens: int = 32768,
                  concurrency: int = 4, protocol: str = "protege", vocab_size: int | None = None,
@@ -215,6 +215,13 @@ class RemoteTeacher:
         self.close()
 
     # -- scoring -------------------------------------------------------------------------------
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """Remote; hidden states from a protege server only; identity: the protocol, its servers and model name."""
+        identity = {"kind": "server", "protocol": self.protocol, "urls": list(self.urls),
+                    **({"model": self._model} if self._model else {})}
+        return Capabilities(remote=True, hidden=self.protocol == "protege", identity=identity)
 
     def score(self, rollouts: Rollouts, request: ScoreRequest) -> TeacherSignal:
         """The teacher's signal for every completion position of `rollouts`; each reply checked first."""

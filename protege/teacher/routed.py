@@ -37,7 +37,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from protege.records import Rollouts, TeacherSignal
-from protege.teacher.base import ScoreRequest, Teacher, optional
+from protege.teacher.base import Capabilities, ScoreRequest, Teacher
 
 ROUTED, MIXTURE = "routed", "mixture"
 
@@ -77,7 +77,7 @@ def check_rows(examples, names: list[str], column: str, default: str | None, sou
     return counts
 
 
-class RoutedTeacher:
+class RoutedTeacher(Teacher):
     """Several teachers behind the Teacher protocol (see the module docstring for both modes and the math).
 
     teachers: {name: Teacher}, in config order; weights: {name: weight} (mixture; normalised here);
@@ -97,24 +97,36 @@ class RoutedTeacher:
         self.vocab_size = next(iter(vocab.values()))
 
     # ------------------------------------------------------------------------- the members' hooks
+    @property
+    def capabilities(self) -> Capabilities:
+        """From the members': remote or hidden-less if any is; reads the rows when routed (each names its teacher);
+        never samples (mix.seq_kd is refused with teachers:). identity: the mode and each member's in config order."""
+        caps = {n: t.capabilities for n, t in self.teachers.items()}
+        members = [{"name": n, "weight": self.weights[n], **c.identity} for n, c in caps.items()]
+        return Capabilities(remote=any(c.remote for c in caps.values()), hidden=all(c.hidden for c in caps.values()),
+                            reads_rows=self.mode == ROUTED or any(c.reads_rows for c in caps.values()),
+                            stateful=any(c.stateful for c in caps.values()),
+                            scores_student_rows=all(c.scores_student_rows for c in caps.values()),
+                            identity={"kind": self.mode, "teachers": members})
+
     def after_step(self, student=None) -> None:
         """Every member's after_step (an EMA self teacher among them follows the new weights)."""
         for teacher in self.teachers.values():
-            optional(teacher, "after_step", student)
+            teacher.after_step(student)
 
     def step_metrics(self) -> dict:
         """The members' step metrics (e.g. a privileged teacher's privileged_leak) as teacher/<name>/<key>."""
         return {f"teacher/{n}/{k}": v for n, t in self.teachers.items()
-                for k, v in (optional(t, "step_metrics", default=None) or {}).items()}
+                for k, v in t.step_metrics().items()}
 
     def state_dict(self) -> dict:
         """{name: state} of the members that keep state (an EMA self teacher's weights) for the checkpoint."""
-        return {n: st for n, t in self.teachers.items() if (st := optional(t, "state_dict", default=None))}
+        return {n: st for n, t in self.teachers.items() if t.capabilities.stateful and (st := t.state_dict())}
 
     def load_state_dict(self, state: dict) -> None:
         """Each stateful member from `state_dict()`'s entry of its name; a missing entry is an error."""
         for n, t in self.teachers.items():
-            if callable(getattr(t, "load_state_dict", None)):
+            if t.capabilities.stateful:
                 if n not in state:
                     raise ValueError(f"the checkpoint holds no state for teacher {n!r} (e.g. its EMA weights): it "
                                      "was written by another teacher set or an older protege; start a new output.dir")

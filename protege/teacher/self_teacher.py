@@ -33,7 +33,7 @@ from torch import nn
 
 from protege.forward import output_weight
 from protege.records import Rollouts, TeacherSignal
-from protege.teacher.base import ScoreRequest
+from protege.teacher.base import Capabilities, ScoreRequest, Teacher
 from protege.teacher.local import LocalTeacher, score_rows
 
 KINDS = ("base", "ema", "live")
@@ -52,7 +52,7 @@ def build_self_teacher(kind: str, student: nn.Module, *, pad_id: int, token_budg
         raise ValueError(f"teacher.self={kind} needs the student model (build_teacher(..., student=model))")
     if kind == "base" and not is_peft(student):  # a frozen copy of the starting weights
         return LocalTeacher(copy.deepcopy(student), pad_id=pad_id, token_budget=token_budget,
-                            chunk_positions=chunk_positions)
+                            chunk_positions=chunk_positions, identity={"kind": "self:base"})
     return SelfTeacher(student, kind, pad_id=pad_id, token_budget=token_budget, chunk_positions=chunk_positions,
                        ema_rate=ema_rate)
 
@@ -62,7 +62,7 @@ def _master(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
-class SelfTeacher:
+class SelfTeacher(Teacher):
     """teacher.self = base (with LoRA), ema or live on the student module itself (see the module docstring)."""
 
     def __init__(self, student: nn.Module, kind: str, *, pad_id: int, token_budget: int = 16384,
@@ -88,6 +88,12 @@ class SelfTeacher:
         if self.kind == "ema" and self._head in self.ema:
             return self.ema[self._head].to(output_weight(self.student).dtype)
         return output_weight(self.student).detach()
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """In-process, stateful (the EMA); its identity: the kind, and the EMA rate that changes its signal."""
+        identity = {"kind": f"self:{self.kind}", **({"ema_rate": self.ema_rate} if self.kind == "ema" else {})}
+        return Capabilities(stateful=True, identity=identity)
 
     def score(self, rollouts: Rollouts, request: ScoreRequest) -> TeacherSignal:
         with self.weights():

@@ -3,28 +3,23 @@
 build_routed_teacher   each `teachers:` entry through build.build_teacher (one teacher's builder), then
                        a RoutedTeacher (protege.teacher.routed) over them
 OffloadedTeacher       an in-process teacher kept on the CPU, moved to the device only for its pass
-teacher_set            the run's teachers as plain data (names + identity + a hash), saved in every
-                       checkpoint; check_teacher_set refuses to resume with another set and says what changed
 per_teacher_metrics    teacher/<name>/{rows, loss, sampled_rkl, teacher_nll, completion_len_mean, overlap_*}
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Callable
 
 import torch
 
-from protege.checkpoint import ResumeMismatch
 from protege.diagnostics import overlap_metrics, sampled_rkl
 from protege.forward import output_weight
 from protege.records import Rollouts
-from protege.teacher.base import ScoreRequest, Teacher
+from protege.teacher.base import ScoreRequest, Teacher, Wrapper
 from protege.teacher.routed import ROUTED, RoutedSignal, RoutedTeacher, check_rows
 
 
-class OffloadedTeacher:
+class OffloadedTeacher(Wrapper):
     """An in-process teacher whose model lives on the CPU between passes and on `device` during `score`.
 
     Same signal as the teacher left on the device (the model is moved, nothing else changes); the
@@ -32,7 +27,6 @@ class OffloadedTeacher:
 
     def __init__(self, inner: Teacher, model: torch.nn.Module, device):
         self.inner, self.model, self.device = inner, model.to("cpu"), torch.device(device)
-        self.vocab_size = inner.vocab_size
         self.passes_on: list[str] = []  # the device of each pass (what a test can check)
 
     @property
@@ -71,60 +65,6 @@ def build_routed_teacher(cfg, teacher_models: dict | None, build_one: Callable, 
         built[named.name] = OffloadedTeacher(teacher, model, device) if named.offload else teacher
     return RoutedTeacher(built, mode=cfg.teachers_mode, weights={t.name: t.weight for t in cfg.teachers},
                          column=cfg.data.teacher_column, default=cfg.data.default_teacher, device=device)
-
-
-# ------------------------------------------------------------------------------------ teacher set
-def teacher_set(cfg) -> dict:
-    """{"mode", "teachers": [{name, kind, source, dtype, weight}], "hash"}: plain data for trainer_state.pt.
-    mode "single" for a run with one `teacher:` (named "teacher")."""
-    entries = [_identity(t.name, t) for t in cfg.teachers] if cfg.teachers else [_identity("teacher", cfg.teacher)]
-    body = {"mode": cfg.teachers_mode if cfg.teachers else "single", "teachers": entries}
-    digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-    return {**body, "hash": digest}
-
-
-def _identity(name: str, t) -> dict:
-    self_kind = getattr(t, "self", None)  # a self teacher (base / ema / live), where the config has one
-    if t.urls:
-        kind, source = "server", ",".join(t.urls)
-    elif self_kind:
-        kind, source = f"self:{self_kind}", t.path or ""
-    else:
-        kind, source = "in-process", t.path or ""
-    return {"name": name, "kind": kind, "source": source, "dtype": "" if t.urls else t.dtype,
-            "weight": float(getattr(t, "weight", 1.0))}
-
-
-def check_teacher_set(saved: dict | None, current: dict) -> None:
-    """Resuming needs the teachers the checkpoint was trained with: ResumeMismatch (a ValueError) naming
-    each difference. One teacher before and now: not checked (as before this existed); a checkpoint without a set was
-    written by a one-teacher run or an older protege."""
-    if saved is None:
-        saved = {"mode": "single", "teachers": [{"name": "teacher"}], "hash": None}
-    if saved["mode"] == "single" and current["mode"] == "single":
-        return
-    if saved.get("hash") == current["hash"]:
-        return
-    raise ResumeMismatch("resume: the checkpoint was trained with another teacher set: "
-                         + "; ".join(_diff(saved, current))
-                         + ". Resume with the teachers it was trained with, or start a new output.dir")
-
-
-def _diff(saved: dict, current: dict) -> list[str]:
-    old = {t["name"]: t for t in saved["teachers"]}
-    new = {t["name"]: t for t in current["teachers"]}
-    out = []
-    if saved["mode"] != current["mode"]:
-        out.append(f"mode {saved['mode']} -> {current['mode']}")
-    if set(old) - set(new):
-        out.append(f"teachers no longer here: {sorted(set(old) - set(new))}")
-    if set(new) - set(old):
-        out.append(f"new teachers: {sorted(set(new) - set(old))}")
-    for name in [n for n in new if n in old]:
-        for key in ("kind", "source", "dtype", "weight"):
-            if key in old[name] and old[name][key] != new[name][key]:
-                out.append(f"teacher {name!r} {key} {old[name][key]!r} -> {new[name][key]!r}")
-    return out or ["the teacher set differs"]
 
 
 # ------------------------------------------------------------------------------------ metrics

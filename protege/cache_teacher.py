@@ -70,21 +70,22 @@ def precompute(cfg: Config, *, tokenizer=None, teacher_model=None) -> dict:
 
     if cfg.teacher.cache_dir is None:
         raise ValueError("protege cache-teacher needs teacher.cache_dir: the folder to fill (and later train from)")
-    objective = build.build_objective(cfg)
+    tok = tokenizer or load_tokenizer(cfg.student.path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    teacher, _ = build.build_teacher(cfg, teacher_model, pad_id=tok.pad_token_id, device=device,
+                                     objective=build.build_objective(cfg))
+    objective = build.build_objective(cfg, teacher=teacher)  # where the teacher runs: its capabilities
     if objective.student_topk:
         raise ValueError(f"loss.support={cfg.loss.support} with a teacher server asks the teacher at the student's "
                          "current top-k ids, which change as it trains: they cannot be precomputed. Use "
                          "loss.support=teacher|sampled (or an in-process teacher with teacher.cache_hidden=true)")
-    tok = tokenizer or load_tokenizer(cfg.student.path)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
     train_set, _ = load_prompt_sets(cfg.data, seed=cfg.train.seed)
     examples = [e for e in train_set.examples if e.reference]
     if not examples:
         raise ValueError(f"no row of {cfg.data.path} has a completion (column {cfg.data.completion_column!r} or a "
                          f"final assistant turn in {cfg.data.messages_column!r}): nothing to cache")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    teacher, _ = build.build_teacher(cfg, teacher_model, pad_id=tok.pad_token_id, device=device, objective=objective)
     (cache,) = caches_in(teacher)
     cache.warn_off_policy = False  # nothing is trained here
     prompts = PromptTokenizer(tok, cfg.data.max_prompt_tokens)
