@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from protege.agents.config import EnvConfig
 from protege.api_kinds import check_api_teacher
 
 
@@ -209,6 +210,7 @@ class LossConfig(_Section):
         "teacher's top_k mapped to same-bytes student tokens + tail on 1:1 spans (span estimator elsewhere); uld = "
         "GOLD's sorted-probability L1; hybrid = GOLD's hybrid; next_byte = loss.name between the two models' "
         "distributions of the next byte at every span start (+ the span estimator). loss.name=sft ignores it.")
+    turns: Literal["all", "last"] = Field("all", description="env: train every assistant turn, or only the last.")
     fused: bool = Field(True, description="Compute the vocabulary projection's gradients chunk by chunk in the "
                         "forward pass (the student's lm_head runs 3 times per token instead of 4, the teacher's "
                         "once instead of twice, the softmaxes once); false = recompute them in the backward "
@@ -340,6 +342,7 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     resume: bool = Field(False, description="Continue from the newest checkpoint in output.dir.")
+    env: EnvConfig | None = Field(None, description="Multi-turn rollouts in an environment or with tools (docs/agents.md).")
 
     @model_validator(mode="after")
     def _combinations(self):

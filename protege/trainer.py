@@ -32,6 +32,9 @@ import torch
 from accelerate import Accelerator
 
 from protege import build, checkpoint, fsdp, memory, packing, run_state
+from protege.agents.config import check_env_supported
+from protege.agents.metrics import episode_metrics
+from protege.agents.rollout import AgentRollouts
 from protege.config import Config, check_vocab_bounds
 from protege.cross_objective import completion_logprobs, fill_span_baseline, spread_baseline
 from protege.data import PromptStream, PromptTokenizer, load_prompt_sets
@@ -99,6 +102,8 @@ class Distiller:
         self.stream = PromptStream(len(self.train_set), cfg.train.seed)
         self.max_steps = build.max_steps(cfg, len(self.train_set))  # the config is never rewritten
         self.teacher_tok, self.cross = build.cross_tokenizer_mode(cfg, self.tok, teacher_tokenizer)
+        check_env_supported(cfg, cross_tokenizer=bool(self.cross), columns=columns)  # env: what is not built yet
+        self.agents = AgentRollouts(cfg.env, self.tok, self.eos_ids, turns=cfg.loss.turns) if cfg.env else None
         self.objective = build.build_objective(cfg, cross_tokenizer=self.cross)
         self.student = build.build_student(cfg, student, self.acc.device)
         self.teacher: Teacher
@@ -153,7 +158,9 @@ class Distiller:
                 ref_ex.append(ex)
         parts = []
         if student_p:
-            parts.append((engine or self.student_engine()).generate(student_p, self.sampling, source="student"))
+            eng = engine or self.student_engine()  # env: multi-turn episodes (protege.agents.rollout)
+            parts.append(self.agents.rollout(eng, student_ex, self.sampling) if self.agents else
+                         eng.generate(student_p, self.sampling, source="student"))
             parts[-1].examples = student_ex
         if off_p:
             if self.teacher_engine is None:
@@ -259,7 +266,7 @@ class Distiller:
                                  self.tok.pad_token_id)  # (B, T, H)
                 weight = fsdp.gathered_output_weight(self.student)  # (V, H), after the forward (FSDP2 gathers it)
                 per_token = self.objective.per_token_loss(hidden, weight, mb, sig, teacher_weight)  # (B, T)
-                loss = reduce_tokens(per_token, mb.completion_mask.to(acc.device), num_tokens)
+                loss = reduce_tokens(per_token, mb.train_mask.to(acc.device), num_tokens)
                 loss = loss if scale[i] == 1.0 else loss * scale[i]
                 acc.backward(loss * acc.num_processes)  # DDP averages over ranks; we want the sum
             loss_sum += float(loss.detach())
@@ -292,7 +299,7 @@ class Distiller:
              "train_tokens_per_s": num_tokens / max(1e-9, t_train)}
         if buffer.sampling_logprobs is not None and student_rows.any():
             # unbiased sample estimate of the per-token reverse KL on the student's own samples
-            sm = mask & student_rows[:, None]
+            sm = buffer.train_mask & student_rows[:, None]
             cross = signal.cross  # across tokenizers: against the canonical paths' logprobs where they exist
             own = buffer.sampling_logprobs if cross is None or cross.span_baseline is None else spread_baseline(cross)
             m["sampled_rkl"] = sampled_rkl(own, signal.token_logprobs, sm)
@@ -303,6 +310,7 @@ class Distiller:
         if buffer.policy_version is not None and student_rows.any():  # rollout.max_lag: steps since sampling
             m["policy_lag"] = float(self.state.step - 1 - buffer.policy_version[student_rows].float().mean())
         m.update(self._health(buffer, signal, student_rows))
+        m.update(episode_metrics(buffer, signal, self.agents))  # env: turns, tools, finish reasons, KL by turn
         m.update(optional(self.teacher, "step_metrics", default={}))  # e.g. privileged_leak
         m.update(per_teacher_metrics(buffer, signal, row_loss, self.cfg.output.diagnostics_top_k))  # several teachers
         return m
