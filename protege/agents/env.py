@@ -81,28 +81,29 @@ class ToolEnv:
             return StepResult([], reward, True, {"tool_calls": 0, "invalid_calls": 0, "tool_errors": 0})
         messages, invalid, errors = [], 0, 0
         for call in calls:
-            content = self._run(call)
-            invalid += call.error is not None or call.name not in self.functions
+            content, valid = self._run(call)
+            invalid += not valid
             errors += content.startswith("error:")
             messages.append({"role": "tool", "name": call.name or "unknown", "content": content})
         return StepResult(messages, 0.0, False, {"tool_calls": len(calls), "invalid_calls": invalid,
                                                  "tool_errors": errors})
 
-    def _run(self, call) -> str:
-        """One call's answer text; every failure is an "error: ..." text, never an exception."""
+    def _run(self, call) -> tuple[str, bool]:
+        """One call's answer text and whether the call itself was valid (a known tool, arguments that bind);
+        every failure is an "error: ..." text, never an exception."""
         if call.error is not None:
-            return f"error: {call.error}"
+            return f"error: {call.error}", False
         fn = self.functions.get(call.name)
         if fn is None:
-            return f"error: unknown tool {call.name!r}; the tools are {sorted(self.functions)}"
+            return f"error: unknown tool {call.name!r}; the tools are {sorted(self.functions)}", False
         try:
             inspect.signature(fn).bind(**call.arguments)
         except TypeError as e:
-            return f"error: bad arguments for {call.name}: {e}"
+            return f"error: bad arguments for {call.name}: {e}", False
         try:
-            return str(fn(**call.arguments))
-        except Exception as e:  # the tool's own failure goes back to the student
-            return f"error: {call.name} raised {type(e).__name__}: {e}"
+            return str(fn(**call.arguments)), True
+        except Exception as e:  # the tool's own failure goes back to the student (a valid call that failed)
+            return f"error: {call.name} raised {type(e).__name__}: {e}", True
 
 
 def import_object(path: str, field_name: str) -> Any:
