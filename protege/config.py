@@ -174,6 +174,8 @@ class MixConfig(_Section):
                          "rollouts (on-policy). Otherwise off-policy rows are used (see seq_kd).")
     seq_kd: bool = Field(False, description="Off-policy rows are teacher generations (sequence-level KD) instead "
                          "of the dataset's reference completions.")
+    teacher_turns: float = Field(0.0, ge=0, le=1, description="env: guided turns; each assistant turn is the teacher's "
+                                 "(masked out of the loss) with probability teacher_turns * (1 - step / max_steps).")
 
 
 class LossConfig(_Section):

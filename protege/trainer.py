@@ -103,7 +103,8 @@ class Distiller:
         self.max_steps = build.max_steps(cfg, len(self.train_set))  # the config is never rewritten
         self.teacher_tok, self.cross = build.cross_tokenizer_mode(cfg, self.tok, teacher_tokenizer)
         check_env_supported(cfg, cross_tokenizer=bool(self.cross), columns=columns)  # env: what is not built yet
-        self.agents = AgentRollouts(cfg.env, self.tok, self.eos_ids, turns=cfg.loss.turns) if cfg.env else None
+        self.agents = AgentRollouts(cfg.env, self.tok, self.eos_ids, turns=cfg.loss.turns, seed=cfg.train.seed,
+                                    guide=(cfg.mix.teacher_turns, self.max_steps)) if cfg.env else None
         self.objective = build.build_objective(cfg, cross_tokenizer=self.cross)
         self.student = build.build_student(cfg, student, self.acc.device)
         self.teacher: Teacher
@@ -159,7 +160,8 @@ class Distiller:
         parts = []
         if student_p:
             eng = engine or self.student_engine()  # env: multi-turn episodes (protege.agents.rollout)
-            parts.append(self.agents.rollout(eng, student_ex, self.sampling) if self.agents else
+            parts.append(self.agents.rollout(eng, student_ex, self.sampling, step=step, teacher_engine=self.teacher_engine)
+                         if self.agents else
                          eng.generate(student_p, self.sampling, source="student"))
             parts[-1].examples = student_ex
         if off_p:

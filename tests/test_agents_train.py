@@ -126,3 +126,19 @@ def test_unsupported_combinations_are_refused_at_start_up(tiny_paths, tmp_path, 
 def test_a_bad_environment_path_fails_before_training(tiny_paths, tmp_path):
     with pytest.raises(ValueError, match="env.class='nopkg_xyz:Env': cannot import module 'nopkg_xyz'"):
         Distiller(_cfg(tiny_paths, tmp_path, "env.class=nopkg_xyz:Env"))
+
+
+def test_guided_turns_in_training(tiny_paths, tmp_path):
+    d = distiller(_cfg(tiny_paths, tmp_path, "env.class=agent_envs:TaskEnv", "env.max_total_tokens=200",
+                       "mix.teacher_turns=1.0", "train.max_steps=4"))
+    buffer = d.collect(0)  # p(0) = 1: every turn is the teacher's, nothing is trained
+    assert all(e["teacher_turns"] == e["turns"] for e in buffer.episodes) and buffer.num_tokens == 0
+    late = d.collect(4)  # p(max_steps) = 0
+    assert all(e["teacher_turns"] == 0 for e in late.episodes) and late.num_tokens > 0
+    m = d.train_step(late)
+    assert m["env/teacher_turns"] == 0 and torch.isfinite(torch.tensor(m["loss"]))
+
+
+def test_guided_turns_need_env_and_a_local_teacher(tiny_paths, tmp_path):
+    with pytest.raises(ValueError, match="mix.teacher_turns .guided turns. needs multi-turn rollouts"):
+        Distiller(_cfg(tiny_paths, tmp_path, "mix.teacher_turns=0.5"))

@@ -1,6 +1,7 @@
 """Step metrics of multi-turn episodes: turns, tool calls, finish reasons, rewards, and KL / teacher NLL by turn.
 
     env/turns_mean, env/reward_mean, env/tool_calls, env/invalid_call_rate (invalid / calls), env/tool_errors,
+    env/teacher_turns (guided turns, mix.teacher_turns),
     env/env_errors (the run's total so far), env/finish/<reason> (share of episodes),
     env/sampled_rkl/turn_<k>  mean over the turn's sampled tokens of log q_old(y) - log p(y)
     env/teacher_nll/turn_<k>  mean over the turn's sampled tokens of -log p(y)
@@ -27,7 +28,8 @@ def episode_metrics(buffer, signal, agents) -> dict:
          "env/tool_calls": calls,
          "env/invalid_call_rate": sum(e["invalid_calls"] for e in eps) / calls if calls else 0.0,
          "env/tool_errors": sum(e["tool_errors"] for e in eps),
-         "env/env_errors": agents.env_errors}
+         "env/env_errors": agents.env_errors,
+         "env/teacher_turns": sum(e["teacher_turns"] for e in eps)}
     for reason, n in Counter(e["finish"] for e in eps).items():
         m[f"env/finish/{reason}"] = n / len(eps)
     m.update(per_turn(buffer, signal))
