@@ -344,7 +344,7 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     resume: bool = Field(False, description="Continue from the newest checkpoint in output.dir.")
-    env: EnvConfig | None = Field(None, description="Multi-turn rollouts in an environment or with tools (docs/agents.md).")
+    env: EnvConfig | None = Field(None, description="Multi-turn rollouts in an environment (docs/agents.md).")
 
     @model_validator(mode="after")
     def _combinations(self):

@@ -160,8 +160,8 @@ class Distiller:
         parts = []
         if student_p:
             eng = engine or self.student_engine()  # env: multi-turn episodes (protege.agents.rollout)
-            parts.append(self.agents.rollout(eng, student_ex, self.sampling, step=step, teacher_engine=self.teacher_engine)
-                         if self.agents else
+            parts.append(self.agents.rollout(eng, student_ex, self.sampling, step=step,
+                                             teacher_engine=self.teacher_engine) if self.agents else
                          eng.generate(student_p, self.sampling, source="student"))
             parts[-1].examples = student_ex
         if off_p:
