@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
@@ -107,12 +109,15 @@ class ToolEnv:
 
 
 def import_object(path: str, field_name: str) -> Any:
-    """`package.module:Name` (or `package.module.Name`) imported; a failure is one error naming the path and the fix."""
+    """`package.module:Name` (or `package.module.Name`) imported (the working directory is searched last); a failure
+    is one error naming the path and the fix."""
     module, sep, name = path.partition(":")
     if not sep:
         module, _, name = path.rpartition(".")
     if not module or not name:
         raise ValueError(f"{field_name}={path!r} is not an import path: write it as 'package.module:Name'")
+    if os.getcwd() not in sys.path and "" not in sys.path:  # a user's module next to the config, as `python -m` finds
+        sys.path.append(os.getcwd())
     try:
         obj = importlib.import_module(module)
     except Exception as e:
