@@ -142,3 +142,23 @@ def test_guided_turns_in_training(tiny_paths, tmp_path):
 def test_guided_turns_need_env_and_a_local_teacher(tiny_paths, tmp_path):
     with pytest.raises(ValueError, match="mix.teacher_turns .guided turns. needs multi-turn rollouts"):
         Distiller(_cfg(tiny_paths, tmp_path, "mix.teacher_turns=0.5"))
+
+
+def test_per_turn_diagnostics_match_a_loop():
+    from protege.agents.metrics import per_turn
+    from protege.records import TeacherSignal
+
+    out, _ = _episodes()
+    teacher = torch.randn(out.completion_ids.shape) - 3  # (N, T) any teacher logprobs
+    m = per_turn(out, TeacherSignal(token_logprobs=teacher))
+    for k in range(int(out.turn_index.max()) + 1):
+        rkl, nll = [], []
+        for i in range(len(out)):
+            for t in range(out.completion_ids.shape[1]):
+                if out.loss_mask[i, t] and out.turn_index[i, t] == k:
+                    rkl.append(float(out.sampling_logprobs[i, t]) - float(teacher[i, t]))
+                    nll.append(-float(teacher[i, t]))
+        if rkl:
+            assert m[f"env/sampled_rkl/turn_{k}"] == pytest.approx(sum(rkl) / len(rkl), rel=1e-5)
+            assert m[f"env/teacher_nll/turn_{k}"] == pytest.approx(sum(nll) / len(nll), rel=1e-5)
+    assert "env/sampled_rkl/turn_1" in m
