@@ -261,3 +261,19 @@ def test_guided_turns_are_the_teachers_and_masked_out(smol):
     assert t_ids != s_ids
     late = agents.rollout(student, rows, Sampling(max_new_tokens=16), step=10, teacher_engine=teacher)
     assert sum(e["teacher_turns"] for e in late.episodes) == 0
+
+
+def test_another_eos_than_the_templates_is_followed_by_the_templates_end_of_turn(smol):
+    """SmolLM2 stops at <|endoftext|> or <|im_end|>; its template closes turns with <|im_end|>. A turn that ended
+    with <|endoftext|> is followed by <|im_end|> (not trained), so the history is the one the template shows."""
+    tok, im_end = styled(smol, "smollm2")
+    other = tok.convert_tokens_to_ids("<|endoftext|>")
+    engine = ScriptedEngine(tok, other, lambda p: "one two three")
+    cfg = EnvConfig(**{"class": "agent_envs:TaskEnv", "args": {"turns": 2}})
+    out = AgentRollouts(cfg, tok, (other, im_end)).rollout(engine, [Example([{"role": "user", "content": "Hi."}])],
+                                                          Sampling(max_new_tokens=16))
+    n = int(out.completion_mask[0].sum())
+    ids, mask = out.completion_ids[0, :n].tolist(), out.loss_mask[0, :n].tolist()
+    turn = len(tok.encode("one two three", add_special_tokens=False)) + 1
+    assert ids[turn - 1] == other and mask[turn - 1] and ids[turn] == im_end and not mask[turn]
+    assert tok.decode(ids[turn:]).startswith("<|im_end|>\n<|im_start|>user\ncontinue<|im_end|>\n<|im_start|>assistant\n")

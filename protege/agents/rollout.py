@@ -194,7 +194,7 @@ class AgentRollouts:
         if last_turn:
             return e.end("max_turns")
         obs = self._truncate_outputs(e, list(value.messages))
-        ids = observation_ids(self.tok, e.messages, obs, e.tools, self.eos_ids)
+        ids = observation_ids(self.tok, e.messages, obs, e.tools, self.eos_ids, sampled_end=e.ids[-1])
         if len(e.prompt_ids) + len(e.ids) + len(ids) >= self.cfg.max_total_tokens:
             return e.end("context_overflow")
         e.messages += obs

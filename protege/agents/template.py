@@ -38,15 +38,17 @@ def end_of_turn_cut(ids: list[int], eos_ids: tuple[int, ...]) -> int:
 
 
 def observation_ids(tok, history: list[dict], observation: list[dict], tools: list[dict] | None,
-                    eos_ids: tuple[int, ...]) -> list[int]:
+                    eos_ids: tuple[int, ...], sampled_end: int | None = None) -> list[int]:
     """Token ids that follow the student's last turn (ending at its end-of-turn id): the template's glue, the
-    observation messages and the next assistant header. `history` ends with that assistant turn."""
+    observation messages and the next assistant header. `history` ends with that assistant turn. When the student
+    stopped with another EOS id (`sampled_end`, e.g. <|endoftext|>) than the one the template closes turns with,
+    the template's end-of-turn id comes first, so the history is the one the template shows."""
     before = render(tok, history, tools, add_generation_prompt=False)
     after = render(tok, history + observation, tools, add_generation_prompt=True)
     cut = end_of_turn_cut(before, eos_ids)
     if after[:cut] != before[:cut]:
         raise ValueError(_not_prefix(tok))
-    return after[cut:]
+    return after[cut:] if sampled_end in (None, before[cut - 1]) else after[cut - 1:]
 
 
 def check_prefix_template(tok, eos_ids: tuple[int, ...], tools: list[dict] | None = None) -> None:
