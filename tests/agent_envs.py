@@ -72,3 +72,10 @@ class HangingEnv(TaskEnv):
     def step(self, text: str) -> StepResult:
         time.sleep(self.sleep_s)
         return super().step(text)
+
+
+class BrokenResetEnv(TaskEnv):
+    def reset(self, row: dict) -> list[dict]:
+        if row.get("task") == 1:
+            raise KeyError("no such maze")
+        return super().reset(row)

@@ -277,3 +277,15 @@ def test_another_eos_than_the_templates_is_followed_by_the_templates_end_of_turn
     turn = len(tok.encode("one two three", add_special_tokens=False)) + 1
     assert ids[turn - 1] == other and mask[turn - 1] and ids[turn] == im_end and not mask[turn]
     assert tok.decode(ids[turn:]).startswith("<|im_end|>\n<|im_start|>user\ncontinue<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_a_reset_that_raises_ends_that_row_before_its_first_turn(smol):
+    tok, eos_id = styled(smol, "smollm2")
+    engine = ScriptedEngine(tok, eos_id, lambda p: "ok")
+    rows = [Example([{"role": "user", "content": "Hi."}], columns={"task": i}) for i in range(3)]
+    agents = AgentRollouts(EnvConfig(**{"class": "agent_envs:BrokenResetEnv"}, max_turns=2), tok, (eos_id,))
+    out = agents.rollout(engine, rows, Sampling(max_new_tokens=8))
+    assert [e["finish"] for e in out.episodes] == ["max_turns", "env_error", "max_turns"]
+    assert out.episodes[1]["turns"] == 0 and out.episodes[1]["error"].startswith("reset: KeyError")
+    assert int(out.completion_mask[1].sum()) == 0 and agents.env_errors == 1
+    assert [len(c) for c in engine.calls] == [2, 2]  # the broken row was never generated for
