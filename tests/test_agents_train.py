@@ -162,3 +162,17 @@ def test_per_turn_diagnostics_match_a_loop():
             assert m[f"env/sampled_rkl/turn_{k}"] == pytest.approx(sum(rkl) / len(rkl), rel=1e-5)
             assert m[f"env/teacher_nll/turn_{k}"] == pytest.approx(sum(nll) / len(nll), rel=1e-5)
     assert "env/sampled_rkl/turn_1" in m
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--env.class=nopkg_xyz.envs:Maze", "env.class='nopkg_xyz.envs:Maze': cannot import module 'nopkg_xyz.envs'"),
+    ("--env.tools=[agent_envs:no_docstring]", "tool no_docstring: no usable JSON schema"),
+])
+def test_start_up_errors_are_one_cli_line(tiny_paths, tmp_path, capsys, override, message):
+    from protege.cli import main
+
+    code = main(["train", f"--student.path={tiny_paths['student']}", f"--teacher.path={tiny_paths['teacher']}",
+                 f"--data.path={tiny_paths['data']}", f"--output.dir={tmp_path}", "--output.progress=false", override])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("protege train: error: ") and message in err[-1]
+    assert not (tmp_path / "metrics.jsonl").exists()
