@@ -32,7 +32,7 @@ import torch
 from accelerate import Accelerator
 
 from protege import build, checkpoint, fsdp, memory, packing, run_state
-from protege.agents.config import check_env_supported
+from protege.agents.config import check_env_sharded, check_env_supported
 from protege.agents.metrics import episode_metrics
 from protege.agents.rollout import AgentRollouts
 from protege.config import Config, check_vocab_bounds
@@ -126,6 +126,7 @@ class Distiller:
         fsdp.before_prepare(self.acc, self.student)  # FSDP2: rank 0's weights everywhere (LoRA init)
         self.model, self.optimizer = self.acc.prepare(HiddenStates(self.student), self.optimizer)
         self.sharded = fsdp.after_prepare(cfg, self.model, self.student, self.acc.device)  # FSDP2: protege/fsdp.py
+        check_env_sharded(cfg, self.sharded)  # env: ranks would make different numbers of generate calls
         self.state = RunState()
         self.monitor = HealthMonitor()
         self.overlap = build.build_overlap(cfg, self) if cfg.rollout.max_lag else None  # protege.rollout.overlap

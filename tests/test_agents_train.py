@@ -176,3 +176,12 @@ def test_start_up_errors_are_one_cli_line(tiny_paths, tmp_path, capsys, override
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("protege train: error: ") and message in err[-1]
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_an_fsdp2_student_is_refused_with_env():
+    from protege.agents.config import check_env_sharded
+
+    cfg = load_config(None, ["student.path=s", "teacher.path=t", "env.class=agent_envs:TaskEnv"])
+    check_env_sharded(cfg, sharded=False)
+    with pytest.raises(ValueError, match="FSDP2 student is not supported yet.*use DDP"):
+        check_env_sharded(cfg, sharded=True)
