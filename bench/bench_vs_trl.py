@@ -143,6 +143,7 @@ def _protege_config(spec: dict, out_dir: str):
                  f"train.micro_batch_size={spec['mb']}", f"rollout.max_new_tokens={MAX_NEW_TOKENS}",
                  "loss.name=reverse_kl", "loss.support=full", "data.eval_prompts=0", "output.progress=false",
                  f"optim.lr={LR}", f"train.seed={SEED}", "train.precision=fp32", f"output.dir={out_dir}",
+                 "train.check_teacher_signal=false",  # the one-off first-step guard: not part of a step
                  *spec.get("overrides", [])]
     return load_config(None, overrides)
 

@@ -127,6 +127,19 @@ def wrap_cross_tokenizer(cfg: Config, teacher: Teacher, student_tokenizer, teach
                                  max_prompt_tokens=cfg.data.max_prompt_tokens)
 
 
+def build_agents(cfg: Config, tokenizer, eos_ids: list[int], *, max_steps: int, cross: bool, columns):
+    """env: the multi-turn rollouts (protege.agents), after refusing at start-up what is not built yet; None
+    without an env section."""
+    from protege.agents.config import check_env_supported
+    from protege.agents.rollout import AgentRollouts
+
+    check_env_supported(cfg, cross_tokenizer=cross, columns=columns)
+    if cfg.env is None:
+        return None
+    return AgentRollouts(cfg.env, tokenizer, eos_ids, turns=cfg.loss.turns, seed=cfg.train.seed,
+                         guide=(cfg.mix.teacher_turns, max_steps))
+
+
 def build_student(cfg: Config, student, device):
     """The trained model: loaded (unless given), with LoRA adapters and gradient checkpointing as configured."""
     from protege.modeling import load_model

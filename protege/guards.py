@@ -39,8 +39,9 @@ def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> list[in
 
 
 def end_of_turn_token(tokenizer) -> str | None:
-    """The token a chat template renders right after the assistant's content in PROBE (its end of turn), or None
-    when the tokenizer has no chat template or the content is not a token-aligned span of the rendering."""
+    """The special token a chat template renders right after the assistant's content in PROBE (its end of turn),
+    or None when the tokenizer has no chat template, the content is not a token-aligned span of the rendering,
+    or what follows it is plain text (a base-style "User: ...\nAssistant:" template ends turns with no marker)."""
     if not getattr(tokenizer, "chat_template", None):
         return None
     ids = _render(tokenizer, PROBE, False)
@@ -48,8 +49,15 @@ def end_of_turn_token(tokenizer) -> str | None:
     for start in range(len(ids) - len(content), -1, -1):  # the last occurrence: the assistant turn
         if ids[start: start + len(content)] == content:
             end = start + len(content)
-            return tokenizer.convert_ids_to_tokens(ids[end]) if end < len(ids) else None
+            token = tokenizer.convert_ids_to_tokens(ids[end]) if end < len(ids) else None
+            return token if token in _special_tokens(tokenizer) else None  # plain text ("\n") ends no turn
     return None
+
+
+def _special_tokens(tokenizer) -> set[str]:
+    """The tokenizer's special and added tokens (where a chat template's end-of-turn marker lives)."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return set(tokenizer.all_special_tokens) | {str(t) for t in added.values()}
 
 
 def check_end_of_turn(student_tokenizer, student_eos_ids: list[int], teacher_tokenizer=None) -> None:
@@ -97,13 +105,17 @@ def check_templates(student_tokenizer, teacher_tokenizer) -> str | None:
     return message
 
 
-def _perturbed(x: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor | None:
-    """x with every float value replaced by another (a shuffle plus noise); ids and None unchanged."""
-    if x is None or not x.is_floating_point() or x.numel() == 0:
+def _perturbed(x, generator: torch.Generator):
+    """x with every float value replaced by another (a shuffle plus noise), recursing into dataclasses (a
+    cross-tokenizer CrossSignal); ids, masks and None unchanged."""
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return dataclasses.replace(x, **{f.name: _perturbed(getattr(x, f.name), generator)
+                                         for f in dataclasses.fields(x) if f.init})
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.numel() == 0:
         return x
     flat = x.flatten()
     noise = torch.randn(flat.shape, generator=generator, dtype=torch.float32).to(x.dtype)
-    return (flat[torch.randperm(flat.numel(), generator=generator)] + noise).view_as(x).to(x.device)
+    return (flat[torch.randperm(flat.numel(), generator=generator)] + noise.to(flat.device)).view_as(x)
 
 
 @torch.no_grad()
@@ -112,10 +124,28 @@ def teacher_moves_loss(per_token_loss, hidden: torch.Tensor, weight: torch.Tenso
     """Whether `per_token_loss(hidden, weight, mb, signal, teacher_weight)` changes when every float field of
     the teacher's signal (and its output projection) is replaced by other values. hidden (B, T, H) is detached."""
     gen = torch.Generator().manual_seed(0)
-    h = hidden.detach()
-    base = per_token_loss(h, weight.detach(), mb, signal, teacher_weight).float()
-    fields = {f.name: _perturbed(getattr(signal, f.name), gen) for f in dataclasses.fields(signal)
-              if isinstance(getattr(signal, f.name), torch.Tensor)}
-    other = dataclasses.replace(signal, **fields)
-    moved = per_token_loss(h, weight.detach(), mb, other, _perturbed(teacher_weight, gen)).float()
+    h, w = hidden.detach(), weight.detach()
+    base = per_token_loss(h, w, mb, signal, teacher_weight).float()
+    moved = per_token_loss(h, w, mb, _perturbed(signal, gen), _perturbed(teacher_weight, gen)).float()
     return not torch.equal(base, moved)
+
+
+def check_teacher_reaches_loss(objective, hidden, weight, mb, signal, teacher_weight=None) -> None:
+    """At the first step: GuardError when the objective's loss does not move with the teacher's signal
+    (loss.name=sft reads no teacher by design and is not checked)."""
+    if not objective.name.reads_logprobs:
+        return
+    if not teacher_moves_loss(objective.per_token_loss, hidden, weight, mb, signal, teacher_weight):
+        raise GuardError(f"the loss ({objective.name}, support {objective.support}) does not change when the "
+                         "teacher's signal does: the run would train without its teacher. A teacher kind that fills "
+                         "another field than the objective reads, or a loss wired to a constant, does this; check "
+                         "the teacher's capabilities against the loss (docs/architecture.md).")
+
+
+def check_start(student_tokenizer, student_eos_ids: list[int], teacher_tokenizer=None, cross: bool = False) -> None:
+    """The start-up guards: end-of-turn agreement (error) and, for a shared vocabulary, the chat-template probe
+    (warning). Across tokenizers the special tokens are paired explicitly, so only the student's own template
+    is checked against its stop ids."""
+    check_end_of_turn(student_tokenizer, student_eos_ids, None if cross else teacher_tokenizer)
+    if teacher_tokenizer is not None and not cross:
+        check_templates(student_tokenizer, teacher_tokenizer)

@@ -122,12 +122,12 @@ class Objective:
     # --------------------------------------------------------------------------- the loss
     def per_token_loss(self, student_hidden: torch.Tensor, student_weight: torch.Tensor, mb: Rollouts,
                        signal: TeacherSignal, teacher_weight: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T) per-token loss of one micro-batch; 0 where the completion mask is False.
+        """(B, T) per-token loss of one micro-batch; 0 where the train mask (Rollouts.train_mask) is False.
 
         student_hidden (B, T, H) with grad; student_weight (V, H); signal already cut to (B, T, ...);
         teacher_weight (V, H): the teacher's output projection (teacher_hidden: full and local top-k supports)."""
         cfg = self.loss
-        mask = mb.completion_mask.to(student_hidden.device)  # (B, T)
+        mask = mb.train_mask.to(student_hidden.device)  # (B, T) the tokens the loss trains (multi-turn: sampled ones)
         h = student_hidden[mask]  # (n, H), n = tokens in this micro-batch
         tokens = mb.completion_ids.to(h.device)[mask]  # (n,)
         flat = lambda x: None if x is None else x.to(h.device)[mask]  # noqa: E731  (B, T, ...) -> (n, ...)

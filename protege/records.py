@@ -31,6 +31,12 @@ class Rollouts:
                        renders its view from here; the completion ids are the same for every teacher.
     policy_version:    (N,) int64 optimizer steps the student that sampled each row had taken, -1 for rows it did
                        not sample, or None (set with rollout.max_lag > 0: protege.rollout.overlap).
+    loss_mask:         (N, T) bool, True only on tokens the loss trains (multi-turn rollouts: the tokens the
+                       student sampled, not tool outputs or template glue), or None: the completion mask.
+                       Teacher and student still read every completion token; see train_mask.
+    turn_index:        (N, T) int64 the assistant turn (0, 1, ...) each token belongs to or follows, -1 past the
+                       end, or None (single-turn rows).
+    episodes:          per row, a multi-turn episode's summary (protege.agents.rollout.Episode.summary), or None.
     """
 
     prompt_ids: list[torch.Tensor]
@@ -44,13 +50,22 @@ class Rollouts:
     sources: list[str] = field(default_factory=list)
     examples: list | None = None
     policy_version: torch.Tensor | None = None
+    loss_mask: torch.Tensor | None = None
+    turn_index: torch.Tensor | None = None
+    episodes: list | None = None
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
 
     @property
     def num_tokens(self) -> int:
-        return int(self.completion_mask.sum())
+        """Tokens the loss trains (the step's denominator): train_mask's count."""
+        return int(self.train_mask.sum())
+
+    @property
+    def train_mask(self) -> torch.Tensor:
+        """(N, T) bool: the tokens the loss counts; loss_mask where set, else every completion token."""
+        return self.completion_mask if self.loss_mask is None else self.loss_mask & self.completion_mask
 
     @classmethod
     def from_samples(cls, prompt_ids: list[torch.Tensor], completions: list[torch.Tensor],
@@ -123,6 +138,13 @@ class Rollouts:
             policy_version=torch.cat([p.policy_version if p.policy_version is not None else
                                       torch.full((len(p),), -1) for p in parts])
             if any(p.policy_version is not None for p in parts) else None,
+            loss_mask=torch.cat([pad(p.train_mask, t, False) for p in parts])
+            if any(p.loss_mask is not None for p in parts) else None,
+            turn_index=torch.cat([pad(p.turn_index if p.turn_index is not None else
+                                      torch.where(p.completion_mask, 0, -1), t, -1) for p in parts])
+            if any(p.turn_index is not None for p in parts) else None,
+            episodes=[e for p in parts for e in (p.episodes or [None] * len(p))]
+            if any(p.episodes is not None for p in parts) else None,
         )
 
     def select(self, rows: list[int]) -> "Rollouts":
@@ -143,6 +165,9 @@ class Rollouts:
             sources=[self.sources[i] for i in rows] if self.sources else [],
             examples=None if self.examples is None else [self.examples[i] for i in rows],
             policy_version=None if self.policy_version is None else self.policy_version[idx],
+            loss_mask=cut(self.loss_mask),
+            turn_index=cut(self.turn_index),
+            episodes=None if self.episodes is None else [self.episodes[i] for i in rows],
         )
 
 

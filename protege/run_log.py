@@ -124,3 +124,26 @@ def log_result(d, result: dict, path: Path, prefix: str = "eval") -> None:
         log.info("%s @ step %d: %s", prefix, d.state.step,
                  ", ".join(f"{k[len(prefix) + 1:]}={v:.4g}" for k, v in result.items()
                            if k.startswith(prefix + "/") and isinstance(v, float)))
+
+
+def record_step(d, m: dict, path: Path) -> None:
+    """A step's metrics: in the history, metrics.jsonl, the trackers and the bar (the main process writes)."""
+    d.state.history.append(m)
+    if d.acc.is_main_process:
+        with path.open("a") as f:
+            f.write(json.dumps(m) + "\n")
+        if d.cfg.output.report_to != "none":
+            d.acc.log({k: v for k, v in m.items() if isinstance(v, (int, float))}, step=m["step"])
+        d.progress.step(m, d.cfg)
+
+
+def evaluations(d, path: Path, *, every: bool) -> None:
+    """The held-out evaluation and the greedy probe of `d` now: every=False at the start and the end of a run
+    (both when configured), every=True after a step (each when its output.*_every divides the step, not at
+    the last step, which the end evaluates)."""
+    cfg, s = d.cfg, d.state.step
+    due = lambda n: not every or (n and s % n == 0 and s < d.max_steps)  # noqa: E731
+    if d.eval_set and due(cfg.output.eval_every):
+        log_result(d, heldout(d), path)
+    if d.eval_set and cfg.output.probe_every and due(cfg.output.probe_every):
+        log_result(d, probe(d), path, "probe")

@@ -20,7 +20,6 @@ Run: protege train config.yaml --train.max_steps 20   (see `protege train --help
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -30,7 +29,9 @@ from pathlib import Path
 
 import torch
 
-from protege import build, checkpoint, fsdp, memory, packing, run_log, run_state
+from protege import build, checkpoint, fsdp, guards, memory, packing, run_log, run_state
+from protege.agents.config import check_env_sharded
+from protege.agents.metrics import episode_metrics
 from protege.config import Config, check_vocab_bounds
 from protege.cross_objective import completion_logprobs, fill_span_baseline, spread_baseline
 from protege.data import PromptStream, PromptTokenizer, load_prompt_sets
@@ -89,6 +90,9 @@ class Distiller:
         self.stream = PromptStream(len(self.train_set), cfg.train.seed)
         self.max_steps = build.max_steps(cfg, len(self.train_set))  # the config is never rewritten
         self.teacher_tok, self.cross = build.cross_tokenizer_mode(cfg, self.tok, teacher_tokenizer)
+        guards.check_start(self.tok, self.eos_ids, self.teacher_tok, self.cross)  # end of turn, chat templates
+        self.agents = build.build_agents(cfg, self.tok, self.eos_ids, max_steps=self.max_steps, cross=bool(self.cross),
+                                         columns=columns)  # env: multi-turn rollouts, else None
         objective = build.build_objective(cfg, cross_tokenizer=self.cross)  # its scoring chunk, for the teacher
         self.student = build.build_student(cfg, student, self.acc.device)
         self.teacher: Teacher
@@ -111,6 +115,7 @@ class Distiller:
         fsdp.before_prepare(self.acc, self.student)  # FSDP2: rank 0's weights everywhere (LoRA init)
         self.model, self.optimizer = self.acc.prepare(HiddenStates(self.student), self.optimizer)
         self.sharded = fsdp.after_prepare(cfg, self.model, self.student, self.acc.device)  # FSDP2: protege/fsdp.py
+        check_env_sharded(cfg, self.sharded)  # env: ranks would make different numbers of generate calls
         self.state = RunState()
         self.progress: run_log.Progress | None = None  # the bar, while train() runs
         self.monitor = HealthMonitor()
@@ -145,7 +150,10 @@ class Distiller:
                 ref_ex.append(ex)
         parts = []
         if student_p:
-            parts.append((engine or self.student_engine()).generate(student_p, self.sampling, source="student"))
+            eng = engine or self.student_engine()  # env: multi-turn episodes (protege.agents.rollout)
+            parts.append(self.agents.rollout(eng, student_ex, self.sampling, step=step,
+                                             teacher_engine=self.teacher_engine) if self.agents else
+                         eng.generate(student_p, self.sampling, source="student"))
             parts[-1].examples = student_ex
         if off_p:
             if self.teacher_engine is None:
@@ -257,7 +265,9 @@ class Distiller:
                                  self.tok.pad_token_id)  # (B, T, H)
                 weight = fsdp.gathered_output_weight(self.student)  # (V, H), after the forward (FSDP2 gathers it)
                 per_token = self.objective.per_token_loss(hidden, weight, mb, sig, teacher_weight)  # (B, T)
-                loss = reduce_tokens(per_token, mb.completion_mask.to(acc.device), num_tokens)
+                if i == 0 and self.state.step == 0 and cfg.train.check_teacher_signal:  # protege.guards
+                    guards.check_teacher_reaches_loss(self.objective, hidden, weight, mb, sig, teacher_weight)
+                loss = reduce_tokens(per_token, mb.train_mask.to(acc.device), num_tokens)
                 loss = loss if scale[i] == 1.0 else loss * scale[i]
                 acc.backward(loss * acc.num_processes)  # DDP averages over ranks; we want the sum
             loss_sum += float(loss.detach())
@@ -290,7 +300,7 @@ class Distiller:
              "train_tokens_per_s": num_tokens / max(1e-9, t_train)}
         if buffer.sampling_logprobs is not None and student_rows.any():
             # unbiased sample estimate of the per-token reverse KL on the student's own samples
-            sm = mask & student_rows[:, None]
+            sm = buffer.train_mask & student_rows[:, None]
             cross = signal.cross  # across tokenizers: against the canonical paths' logprobs where they exist
             own = buffer.sampling_logprobs if cross is None or cross.span_baseline is None else spread_baseline(cross)
             m["sampled_rkl"] = sampled_rkl(own, signal.token_logprobs, sm)
@@ -301,6 +311,7 @@ class Distiller:
         if buffer.policy_version is not None and student_rows.any():  # rollout.max_lag: steps since sampling
             m["policy_lag"] = float(self.state.step - 1 - buffer.policy_version[student_rows].float().mean())
         m.update(self._health(buffer, signal, student_rows))
+        m.update(episode_metrics(buffer, signal, self.agents))  # env: turns, tools, finish reasons, KL by turn
         m.update(self.teacher.step_metrics())  # e.g. privileged_leak
         m.update(per_teacher_metrics(buffer, signal, row_loss, self.cfg.output.diagnostics_top_k))  # several teachers
         return m
@@ -325,34 +336,18 @@ class Distiller:
         if self.state.step == 0 and acc.is_main_process:
             metrics_path.write_text("")
             (self.out / "config.yaml").write_text(run_log.config_yaml(cfg))
-        if self.eval_set and self.state.step == 0:
-            run_log.log_result(self, run_log.heldout(self), metrics_path)
-        probing = bool(self.eval_set and cfg.output.probe_every)
-        if probing and self.state.step == 0:
-            run_log.log_result(self, run_log.probe(self), metrics_path, "probe")
+        if self.state.step == 0:
+            run_log.evaluations(self, metrics_path, every=False)
         self.progress = run_log.Progress(cfg, acc, self.state.step, self.max_steps)
         while self.state.step < self.max_steps:
-            m = self.train_step()
-            self.state.history.append(m)
-            if acc.is_main_process:
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(m) + "\n")
-                if cfg.output.report_to != "none":
-                    acc.log({k: v for k, v in m.items() if isinstance(v, (int, float))}, step=m["step"])
-                self.progress.step(m, cfg)
+            run_log.record_step(self, self.train_step(), metrics_path)
+            run_log.evaluations(self, metrics_path, every=True)
             s = self.state.step
-            if self.eval_set and cfg.output.eval_every and s % cfg.output.eval_every == 0 and s < self.max_steps:
-                run_log.log_result(self, run_log.heldout(self), metrics_path)
-            if probing and s % cfg.output.probe_every == 0 and s < self.max_steps:
-                run_log.log_result(self, run_log.probe(self), metrics_path, "probe")
             if cfg.output.save_every and s % cfg.output.save_every == 0 and s < self.max_steps:
                 self.save_checkpoint()
         self.progress.close()
         self.progress = None
-        if self.eval_set:
-            run_log.log_result(self, run_log.heldout(self), metrics_path)
-        if probing:
-            run_log.log_result(self, run_log.probe(self), metrics_path, "probe")
+        run_log.evaluations(self, metrics_path, every=False)
         self.save_checkpoint()
         self.save_final()
         acc.end_training()

@@ -92,3 +92,27 @@ def test_a_loss_that_ignores_the_teacher_is_caught(tiny_paths, tmp_path):
     assert not guards.teacher_moves_loss(sft[0].objective.per_token_loss, sft[3], output_weight(sft[0].student),
                                          sft[1], sft[2], sft[4])  # SFT reads no teacher, by design
     assert torch.equal(signal.token_logprobs, frozen.token_logprobs)  # the guard left the signal alone
+
+
+def test_the_first_step_stops_a_run_whose_loss_ignores_its_teacher(tiny_paths, tmp_path, monkeypatch):
+    """The trainer runs the guard at its first step: a loss wired past the teacher (planted here: the teacher's
+    hidden states and projection replaced by zeros before the loss reads them, the wiring bug the guard is for)
+    stops the run with GuardError; train.check_teacher_signal=false skips the check; the real loss passes."""
+    import dataclasses
+
+    from protege.objective import Objective
+
+    fine, buffer, signal, *_ = _buffer(tiny_paths, tmp_path / "fine", "loss.support=full")
+    assert torch.isfinite(torch.tensor(fine.train_step(buffer, signal)["loss"]))  # the real loss passes
+    real = Objective.per_token_loss
+
+    def ignores_teacher(self, h, w, mb, sig, tw=None):
+        blind = dataclasses.replace(sig, hidden_states=torch.zeros_like(sig.hidden_states))
+        return real(self, h, w, mb, blind, torch.zeros_like(tw))
+    monkeypatch.setattr(Objective, "per_token_loss", ignores_teacher)
+    d, buffer, signal, *_ = _buffer(tiny_paths, tmp_path / "bad", "loss.support=full")
+    with pytest.raises(guards.GuardError, match="does not change when the teacher's signal does"):
+        d.train_step(buffer, signal)
+    off, buffer, signal, *_ = _buffer(tiny_paths, tmp_path / "off", "loss.support=full",
+                                      "train.check_teacher_signal=false")
+    assert torch.isfinite(torch.tensor(off.train_step(buffer, signal)["loss"]))

@@ -9,6 +9,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from protege.agents.config import EnvConfig
 from protege.api_kinds import check_api_teacher
 from protege.config.sections import (ConfigError, DataConfig, LossConfig, MixConfig, OptimConfig, OutputConfig,
                                      RolloutConfig, StudentConfig, TrainConfig, Section)
@@ -34,6 +35,7 @@ class Config(Section):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    env: EnvConfig | None = Field(None, description="Multi-turn rollouts in an environment (docs/agents.md).")
     resume: bool = Field(False, description="Continue from the newest checkpoint in output.dir.")
     resume_new_teacher: bool = Field(False, description="resume=true with a teacher whose identity differs from the "
                                      "checkpoint's (another model, server, system prompt, EMA rate, teacher list): "

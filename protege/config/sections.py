@@ -83,6 +83,8 @@ class MixConfig(Section):
                          "rollouts (on-policy). Otherwise off-policy rows are used (see seq_kd).")
     seq_kd: bool = Field(False, description="Off-policy rows are teacher generations (sequence-level KD) instead "
                          "of the dataset's reference completions.")
+    teacher_turns: float = Field(0.0, ge=0, le=1, description="env: guided turns; each assistant turn is the teacher's "
+                                 "(masked out of the loss) with probability teacher_turns * (1 - step / max_steps).")
 
 
 class LossConfig(Section):
@@ -118,6 +120,7 @@ class LossConfig(Section):
         "teacher's top_k mapped to same-bytes student tokens + tail on 1:1 spans (span estimator elsewhere); uld = "
         "GOLD's sorted-probability L1; hybrid = GOLD's hybrid; next_byte = loss.name between the two models' "
         "distributions of the next byte at every span start (+ the span estimator). loss.name=sft ignores it.")
+    turns: Literal["all", "last"] = Field("all", description="env: train every assistant turn, or only the last.")
     fused: bool = Field(True, description="Compute the vocabulary projection's gradients chunk by chunk in the "
                         "forward pass (the student's lm_head runs 3 times per token instead of 4, the teacher's "
                         "once instead of twice, the softmaxes once); false = recompute them in the backward "
@@ -194,6 +197,10 @@ class TrainConfig(Section):
     prompts_per_step: int = Field(8, ge=1, description="Prompts in one optimizer step (the generation buffer), "
                                   "over all processes.")
     micro_batch_size: int = Field(4, ge=1, description="Rows per forward/backward (padded micro-batches).")
+    check_teacher_signal: bool = Field(True, description="At the first step, compute one micro-batch's loss again "
+                                       "with the teacher's signal replaced by other values and stop the run if it "
+                                       "does not change (a loss that ignores its teacher; protege.guards). Costs two "
+                                       "extra loss evaluations of one micro-batch, once.")
     pack: bool = Field(False, description="Packed micro-batches: the rows of a micro-batch in one sequence with "
                        "per-row position ids and attention blocked across rows, no padding; micro-batches are "
                        "then formed by train.micro_batch_tokens instead of micro_batch_size (docs/scale.md).")
