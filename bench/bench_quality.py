@@ -137,7 +137,7 @@ def distiller(student, teacher, tok, data: Path, out: Path, overrides: list[str]
 
     cfg = load_config(None, ["student.path=in-memory", "teacher.path=in-memory", f"data.path={data}",
                              "data.eval_prompts=0", "output.diagnostics_top_k=0", "output.report_to=none",
-                             f"output.dir={out}", "output.save_every=0", "train.num_threads=1",
+                             f"output.dir={out}", "output.save_every=0", "output.overwrite=true", "train.num_threads=1",
                              "rollout.max_new_tokens=40", "optim.max_grad_norm=1.0", *overrides])
     return Distiller(cfg, student=student, teacher_model=teacher, tokenizer=tok)
 

@@ -172,17 +172,25 @@ def prepare(args, work: Path) -> dict:
     write_rows(work / "teacher_data.jsonl", teach, args.error_rate, seed=1)
     write_rows(work / "train.jsonl", train, args.error_rate, seed=2)
     (work / "heldout.json").write_text(json.dumps(held))
-    t = time.perf_counter()
-    teacher = make_model(4, 128, seed=0, chars=CHARS)
-    d = distiller(teacher, make_model(1, 16, seed=9, chars=CHARS), tok, work / "teacher_data.jsonl",
-                  work / "teacher_run", ["loss.name=sft", "mix.lmbda=0", f"train.max_steps={args.teacher_steps}",
-                                         "train.prompts_per_step=64", "train.micro_batch_size=64", "optim.lr=2e-3",
-                                         "optim.warmup_steps=50", "optim.schedule=cosine", "train.seed=0",
-                                         f"rollout.max_new_tokens={MAX_NEW}"])
-    run_steps(d, "teacher SFT")
-    teacher.save_pretrained(work / "teacher")
-    info = {"teacher": {"params": sum(p.numel() for p in teacher.parameters()), "seconds": time.perf_counter() - t,
-                        **evaluate(teacher, tok, held, seed=0)}}
+    teacher_key = {k: key[k] for k in ("teacher_steps", "teacher_problems", "heldout", "error_rate")}
+    teacher_saved = work / "teacher.json"
+    if teacher_saved.exists() and json.loads(teacher_saved.read_text()).get("key") == teacher_key:
+        print(f"reusing the teacher in {work} (same settings)", flush=True)
+        info = {"teacher": json.loads(teacher_saved.read_text())["info"]}
+        teacher = load(work / "teacher")
+    else:
+        t = time.perf_counter()
+        teacher = make_model(4, 128, seed=0, chars=CHARS)
+        d = distiller(teacher, make_model(1, 16, seed=9, chars=CHARS), tok, work / "teacher_data.jsonl",
+                      work / "teacher_run", ["loss.name=sft", "mix.lmbda=0", f"train.max_steps={args.teacher_steps}",
+                                             "train.prompts_per_step=64", "train.micro_batch_size=64",
+                                             "optim.lr=2e-3", "optim.warmup_steps=50", "optim.schedule=cosine",
+                                             "train.seed=0", f"rollout.max_new_tokens={MAX_NEW}"])
+        run_steps(d, "teacher SFT")
+        teacher.save_pretrained(work / "teacher")
+        info = {"teacher": {"params": sum(p.numel() for p in teacher.parameters()),
+                            "seconds": time.perf_counter() - t, **evaluate(teacher, tok, held, seed=0)}}
+        teacher_saved.write_text(json.dumps({"key": teacher_key, "info": info["teacher"]}))
     print(f"teacher: {info['teacher']}", flush=True)
     t = time.perf_counter()
     student = make_model(2, 64, seed=0, chars=CHARS)
@@ -293,10 +301,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--teacher-steps", type=int, default=1500)
     ap.add_argument("--teacher-problems", type=int, default=50000)
-    ap.add_argument("--student-steps", type=int, default=150)
+    ap.add_argument("--student-steps", type=int, default=800)
     ap.add_argument("--train-problems", type=int, default=1000)
     ap.add_argument("--error-rate", type=float, default=0.15)
-    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--prompts-per-step", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seeds", type=int, default=3)
