@@ -130,7 +130,7 @@ def wrap_cross_tokenizer(cfg: Config, teacher: Teacher, student_tokenizer, teach
 def build_agents(cfg: Config, tokenizer, eos_ids: list[int], *, max_steps: int, cross: bool, columns):
     """env: the multi-turn rollouts (protege.agents), after refusing at start-up what is not built yet; None
     without an env section."""
-    from protege.agents.config import check_env_supported
+    from protege.agents.checks import check_env_supported
     from protege.agents.rollout import AgentRollouts
 
     check_env_supported(cfg, cross_tokenizer=cross, columns=columns)

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from protege import build, checkpoint, fsdp, guards, memory, packing, run_log, run_state
-from protege.agents.config import check_env_sharded
+from protege.agents.checks import check_env_sharded
 from protege.agents.metrics import episode_metrics
 from protege.config import Config, check_vocab_bounds
 from protege.cross_objective import completion_logprobs, fill_span_baseline, spread_baseline

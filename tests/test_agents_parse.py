@@ -5,7 +5,7 @@ import time
 import pytest
 from agent_envs import calculator, exact_answer, no_docstring
 
-from protege.agents.config import EnvConfig
+from protege.config.env import EnvConfig
 from protege.agents.env import ToolEnv, import_object, make_env_factory, tool_schema
 from protege.agents.parse import parse_tool_calls
 

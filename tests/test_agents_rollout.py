@@ -12,7 +12,7 @@ import torch
 from agent_envs import calculator
 from transformers.utils import get_json_schema
 
-from protege.agents.config import EnvConfig
+from protege.config.env import EnvConfig
 from protege.agents.rollout import AgentRollouts
 from protege.agents.template import check_prefix_template, render
 from protege.data import Example

@@ -10,7 +10,7 @@ import pytest
 import torch
 from tiny import make_model, make_tokenizer
 
-from protege.agents.config import EnvConfig
+from protege.config.env import EnvConfig
 from protege.agents.rollout import AgentRollouts
 from protege.config import load_config
 from protege.data import Example
@@ -179,7 +179,7 @@ def test_start_up_errors_are_one_cli_line(tiny_paths, tmp_path, capsys, override
 
 
 def test_an_fsdp2_student_is_refused_with_env():
-    from protege.agents.config import check_env_sharded
+    from protege.agents.checks import check_env_sharded
 
     cfg = load_config(None, ["student.path=s", "teacher.path=t", "env.class=agent_envs:TaskEnv"])
     check_env_sharded(cfg, sharded=False)

@@ -132,7 +132,7 @@ def import_object(path: str, field_name: str) -> Any:
 
 
 def make_env_factory(env_cfg) -> Callable[[], Environment]:
-    """A function that makes one fresh environment per episode from an EnvConfig (protege.agents.config):
+    """A function that makes one fresh environment per episode from an EnvConfig (protege.config.env):
     env_cfg.cls(**env_cfg.args), or a ToolEnv of env_cfg.tools (and env_cfg.reward). Imports happen here, at
     start-up, so a bad path or a tool without a schema fails before any model loads."""
     if env_cfg.cls is not None:

@@ -81,7 +81,7 @@ class Episode:
 class AgentRollouts:
     """Multi-turn rollouts of one run: the environment factory, the limits, the thread pool, the counters.
 
-    env_cfg: protege.agents.config.EnvConfig; turns: loss.turns ("all" or "last"); guide: (p0, decay_steps) of
+    env_cfg: protege.config.env.EnvConfig; turns: loss.turns ("all" or "last"); guide: (p0, decay_steps) of
     guided turns (p0 = 0: off); seed: the guided-turn coins' (the same decisions on resume)."""
 
     def __init__(self, env_cfg, tokenizer, eos_ids, *, turns: str = "all", guide: tuple[float, int] = (0.0, 1),

@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from protege.agents.config import EnvConfig
+from protege.config.env import EnvConfig
 from protege.api_kinds import check_api_teacher
 from protege.config.sections import (ConfigError, DataConfig, LossConfig, MixConfig, OptimConfig, OutputConfig,
                                      RolloutConfig, StudentConfig, TrainConfig, Section)
