@@ -50,9 +50,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import math
-import random
 import threading
-import time
 import urllib.parse
 
 import httpx
@@ -63,26 +61,14 @@ import torch
 from protege import wire
 from protege.teacher.base import Capabilities, ScoreRequest, Teacher
 from protege.teacher.projection import RemoteProjection
-from protege.teacher.replies import (InvalidReply, TeacherReplyError, check_score_reply, decode_score_reply,
-                                     error_message, json_object, local_vocab_size, parse_completions_reply,
-                                     retry_after_seconds, retry_wait)
+from protege.teacher.replicas import Replicas, TeacherRefused, TeacherUnavailable  # noqa: F401  (re-exported)
+from protege.teacher.replies import (TeacherReplyError, check_score_reply, decode_score_reply, json_object,
+                                     local_vocab_size, parse_completions_reply)
 from protege.records import Rollouts, TeacherSignal
 
 __all__ = ["RemoteTeacher", "TeacherRefused", "TeacherReplyError", "TeacherUnavailable"]
 
 log = logging.getLogger("protege.teacher")
-
-
-class TeacherUnavailable(ConnectionError):
-    """No replica answered within the retry budget (the message names the URLs and teacher.max_wait_s)."""
-
-
-class TeacherRefused(ValueError):
-    """A teacher server answered 4xx: the request is wrong, retrying cannot help. `status`: the HTTP code."""
-
-    def __init__(self, message: str, status: int):
-        super().__init__(message)
-        self.status = status
 
 
 def check_url(url: str) -> str:
@@ -125,19 +111,14 @@ class RemoteTeacher(Teacher):
         self.projection = RemoteProjection(self.urls, projection_cache, hidden_dtype)
         self._wire_version = wire.VERSION  # lowered when a server turns the newer versions down
         self.min_wire_version = min_wire_version  # never lowered below this
-        self._counts = {"wire_downgrades": 0, "invalid_replies_retried": 0}  # since the last step_metrics()
+        self._counts = {"wire_downgrades": 0}  # since the last step_metrics()
         self.protocol = protocol
         self.chunk_tokens = chunk_tokens
         self.concurrency = concurrency
-        self.max_retries = max_retries
-        self.max_wait_s = max_wait_s
-        self.max_invalid_replies = max_invalid_replies
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._client = httpx.Client(headers=headers, timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
-                                    limits=httpx.Limits(max_connections=concurrency * len(self.urls) + 4))
-        self._busy = [0] * len(self.urls)  # requests in flight per replica
+        self.replicas = Replicas(self.urls, api_key=api_key, timeout=timeout, concurrency=concurrency,
+                                 max_retries=max_retries, max_wait_s=max_wait_s,
+                                 max_invalid_replies=max_invalid_replies)
         self._lock = threading.Lock()
-        self._next = 0
         self._given_vocab = vocab_size
         self._vocab_size = None
         self._model = model
@@ -206,7 +187,7 @@ class RemoteTeacher(Teacher):
         return self._model
 
     def close(self) -> None:
-        self._client.close()
+        self.replicas.close()
 
     def __enter__(self) -> "RemoteTeacher":
         return self
@@ -353,6 +334,7 @@ class RemoteTeacher(Teacher):
         with self._lock:
             out = {f"teacher_{k}": v for k, v in self._counts.items()}
             self._counts = dict.fromkeys(self._counts, 0)
+        out["teacher_invalid_replies_retried"] = self.replicas.take_retried()
         if self.protocol == "protege":
             out["teacher_wire_version"] = self._wire_version
         return out
@@ -374,78 +356,9 @@ class RemoteTeacher(Teacher):
     def _get(self, path: str) -> dict:
         return self._request("GET", path, check=lambda response: json_object(response.content))
 
-    def _pick(self, avoid: int | None) -> int:
-        with self._lock:
-            order = sorted(range(len(self.urls)), key=lambda j: (self._busy[j], (j - self._next) % len(self.urls)))
-            if avoid is not None and len(order) > 1 and order[0] == avoid:
-                order = order[1:] + order[:1]
-            j = order[0]
-            self._busy[j] += 1
-            self._next = (j + 1) % len(self.urls)
-            return j
-
     def request(self, method: str, path: str, *, check=None, **kwargs):
-        """check(response) of the first good reply from one of the servers, with this client's retries (see
-        `_request`): for other clients of the same servers (protege.teacher.api)."""
-        return self._request(method, path, check=check, **kwargs)
+        """check(response) of the first good reply from one of the servers, with this client's retries
+        (protege.teacher.replicas): for other clients of the same servers (protege.teacher.api)."""
+        return self.replicas.request(method, path, check=check, **kwargs)
 
-    def _request(self, method: str, path: str, *, check=None, **kwargs):
-        """check(response) of the first good reply: retried with backoff on network errors, 5xx, 429 and
-        replies that fail `check` (InvalidReply, at most max_invalid_replies times); a 4xx raises at once."""
-        start = time.monotonic()
-        failed, attempt, invalid, last = None, 0, 0, "no attempt made"
-        while True:
-            j = self._pick(failed)
-            url = self.urls[j] + path
-            try:
-                ok, result, retry_after = self._attempt(method, url, check, kwargs)
-            finally:
-                with self._lock:
-                    self._busy[j] -= 1
-            if ok:
-                if invalid:
-                    with self._lock:
-                        self._counts["invalid_replies_retried"] += invalid
-                    log.warning("teacher reply from %s was damaged %d time(s), retried and answered well (%s)", url,
-                                invalid, last)
-                return result
-            bad_reply = isinstance(result, InvalidReply)
-            invalid += bad_reply
-            last = (f"{url}: invalid reply: {result}" if bad_reply else result).replace("\n", " ")
-            failed, attempt = j, attempt + 1
-            elapsed = time.monotonic() - start
-            backoff = min(10.0, 0.25 * 2 ** (attempt - 1)) * random.uniform(0.8, 1.2)
-            delay, note = retry_wait(retry_after, backoff, self.max_wait_s - elapsed, self.max_wait_s)
-            if note:
-                last = f"{last} ({note})"
-                log.warning("teacher server %s: %s", url, note)
-            out_of_budget = attempt > self.max_retries or elapsed + delay > self.max_wait_s or (
-                retry_after is not None and elapsed >= self.max_wait_s)
-            if bad_reply and (invalid > self.max_invalid_replies or out_of_budget):
-                raise TeacherReplyError(url, result, invalid)
-            if out_of_budget:
-                raise TeacherUnavailable(
-                    f"no answer from the teacher server{'s' if len(self.urls) > 1 else ''} {', '.join(self.urls)} "
-                    f"after {attempt} attempts in {elapsed:.1f} s (last error: {last}). Start the server (protege "
-                    "serve-teacher, or vllm serve) or fix teacher.urls; a run waits for it up to "
-                    f"teacher.max_wait_s={self.max_wait_s:g} s (max_retries={self.max_retries}).")
-            time.sleep(delay)
-
-    def _attempt(self, method: str, url: str, check, kwargs) -> tuple[bool, object, float | None]:
-        """(True, check(response), None), or (False, what went wrong: str or InvalidReply, Retry-After)."""
-        try:
-            response = self._client.request(method, url, **kwargs)
-        except httpx.TransportError as exc:  # refused, reset, timed out: the server may be (re)starting
-            return False, f"{url}: {type(exc).__name__}: {exc}", None
-        status = response.status_code
-        if status >= 500 or status == 429:
-            return False, f"{url}: HTTP {status}: {error_message(response)}", retry_after_seconds(
-                response.headers.get("retry-after"))
-        if status >= 400:
-            raise TeacherRefused(f"teacher server refused the request ({url}, HTTP {status}): "
-                                 f"{error_message(response)}", status)
-        try:
-            return True, check(response) if check is not None else response, None
-        except InvalidReply as exc:
-            return False, exc, None
-
+    _request = request
