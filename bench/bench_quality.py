@@ -89,10 +89,11 @@ def answer_of(text: str) -> str:
     return text.rsplit("|", 1)[-1].strip()
 
 
-def problems(n: int, seed: int, exclude: set | None = None) -> list[tuple[int, int]]:
+def problems(n: int, seed: int, exclude: set | None = None, low: int = 100, high: int = 999) -> list[tuple[int, int]]:
+    """n distinct (a, b) pairs, a and b uniform in low..high, none in `exclude`."""
     rng, out, seen = random.Random(seed), [], set(exclude or ())
     while len(out) < n:
-        p = (rng.randint(100, 999), rng.randint(100, 999))
+        p = (rng.randint(low, high), rng.randint(low, high))
         if p not in seen:
             seen.add(p)
             out.append(p)

@@ -52,6 +52,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_quality import distiller, load, machine, make_model, make_tokenizer, run_parallel, run_steps  # noqa: E402
+from bench_quality import problems as quality_problems  # noqa: E402
 
 CHARS = list("0123456789+=|!")
 METHODS = {
@@ -93,13 +94,8 @@ def scratchpad(a: int, b: int, rng: random.Random, error_rate: float) -> str:
 
 
 def problems(n: int, seed: int, exclude: set | None = None) -> list[tuple[int, int]]:
-    rng, out, seen = random.Random(seed), [], set(exclude or ())
-    while len(out) < n:
-        p = (rng.randint(1000, 9999), rng.randint(1000, 9999))
-        if p not in seen:
-            seen.add(p)
-            out.append(p)
-    return out
+    """n distinct 4-digit problems (bench_quality.problems over 1000..9999)."""
+    return quality_problems(n, seed, exclude, low=1000, high=9999)
 
 
 def write_rows(path: Path, probs: list[tuple[int, int]], error_rate: float, seed: int) -> None:

@@ -58,21 +58,6 @@ def _peft_kwargs(student) -> dict:
     return {"save_embedding_layers": False} if _has_adapters(student) else {}
 
 
-def make_output_dir(path) -> Path:
-    """Create output.dir (and its parents) and check that it takes files; ValueError naming output.dir,
-    the path and the OS's reason otherwise (a file in the way, no permission, a read-only disk)."""
-    out = Path(path)
-    probe = out / f".protege-write-test-{os.getpid()}"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise ValueError(f"output.dir={str(path)!r} cannot be used: {e.strerror or e} ({e.filename or out}); set "
-                         "output.dir to a folder this user can create and write") from None
-    return out
-
-
 def save(acc, folder: Path, *, student, state: dict, keep_last: int, sharded: bool = False) -> Path:
     """Collective: every process must call it. `student` is the unwrapped HF/PEFT model. sharded (FSDP2):
     state["optimizer"] is this rank's local optimizer state, saved per rank with the student's shards."""

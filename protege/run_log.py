@@ -1,6 +1,7 @@
 """What a run shows and writes as it goes: the output folder check, the progress bar (with the phase of a
 long step), the metrics file, the step's log line, and the held-out evaluation and probe of a Distiller.
 
+`make_output_dir`    output.dir created and checked writable (an error naming output.dir otherwise)
 `check_output_dir`   a fresh run (resume=false) into an output.dir that holds checkpoints or metrics stops
                      (pointing to --resume true, a new dir, or output.overwrite=true) instead of overwriting it
 `warn_idle_settings` output.eval_every / probe_every with no held-out prompts: one warning at start-up
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 log = logging.getLogger("protege")
@@ -28,6 +30,21 @@ def check_output_dir(cfg, out: Path) -> None:
         raise ValueError(f"output.dir={out} already holds an earlier run ({', '.join(earlier)}): a fresh run would "
                          "overwrite it. Continue it with --resume true, pick a new output.dir, or set "
                          "output.overwrite=true to start over in it")
+
+
+def make_output_dir(path) -> Path:
+    """Create output.dir (and its parents) and check that it takes files; ValueError naming output.dir,
+    the path and the OS's reason otherwise (a file in the way, no permission, a read-only disk)."""
+    out = Path(path)
+    probe = out / f".protege-write-test-{os.getpid()}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"output.dir={str(path)!r} cannot be used: {e.strerror or e} ({e.filename or out}); set "
+                         "output.dir to a folder this user can create and write") from None
+    return out
 
 
 def warn_idle_settings(cfg, has_heldout: bool) -> None:

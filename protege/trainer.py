@@ -331,7 +331,7 @@ class Distiller:
         run_log.warn_idle_settings(cfg, bool(self.eval_set))
         if cfg.resume and self.load_checkpoint() and self.state.step >= self.max_steps:
             return self._finished()
-        checkpoint.make_output_dir(self.out)
+        run_log.make_output_dir(self.out)
         metrics_path = self.out / "metrics.jsonl"
         if self.state.step == 0 and acc.is_main_process:
             metrics_path.write_text("")
